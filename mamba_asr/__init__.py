@@ -1,0 +1,1 @@
+"""Code shared by the Mamba-ASR recipe scripts (data, corpus, environment, training helpers)."""

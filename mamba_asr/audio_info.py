@@ -1,0 +1,77 @@
+"""Audio header reading without decoding samples (FLAC STREAMINFO, soundfile otherwise)."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+
+class AudioInfo(NamedTuple):
+    """Header facts of one audio file."""
+
+    sample_rate: int
+    channels: int
+    num_frames: int
+
+
+class AudioHeaderError(ValueError):
+    """The file is empty, unreadable or not a valid audio file."""
+
+
+_FLAC_MAGIC = b"fLaC"
+_STREAMINFO_END = 42  # 4 magic + 4 block header + 34 STREAMINFO bytes
+
+
+def _parse_streaminfo(head: bytes) -> AudioInfo | None:
+    """Parse a FLAC file's first 42 bytes; None when its sample count is not recorded."""
+    if head[4] & 0x7F != 0 or int.from_bytes(head[5:8], "big") != 34:
+        raise AudioHeaderError("FLAC stream does not start with a STREAMINFO block")
+    packed = int.from_bytes(head[18:26], "big")  # rate:20 channels-1:3 bps-1:5 samples:36
+    sample_rate = packed >> 44
+    channels = ((packed >> 41) & 0x7) + 1
+    num_frames = packed & ((1 << 36) - 1)
+    if sample_rate == 0:
+        raise AudioHeaderError("FLAC STREAMINFO has sample rate 0")
+    if num_frames == 0:
+        return None
+    return AudioInfo(sample_rate, channels, num_frames)
+
+
+def read_audio_info(path: str) -> AudioInfo:
+    """Read sample rate, channel count and length of ``path`` from its header only.
+
+    FLAC files (all of LibriSpeech) are parsed directly from their STREAMINFO block,
+    which costs one 42-byte read; other formats and FLAC streams that do not record
+    their length go through soundfile. Raises AudioHeaderError for an empty,
+    truncated or unrecognised file and OSError for an unreadable one.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.read(fd, _STREAMINFO_END)
+    finally:
+        os.close(fd)
+    if not head:
+        raise AudioHeaderError("zero-length file")
+    if head.startswith(_FLAC_MAGIC):
+        if len(head) < _STREAMINFO_END:
+            raise AudioHeaderError(f"truncated FLAC header ({len(head)} bytes)")
+        info = _parse_streaminfo(head)
+        if info is not None:
+            return info
+    return _read_with_soundfile(path)
+
+
+def _read_with_soundfile(path: str) -> AudioInfo:
+    import soundfile  # imported lazily: the FLAC fast path needs no third-party code
+
+    try:
+        info = soundfile.info(path)
+    except Exception as exc:  # soundfile raises its own error type or RuntimeError
+        raise AudioHeaderError(f"not a readable audio file ({exc})") from exc
+    frames = info.frames
+    if frames <= 0:
+        # Streams that do not record their length: count by decoding (rare).
+        frames = sum(len(block) for block in soundfile.blocks(path, blocksize=65536))
+    if frames <= 0:
+        raise AudioHeaderError("audio file holds no samples")
+    return AudioInfo(info.samplerate, info.channels, frames)

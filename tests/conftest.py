@@ -1,0 +1,75 @@
+"""Shared fixtures: small LibriSpeech-layout trees built by the tests, the demo corpus."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data" / "demo"
+
+WORDS = ["HELLO", "WORLD", "MAMBA", "SPEECH", "IT'S", "A", "TEST", "OF", "THE", "SCAN"]
+
+
+def write_flac(path: Path, n_samples: int, sample_rate: int = 16000, channels: int = 1) -> None:
+    """Write low-level noise of ``n_samples`` frames as 16-bit FLAC."""
+    rng = np.random.default_rng(n_samples)
+    shape = (n_samples,) if channels == 1 else (n_samples, channels)
+    data = (rng.standard_normal(shape) * 0.05).clip(-1, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, data, sample_rate, format="FLAC", subtype="PCM_16")
+
+
+def make_librispeech(
+    folder: Path, splits: dict[str, dict[tuple[int, int], int]]
+) -> dict[str, dict[str, tuple[int, str]]]:
+    """Build ``folder/LibriSpeech/<split>/<spk>/<chapter>/…`` with noise audio.
+
+    ``splits`` maps split -> {(speaker, chapter): number of utterances}. Returns
+    split -> {utterance ID: (number of samples, transcript)}.
+    """
+    expected: dict[str, dict[str, tuple[int, str]]] = {}
+    for split, chapters in splits.items():
+        expected[split] = {}
+        for (spk, chapter), n_utts in chapters.items():
+            chapter_dir = folder / "LibriSpeech" / split / str(spk) / str(chapter)
+            lines = []
+            for utt in range(n_utts):
+                utt_id = f"{spk}-{chapter}-{utt:04d}"
+                n_samples = 4000 + 797 * ((spk + chapter + utt) % 11)
+                text = " ".join(WORDS[(utt + k) % len(WORDS)] for k in range(2 + utt % 4))
+                write_flac(chapter_dir / f"{utt_id}.flac", n_samples)
+                lines.append(f"{utt_id} {text}\n")
+                expected[split][utt_id] = (n_samples, text)
+            (chapter_dir / f"{spk}-{chapter}.trans.txt").write_text("".join(lines))
+    return expected
+
+
+SMALL_TREE = {
+    "train-clean-100": {(19, 198): 4, (26, 495): 3},
+    "dev-clean": {(84, 121123): 3},
+    "test-clean": {(61, 70968): 2, (121, 121726): 2},
+}
+
+
+@pytest.fixture
+def small_tree(tmp_path: Path) -> tuple[Path, dict[str, dict[str, tuple[int, str]]]]:
+    """A three-split LibriSpeech tree under tmp_path/corpus and its expected contents."""
+    root = tmp_path / "corpus"
+    return root, make_librispeech(root, SMALL_TREE)
+
+
+@pytest.fixture(scope="session")
+def demo_corpus() -> Path:
+    """The bundled demo corpus (synthesised on first use; idempotent afterwards)."""
+    subprocess.run(
+        [sys.executable, "-m", "mamba_asr.demo_corpus", "--out", str(DEMO_DATA)],
+        check=True,
+        cwd=REPO,
+    )
+    return DEMO_DATA
