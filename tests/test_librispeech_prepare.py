@@ -322,6 +322,7 @@ def test_interrupted_write_leaves_no_csv(small_tree, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
 def test_killed_runs_never_leave_a_partial_csv(tmp_path):
     root = tmp_path / "corpus"
     spec = {f"split-{s}": {(100 + i, 1000 + i): 40 for i in range(15)} for s in range(3)}
@@ -348,10 +349,25 @@ def test_killed_runs_never_leave_a_partial_csv(tmp_path):
         if fraction == 0.5:
             shutil.rmtree(out, ignore_errors=True)
     assert killed >= 2  # later runs reuse finished CSVs, so they may end before the kill
+    deadline = time.monotonic() + 5
+    while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(out)) == [], "worker processes outlived their killed parent"
     subprocess.run(cmd, env=env, check=True)
     assert all(len(read_csv(out / f"{s}.csv")) == 600 for s in spec)
     assert len(read_csv(out / "train.csv")) == 1800
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
 
 
 # --------------------------------------------------------------------------- CLI + demo corpus
