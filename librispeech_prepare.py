@@ -47,8 +47,6 @@ import os
 import random
 import re
 import sys
-import threading
-import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -56,6 +54,7 @@ from pathlib import Path
 
 from mamba_asr.atomic import atomic_open, remove_stale_temporaries
 from mamba_asr.audio_info import AudioHeaderError, read_audio_info
+from mamba_asr.workers import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -237,17 +236,6 @@ def _decode_check(path: str, info):
     return info
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Worker initializer: end this worker when the main process is gone (e.g. kill -9)."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def _read_headers(
     paths: list[str], num_workers: int, check_audio: bool = False
 ) -> list[tuple[int, int, int] | str]:
@@ -258,7 +246,7 @@ def _read_headers(
     size = -(-len(paths) // n_chunks)
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
     results: list[tuple[int, int, int] | str] = []
-    pool = ProcessPoolExecutor(num_workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(num_workers, initializer=exit_with_parent, initargs=(os.getpid(),))
     with pool:
         for part in pool.map(_header_chunk, chunks, [check_audio] * len(chunks)):
             results.extend(part)
