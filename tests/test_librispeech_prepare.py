@@ -20,7 +20,11 @@ from conftest import REPO, make_librispeech, write_flac
 import librispeech_prepare as lp
 from mamba_asr.audio_info import AudioHeaderError, read_audio_info
 
-SPLITS = {"tr_splits": ["train-clean-100"], "dev_splits": ["dev-clean"], "te_splits": ["test-clean"]}
+SPLITS = {
+    "tr_splits": ["train-clean-100"],
+    "dev_splits": ["dev-clean"],
+    "te_splits": ["test-clean"],
+}
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -42,8 +46,12 @@ def test_manifests_match_tree(small_tree, tmp_path):
     counts = lp.prepare_librispeech(
         root, tmp_path / "out", **SPLITS, merge_lst=["train-clean-100"], merge_name="train.csv"
     )
-    assert counts == {"train-clean-100.csv": 7, "dev-clean.csv": 3, "test-clean.csv": 4,
-                      "train.csv": 7}
+    assert counts == {
+        "train-clean-100.csv": 7,
+        "dev-clean.csv": 3,
+        "test-clean.csv": 4,
+        "train.csv": 7,
+    }
     for split, utts in expected.items():
         rows = read_csv(tmp_path / "out" / f"{split}.csv")
         assert [r["ID"] for r in rows] == sorted(utts, key=lambda u: [int(x) for x in u.split("-")])
@@ -53,9 +61,9 @@ def test_manifests_match_tree(small_tree, tmp_path):
             assert r["wrd"] == text
             assert r["spk_id"] == "-".join(r["ID"].split("-")[:2])
             assert Path(r["wav"]).is_absolute()
-            assert Path(r["wav"]) == root / "LibriSpeech" / split / Path(*r["ID"].split("-")[:2]) / (
-                r["ID"] + ".flac"
-            )
+            assert Path(r["wav"]) == root / "LibriSpeech" / split / Path(
+                *r["ID"].split("-")[:2]
+            ) / (r["ID"] + ".flac")
     merged = read_csv(tmp_path / "out" / "train.csv")
     assert merged == read_csv(tmp_path / "out" / "train-clean-100.csv")
 
@@ -72,8 +80,9 @@ def test_data_folder_may_be_librispeech_itself(small_tree, tmp_path):
 
 def test_data_root_placeholder(small_tree, tmp_path):
     root, _ = small_tree
-    lp.prepare_librispeech(root, tmp_path / "out", tr_splits=["dev-clean"],
-                           data_root_placeholder=True)
+    lp.prepare_librispeech(
+        root, tmp_path / "out", tr_splits=["dev-clean"], data_root_placeholder=True
+    )
     rows = read_csv(tmp_path / "out" / "dev-clean.csv")
     assert rows[0]["wav"] == "$data_root/dev-clean/84/121123/84-121123-0000.flac"
     base = lp.librispeech_root(root)
@@ -139,31 +148,61 @@ TRANS = CHAPTER / "19-198.trans.txt"
     ("damage", "match"),
     [
         (lambda r: (r / TRANS).unlink(), r"4 audio files but no <speaker>-<chapter>\.trans\.txt"),
-        (lambda r: (r / CHAPTER / "19-198-0002.flac").unlink(),
-         r"19-198-0002 has no audio file \(expected .*19-198-0002\.flac"),
-        (lambda r: (r / TRANS).write_bytes(b"19-198-0000 HELLO\n19-198-0001 CAF\xe9\n"),
-         r"19-198\.trans\.txt:2: transcript is not valid UTF-8"),
-        (lambda r: (r / TRANS).write_text("19-198-0000\n"), r"trans\.txt:1: utterance 19-198-0000 has no words"),
+        (
+            lambda r: (r / CHAPTER / "19-198-0002.flac").unlink(),
+            r"19-198-0002 has no audio file \(expected .*19-198-0002\.flac",
+        ),
+        (
+            lambda r: (r / TRANS).write_bytes(b"19-198-0000 HELLO\n19-198-0001 CAF\xe9\n"),
+            r"19-198\.trans\.txt:2: transcript is not valid UTF-8",
+        ),
+        (
+            lambda r: (r / TRANS).write_text("19-198-0000\n"),
+            r"trans\.txt:1: utterance 19-198-0000 has no words",
+        ),
         (lambda r: (r / TRANS).write_text("19-199-0000 HELLO\n"), r"trans\.txt:1: malformed"),
-        (lambda r: (r / TRANS).write_text("19-198-0000 Hello world\n"),
-         r"characters 'delorw'"),
-        (lambda r: (r / TRANS).write_text("19-198-0000 A\n19-198-0000 B\n"),
-         r"trans\.txt:2: duplicate utterance ID 19-198-0000"),
+        (lambda r: (r / TRANS).write_text("19-198-0000 Hello world\n"), r"characters 'delorw'"),
+        (
+            lambda r: (r / TRANS).write_text("19-198-0000 A\n19-198-0000 B\n"),
+            r"trans\.txt:2: duplicate utterance ID 19-198-0000",
+        ),
         (lambda r: (r / CHAPTER / "19-198-0001.flac").write_bytes(b""), r"0001\.flac.*zero-length"),
-        (lambda r: (r / CHAPTER / "19-198-0001.flac").write_bytes(b"RIFFnot audio at all" * 9),
-         r"0001\.flac: unreadable or corrupt audio"),
-        (lambda r: (r / CHAPTER / "19-198-0001.flac").write_bytes(b"fLaC\x00\x00"),
-         r"0001\.flac.*truncated FLAC header"),
-        (lambda r: _replace_with_link(r / CHAPTER / "19-198-0001.flac"),
-         r"0001\.flac: unreadable or corrupt audio: No such file"),
-        (lambda r: write_flac(r / CHAPTER / "19-198-0001.flac", 9000, sample_rate=22050),
-         r"0001\.flac: expected 16000 Hz mono audio, found 22050 Hz"),
-        (lambda r: write_flac(r / CHAPTER / "19-198-0001.flac", 9000, channels=2),
-         r"found 16000 Hz with 2 channel"),
+        (
+            lambda r: (r / CHAPTER / "19-198-0001.flac").write_bytes(b"RIFFnot audio at all" * 9),
+            r"0001\.flac: unreadable or corrupt audio",
+        ),
+        (
+            lambda r: (r / CHAPTER / "19-198-0001.flac").write_bytes(b"fLaC\x00\x00"),
+            r"0001\.flac.*truncated FLAC header",
+        ),
+        (
+            lambda r: _replace_with_link(r / CHAPTER / "19-198-0001.flac"),
+            r"0001\.flac: unreadable or corrupt audio: No such file",
+        ),
+        (
+            lambda r: write_flac(r / CHAPTER / "19-198-0001.flac", 9000, sample_rate=22050),
+            r"0001\.flac: expected 16000 Hz mono audio, found 22050 Hz",
+        ),
+        (
+            lambda r: write_flac(r / CHAPTER / "19-198-0001.flac", 9000, channels=2),
+            r"found 16000 Hz with 2 channel",
+        ),
     ],
-    ids=["no-trans", "missing-audio", "non-utf8", "no-words", "wrong-id", "lowercase",
-         "duplicate", "zero-length", "not-audio", "truncated", "unreadable", "sample-rate",
-         "stereo"],
+    ids=[
+        "no-trans",
+        "missing-audio",
+        "non-utf8",
+        "no-words",
+        "wrong-id",
+        "lowercase",
+        "duplicate",
+        "zero-length",
+        "not-audio",
+        "truncated",
+        "unreadable",
+        "sample-rate",
+        "stereo",
+    ],
 )
 def test_bad_input_is_an_error_naming_the_file(small_tree, tmp_path, damage, match):
     root, _ = small_tree
@@ -207,24 +246,27 @@ def test_check_audio_finds_damage_past_the_header(small_tree, tmp_path):
     audio.write_bytes(audio.read_bytes()[:200])  # header intact, frames cut off
     lp.prepare_librispeech(root, tmp_path / "ok", tr_splits=["train-clean-100"])
     with pytest.raises(lp.LibriSpeechPrepError, match="0001.flac: unreadable or corrupt"):
-        lp.prepare_librispeech(root, tmp_path / "out", tr_splits=["train-clean-100"],
-                               check_audio=True)
+        lp.prepare_librispeech(
+            root, tmp_path / "out", tr_splits=["train-clean-100"], check_audio=True
+        )
 
 
 def test_lexicon_from_local_path_or_clear_error(small_tree, tmp_path):
     root, _ = small_tree
     with pytest.raises(lp.LibriSpeechPrepError, match="nothing is downloaded.*librispeech-lexicon"):
-        lp.prepare_librispeech(root, tmp_path / "out", tr_splits=["dev-clean"],
-                               create_lexicon=True)
+        lp.prepare_librispeech(root, tmp_path / "out", tr_splits=["dev-clean"], create_lexicon=True)
     lexicon = tmp_path / "lex.txt"
     lexicon.write_text("".join(f"W{i} W AH1 N{i % 3}\n" for i in range(200)))
-    lp.prepare_librispeech(root, tmp_path / "out", tr_splits=["dev-clean"],
-                           create_lexicon=str(lexicon))
+    lp.prepare_librispeech(
+        root, tmp_path / "out", tr_splits=["dev-clean"], create_lexicon=str(lexicon)
+    )
     rows = list(csv.reader(open(tmp_path / "out" / "lexicon.csv")))
     assert rows[0] == ["ID", "duration", "char", "phn"] and len(rows) == 201
     assert rows[1] == ["0", "2", "W 0", "W AH N"]
-    parts = [len(list(csv.reader(open(tmp_path / "out" / f"lexicon_{s}.csv")))) - 1
-             for s in ("tr", "dev", "test")]
+    parts = [
+        len(list(csv.reader(open(tmp_path / "out" / f"lexicon_{s}.csv")))) - 1
+        for s in ("tr", "dev", "test")
+    ]
     assert parts == [196, 2, 2]
 
 
@@ -265,8 +307,9 @@ def test_changed_options_reprepare(small_tree, tmp_path):
     assert len(read_csv(out / "dev-clean.csv")) == 3
 
     # select_n_sentences changes the rows
-    assert lp.prepare_librispeech(root, out, tr_splits=["train-clean-100"],
-                                  select_n_sentences=[2]) == {"train-clean-100.csv": 2}
+    assert lp.prepare_librispeech(
+        root, out, tr_splits=["train-clean-100"], select_n_sentences=[2]
+    ) == {"train-clean-100.csv": 2}
     assert len(read_csv(out / "train-clean-100.csv")) == 2
 
     # another data folder: paths follow it
@@ -285,8 +328,11 @@ def test_changed_options_reprepare(small_tree, tmp_path):
 def test_changed_split_content_of_merge_is_remerged(small_tree, tmp_path):
     root, _ = small_tree
     out = tmp_path / "out"
-    kw = dict(tr_splits=["train-clean-100", "dev-clean"],
-              merge_lst=["train-clean-100", "dev-clean"], merge_name="train.csv")
+    kw = dict(
+        tr_splits=["train-clean-100", "dev-clean"],
+        merge_lst=["train-clean-100", "dev-clean"],
+        merge_name="train.csv",
+    )
     lp.prepare_librispeech(root, out, **kw)
     assert len(read_csv(out / "train.csv")) == 10
     lp.prepare_librispeech(root, out, **kw, select_n_sentences=[1, 1])
@@ -328,9 +374,23 @@ def test_killed_runs_never_leave_a_partial_csv(tmp_path):
     spec = {f"split-{s}": {(100 + i, 1000 + i): 40 for i in range(15)} for s in range(3)}
     make_librispeech(root, spec)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "librispeech_prepare.py"), "--data_folder", str(root),
-           "--save_folder", str(out), "--tr_splits", *spec, "--num_workers", "2", "--quiet",
-           "--merge_lst", *spec, "--merge_name", "train.csv"]
+    cmd = [
+        sys.executable,
+        str(REPO / "librispeech_prepare.py"),
+        "--data_folder",
+        str(root),
+        "--save_folder",
+        str(out),
+        "--tr_splits",
+        *spec,
+        "--num_workers",
+        "2",
+        "--quiet",
+        "--merge_lst",
+        *spec,
+        "--merge_name",
+        "train.csv",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.monotonic()
     subprocess.run([*cmd[:5], str(tmp_path / "timing"), *cmd[6:]], env=env, check=True)
@@ -363,7 +423,9 @@ def _processes_mentioning(text: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(
+                errors="replace"
+            ):
                 pids.append(int(proc.name))
         except OSError:
             continue
@@ -374,16 +436,32 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def test_cli_help():
-    res = subprocess.run([sys.executable, "librispeech_prepare.py", "--help"], cwd=REPO,
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "librispeech_prepare.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "--data_folder" in res.stdout and "--select_n_sentences" in res.stdout
 
 
 def test_cli_error_exit(tmp_path):
-    res = subprocess.run([sys.executable, "librispeech_prepare.py", "--data_folder",
-                          str(tmp_path / "x"), "--save_folder", str(tmp_path / "o"),
-                          "--tr_splits", "train-clean-100"], cwd=REPO, capture_output=True,
-                         text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "librispeech_prepare.py",
+            "--data_folder",
+            str(tmp_path / "x"),
+            "--save_folder",
+            str(tmp_path / "o"),
+            "--tr_splits",
+            "train-clean-100",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1 and "error: data folder" in res.stderr
 
 
@@ -391,8 +469,13 @@ DEMO_SPLITS = ["train-clean-100", "dev-clean", "test-clean", "test-other"]
 
 
 def test_api_on_demo_corpus(demo_corpus, tmp_path):
-    counts = lp.prepare_librispeech(demo_corpus, tmp_path / "out", tr_splits=DEMO_SPLITS[:1],
-                                    dev_splits=DEMO_SPLITS[1:2], te_splits=DEMO_SPLITS[2:])
+    counts = lp.prepare_librispeech(
+        demo_corpus,
+        tmp_path / "out",
+        tr_splits=DEMO_SPLITS[:1],
+        dev_splits=DEMO_SPLITS[1:2],
+        te_splits=DEMO_SPLITS[2:],
+    )
     root = demo_corpus / "LibriSpeech"
     for split in DEMO_SPLITS:
         audio = {p.stem: p for p in (root / split).rglob("*.flac")}
@@ -414,10 +497,30 @@ def test_api_on_demo_corpus(demo_corpus, tmp_path):
 def test_cli_on_demo_corpus(demo_corpus, tmp_path):
     out = tmp_path / "out"
     res = subprocess.run(
-        [sys.executable, "librispeech_prepare.py", "--data_folder", str(demo_corpus / "LibriSpeech"),
-         "--save_folder", str(out), "--tr_splits", "train-clean-100", "--te_splits", "test-clean",
-         "--merge_lst", "train-clean-100", "--merge_name", "train.csv", "--data_root_placeholder",
-         "--num_workers", "2"], cwd=REPO, capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "librispeech_prepare.py",
+            "--data_folder",
+            str(demo_corpus / "LibriSpeech"),
+            "--save_folder",
+            str(out),
+            "--tr_splits",
+            "train-clean-100",
+            "--te_splits",
+            "test-clean",
+            "--merge_lst",
+            "train-clean-100",
+            "--merge_name",
+            "train.csv",
+            "--data_root_placeholder",
+            "--num_workers",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "train.csv" in res.stdout and "hours" in res.stdout
     train = read_csv(out / "train.csv")
     assert train == read_csv(out / "train-clean-100.csv")
@@ -431,10 +534,12 @@ def test_manifest_loads_in_speechbrain_with_data_root(small_tree, tmp_path):
     import speechbrain as sb
 
     root, expected = small_tree
-    lp.prepare_librispeech(root, tmp_path / "out", te_splits=["test-clean"],
-                           data_root_placeholder=True)
+    lp.prepare_librispeech(
+        root, tmp_path / "out", te_splits=["test-clean"], data_root_placeholder=True
+    )
     data = sb.dataio.dataset.DynamicItemDataset.from_csv(
-        tmp_path / "out" / "test-clean.csv", replacements={"data_root": str(lp.librispeech_root(root))}
+        tmp_path / "out" / "test-clean.csv",
+        replacements={"data_root": str(lp.librispeech_root(root))},
     )
 
     @sb.utils.data_pipeline.takes("wav")
