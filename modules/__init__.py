@@ -1,0 +1,1 @@
+"""Neural-network building blocks of the Mamba-ASR recipes."""

@@ -1,0 +1,1 @@
+"""Mamba selective state-space layers: selective scan and causal convolution kernels."""
