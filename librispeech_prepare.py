@@ -53,7 +53,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mamba_asr.atomic import atomic_open, remove_stale_temporaries
-from mamba_asr.audio_info import AudioHeaderError, read_audio_info
+from mamba_asr.audio_info import (
+    AudioHeaderError,
+    AudioInfo,
+    count_decoded_frames,
+    read_audio_info,
+)
 from mamba_asr.workers import exit_with_parent
 
 logger = logging.getLogger(__name__)
@@ -223,14 +228,9 @@ def _header_chunk(paths: list[str], check_audio: bool) -> list[tuple[int, int, i
     return out
 
 
-def _decode_check(path: str, info):
+def _decode_check(path: str, info: AudioInfo) -> AudioInfo:
     """Decode the whole file (``check_audio``) so damage past the header is found too."""
-    import soundfile
-
-    try:
-        frames = sum(len(b) for b in soundfile.blocks(path, blocksize=1 << 16, dtype="int16"))
-    except Exception as exc:
-        raise AudioHeaderError(f"decoding failed ({exc})") from exc
+    frames = count_decoded_frames(path)
     if frames != info.num_frames:
         raise AudioHeaderError(f"header says {info.num_frames} samples, decoded {frames}")
     return info

@@ -69,9 +69,18 @@ def _read_with_soundfile(path: str) -> AudioInfo:
     except Exception as exc:  # soundfile raises its own error type or RuntimeError
         raise AudioHeaderError(f"not a readable audio file ({exc})") from exc
     frames = info.frames
-    if frames <= 0:
-        # Streams that do not record their length: count by decoding (rare).
-        frames = sum(len(block) for block in soundfile.blocks(path, blocksize=65536))
+    if frames <= 0:  # streams that do not record their length (rare)
+        frames = count_decoded_frames(path)
     if frames <= 0:
         raise AudioHeaderError("audio file holds no samples")
     return AudioInfo(info.samplerate, info.channels, frames)
+
+
+def count_decoded_frames(path: str) -> int:
+    """Decode the whole file and count its frames (finds damage the header cannot show)."""
+    import soundfile
+
+    try:
+        return sum(len(b) for b in soundfile.blocks(path, blocksize=1 << 16, dtype="int16"))
+    except Exception as exc:  # soundfile raises its own error type or RuntimeError
+        raise AudioHeaderError(f"decoding failed ({exc})") from exc
