@@ -393,10 +393,11 @@ def test_transformer_asr_config_errors() -> None:
         small_asr(normalize_before=False)
 
 
-def test_transformer_asr_padding_invariance() -> None:
+@pytest.mark.parametrize("decoder_module", ["mamba", "transformer"])
+def test_transformer_asr_padding_invariance(decoder_module: str) -> None:
     """encode() with relative wav_len and forward() equal each item run alone."""
     torch.manual_seed(9)
-    model = small_asr()
+    model = small_asr(decoder_module=decoder_module)
     feats = torch.randn(3, 30, 24)
     lengths = [30, 21, 8]
     wav_len = torch.tensor(lengths) / 30
