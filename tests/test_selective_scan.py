@@ -191,6 +191,35 @@ def test_default_chunking_many_chunks():
     assert rel_err(ours, ref) <= 1e-10
 
 
+@pytest.mark.parametrize("tile", [1, 2])
+def test_batch_tiles_and_blocks(monkeypatch, tile):
+    # On CPU the batch is scanned in tiles of a few elements, and time in blocks of chunks;
+    # neither may change the result. Tiles of 1 and of 2 (5 = 2 + 2 + 1), L = 150: blocks
+    # of 64 steps and a last chunk of 6.
+    batch, dim, nstate, length = 5, 6, 4, 150
+    inputs = make_inputs(batch, dim, nstate, length, 3, seed=12)
+    per_thread = -(-tile * 8 * dim * nstate * 8 // torch.get_num_threads())  # T 8, float64
+    monkeypatch.setattr(ssi, "_CPU_TILE_BYTES", per_thread)
+    assert ssi._batch_tile(batch, dim * nstate, 8, inputs["u"]) == tile
+    kw = {"delta_softplus": True, "return_last_state": True}
+    results = {}
+    for name, fn in (("ours", selective_scan_chunked), ("ref", selective_scan_ref)):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y, last = fn(**leaves, **kw)
+        g = torch.Generator().manual_seed(1)
+        torch.autograd.backward([y, last], [torch.randn(y.shape, generator=g,
+                                                        dtype=y.dtype),
+                                            torch.randn(last.shape, generator=g,
+                                                        dtype=last.dtype)])
+        results[name] = (y, last, {k: v.grad for k, v in leaves.items()})
+    (y, last, grads), (y_ref, last_ref, grads_ref) = results["ours"], results["ref"]
+    assert rel_err(y, y_ref) <= 1e-10 and rel_err(last, last_ref) <= 1e-10
+    for k in inputs:
+        assert rel_err(grads[k], grads_ref[k]) <= 1e-10, k
+    with torch.no_grad():
+        assert rel_err(selective_scan_chunked(**inputs, **kw)[0], y_ref) <= 1e-10
+
+
 @pytest.mark.parametrize("n", list(range(1, 34)))
 def test_blelloch_scan_rows(n):
     g = torch.Generator().manual_seed(n)
@@ -209,6 +238,46 @@ def test_blelloch_scan_rows(n):
         got = b.clone()
         ssi._scan_(a.clone(), got, reverse=reverse)
         assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("block", [0, 1, 2, 3, 8])
+def test_blelloch_scan_blocks(block):
+    # _scan_ in blocks of any size (0: one block, as on GPUs) equals the sequential recurrence.
+    for n in (1, 2, 3, 5, 8, 13, 16, 33):
+        g = torch.Generator().manual_seed(n)
+        a = torch.rand(n, 3, generator=g, dtype=torch.float64)
+        b = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        for reverse in (False, True):
+            expect = b.clone()
+            order = range(n - 2, -1, -1) if reverse else range(1, n)
+            for i in order:
+                expect[i] += a[i] * expect[i + 1 if reverse else i - 1]
+            got, work, a_in = b.clone(), torch.full_like(a, float("nan")), a.clone()
+            ssi._scan_(a_in, got, reverse=reverse, work=work, block=block)
+            assert torch.equal(a_in, a)
+            assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
+            got = b.clone()
+            ssi._scan_(a.clone(), got, reverse=reverse, block=block)
+            assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("scan_block", [0, 2])
+def test_scan_blocks_in_chunks(monkeypatch, scan_block):
+    # Chunks scanned as one Blelloch block (what GPUs run) or in blocks of 2 match the oracle.
+    monkeypatch.setattr(ssi, "_SCAN_BLOCK", scan_block)
+    inputs = make_inputs(2, 4, 3, 70, 2, seed=13)
+    kw = {"delta_softplus": True, "return_last_state": True}
+    grads = {}
+    for name, fn, extra in (("ours", selective_scan_chunked, {"chunk_size": 32}),
+                            ("ref", selective_scan_ref, {})):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y, last = fn(**leaves, **kw, **extra)
+        (y.square().sum() + last.sum()).backward()
+        grads[name] = (y, last, {k: v.grad for k, v in leaves.items()})
+    (y, last, g), (y_ref, last_ref, g_ref) = grads["ours"], grads["ref"]
+    assert rel_err(y, y_ref) <= 1e-10 and rel_err(last, last_ref) <= 1e-10
+    for k in inputs:
+        assert rel_err(g[k], g_ref[k]) <= 1e-10, k
 
 
 # --------------------------------------------------------------------------- gradients
@@ -316,6 +385,15 @@ def test_empty_sequence():
     inputs = make_inputs(2, 4, 3, 0, 1)
     y, last = selective_scan_chunked(**inputs, return_last_state=True)
     assert y.shape == (2, 4, 0) and last.shape == (2, 4, 3) and not last.any()
+
+
+def test_empty_batch_forward_and_backward():
+    inputs = make_inputs(0, 4, 3, 10, 2)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y, last = selective_scan_chunked(**leaves, return_last_state=True)
+    assert y.shape == (0, 4, 10) and last.shape == (0, 4, 3)
+    (y.sum() + last.sum()).backward()
+    assert leaves["u"].grad.shape == (0, 4, 10) and not leaves["A"].grad.any()
 
 
 def test_non_contiguous_inputs():

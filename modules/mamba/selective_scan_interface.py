@@ -23,19 +23,25 @@ argument forces a path; the same setting selects the causal convolution (``causa
 CUDA kernel, ``F.conv1d``, or a sequential reference). Which path runs is logged once.
 
 The chunked scan splits time into chunks of ``T`` steps (a power of two picked per device,
-:func:`_chunk_size`) and keeps a chunk time-major as (T, batch, groups, N, dim/groups), so
-each time step is one long contiguous row. Inside a chunk the linear recurrence is solved by
-a work-efficient (Blelloch) parallel scan, ``2 ceil(log2 T)`` vectorised steps over the pairs
-(decay, input), not a loop over time steps; the state is carried from one chunk to the next
-by a short loop over chunks. Stability: the scan works on the decays ``exp(delta_t A)``
-themselves, computed once per step from ``delta_t A`` (<= 0 for the usual ``delta >= 0``,
-``A < 0``), and only multiplies them together. Products of numbers in [0, 1] may underflow
-to zero where the true value is negligible, but never overflow, and unlike differences of
+:func:`_chunk_size`) and keeps a chunk batch-time-major as (batch, T, groups, N, dim/groups),
+so each time step of a batch element is one long contiguous row. Inside a chunk the linear
+recurrence is solved by a parallel scan over the pairs (decay, input): Blelloch's
+work-efficient scheme, ``2 log2`` of the block length vectorised steps, over the whole chunk
+on GPUs and over blocks of 4 steps chained by one step each on CPU (less arithmetic), never
+a loop over single time steps; the state is carried from one chunk to the next by a short
+loop over chunks. On CPU the batch is also split into tiles so that a chunk's buffers stay
+in cache (:func:`_batch_tile`), and the layout changes between (batch, dim, L) and the
+chunks are made a block of chunks at a time. Stability: the scan works on the decays
+``exp(delta_t A)`` themselves, computed from ``delta_t A`` (<= 0 for the usual
+``delta >= 0``, ``A < 0``) once per step in the forward pass and once more in the backward
+pass, and only multiplies them together. Products of numbers in [0, 1] may underflow to
+zero where the true value is negligible, but never overflow, and unlike differences of
 cumulative sums of log-decays they lose no precision on long or stiff sequences; no
 exponential of a positive number is ever taken, however large ``delta`` or ``|A|``. The
-backward pass keeps only the chunk-boundary states from the forward pass, recomputes each
-chunk's states from them and runs the adjoint recurrence as a reversed parallel scan, so its
-memory is one chunk of states plus L/T boundary states, never all (batch, dim, L, N) states.
+backward pass keeps from the forward pass only the chunk-boundary states and a
+batch-time-major copy of u and delta; it recomputes each chunk's decays and states and
+runs the adjoint recurrence as a reversed parallel scan with the same decays, so its memory
+is one chunk of states plus L/T boundary states, never all (batch, dim, L, N) states.
 Internally it computes in float32 (float64 for float64 inputs, except on MPS, which has no
 float64); float16 and bfloat16 inputs are accepted and y is returned in their dtype.
 """
@@ -79,13 +85,18 @@ CONV_PATHS = {
     "torch": "PyTorch conv1d",
     "ref": "PyTorch sequential reference",
 }
-# Elements of one (T, batch, dim, N) chunk buffer the chunked scan aims for (see _chunk_size).
-# On CPU, 4 MB float32 buffers keep a chunk's working set in the last-level cache: T = 8
-# for batch 8 x dim 1024 x N 16, measured fastest together with T = 4, whose chunk-boundary
-# states (kept for the backward pass) would take twice the memory.
-_CPU_CHUNK_ELEMENTS = 1 << 20
+# Chunking. On CPU: chunks of _CPU_CHUNK steps, scanned in blocks of _SCAN_BLOCK steps, and
+# the batch split into tiles whose chunk buffers, (tile, T, dim, N), take about
+# _CPU_TILE_BYTES per thread. 2 MB float32 buffers keep a chunk's working set (6 buffers)
+# in cache and were measured about 20 % faster than 4 MB ones with one thread (1 MB: as
+# fast; 512 KB: slower, more calls). Layouts change _BLOCK_STEPS steps at a time. On GPUs:
+# one chunk of the whole batch fills about _GPU_CHUNK_ELEMENTS, scanned as one block.
+_CPU_CHUNK = 8
+_CPU_TILE_BYTES = 1 << 21
 _GPU_CHUNK_ELEMENTS = 1 << 23
 _MIN_CHUNK, _MAX_CHUNK = 8, 1024
+_BLOCK_STEPS = 64
+_SCAN_BLOCK = 4
 _LOG2E = 1.4426950408889634
 _announced: set[tuple[str, str]] = set()
 
@@ -232,180 +243,413 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> 
 
 
 def _chunk_size(rows: int, length: int, device: torch.device) -> int:
-    """Chunk length T: a power of two whose (T, rows) buffer stays cache/launch friendly."""
-    budget = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _GPU_CHUNK_ELEMENTS
-    t = 1 << max(0, (budget // max(rows, 1)).bit_length() - 1)
-    t = min(max(t, _MIN_CHUNK), _MAX_CHUNK)
+    """Chunk length T: a power of two whose (T, rows) buffer stays cache/launch friendly.
+
+    On CPU a fixed ``_CPU_CHUNK`` steps (the batch is split into tiles instead, see
+    :func:`_batch_tile`); on GPUs as many steps as fit ``_GPU_CHUNK_ELEMENTS``.
+    """
+    if device.type == "cpu":
+        t = _CPU_CHUNK
+    else:
+        t = 1 << max(0, (_GPU_CHUNK_ELEMENTS // max(rows, 1)).bit_length() - 1)
+        t = min(max(t, _MIN_CHUNK), _MAX_CHUNK)
     return max(1, min(t, length))
 
 
-def _rows(t: Tensor, start: int, step: int, count: int, n: int, reverse: bool) -> Tensor:
-    """Rows ``start, start + step, ...`` (``count`` of them) of ``t``, mirrored if reverse."""
-    if reverse:
-        first = n - 1 - (start + step * (count - 1))
-        return t[first : n - start : step]
-    return t[start : start + step * (count - 1) + 1 : step]
+def _batch_tile(batch: int, per_step: int, T: int, like: Tensor) -> int:
+    """Batch elements scanned together: on CPU as many as keep a chunk buffer of T steps of
+    ``per_step`` (dim x N) elements within ``_CPU_TILE_BYTES`` per thread (each thread works
+    on its share of every buffer); elsewhere the whole batch."""
+    if like.device.type != "cpu":
+        return batch
+    budget = _CPU_TILE_BYTES * max(1, torch.get_num_threads())
+    return max(1, min(batch, budget // (T * per_step * like.element_size())))
 
 
-def _scan_(a: Tensor, b: Tensor, reverse: bool = False, work: Tensor | None = None) -> None:
-    """In-place inclusive scan over dim 0 (n rows): ``b[i] += a[i] * b[i-1]``.
+def _blelloch(lo: int, n: int) -> list[tuple[bool, int, tuple, tuple, tuple]]:
+    """Blelloch's steps for the scan-order rows ``lo .. lo + n - 1`` (see :func:`_scan_plan`),
+    rows given as ``(start, step, count)``.
 
-    With ``reverse`` the recurrence runs backwards, ``b[i] += a[i] * b[i+1]``. Blelloch's
-    work-efficient scheme in ``2 ceil(log2 n)`` vectorised steps: the up-sweep leaves in row
-    ``i`` the combination of the span of ``lowbit(i + 1)`` rows ending at ``i``; the
-    down-sweep completes the remaining rows from the coarsest span down. The products of
-    decays over spans of 2+ rows go to ``work`` (same shape as ``a``), or overwrite ``a``
-    when ``work`` is None. ``a``'s first row in scan order never reaches ``b``.
+    The up-sweep leaves in row ``i`` the combination of the span of ``lowbit(i + 1)`` rows
+    ending at ``i``; the down-sweep completes the remaining rows from the coarsest span down.
+    A product of decays over a span that holds the first row is never used, so none is made.
     """
-    n = b.shape[0]
-    spans = []
-    w = a if work is None else work
+    steps = []
+    levels = []
     s = 1
     while 2 * s <= n:
         cnt = n // (2 * s)
-        src = a if s == 1 else w  # rows holding the decay of a span of s rows
-        b_r = _rows(b, 2 * s - 1, 2 * s, cnt, n, reverse)
-        src_r = _rows(src, 2 * s - 1, 2 * s, cnt, n, reverse)
-        src_l = _rows(src, s - 1, 2 * s, cnt, n, reverse)
-        b_r.addcmul_(src_r, _rows(b, s - 1, 2 * s, cnt, n, reverse))
-        if 4 * s <= n or 6 * s - 1 < n:  # the decays of spans of 2s rows are used later
-            torch.mul(src_r, src_l, out=_rows(w, 2 * s - 1, 2 * s, cnt, n, reverse))
-        spans.append(s)
+        right = (lo + 2 * s - 1, 2 * s, cnt)
+        steps.append((False, s, right, right, (lo + s - 1, 2 * s, cnt)))
+        if cnt > 1 and (4 * s <= n or 6 * s - 1 < n):  # spans of 2s rows are used later
+            pair = (lo + 4 * s - 1, 2 * s, cnt - 1)
+            steps.append((True, s, pair, (lo + 3 * s - 1, 2 * s, cnt - 1), pair))
+        levels.append(s)
         s *= 2
-    for s in reversed(spans):
-        if 3 * s - 1 >= n:
-            continue
-        cnt = (n - 3 * s) // (2 * s) + 1
+    for s in reversed(levels):
+        if 3 * s - 1 < n:
+            cnt = (n - 3 * s) // (2 * s) + 1
+            rows = (lo + 3 * s - 1, 2 * s, cnt)
+            steps.append((False, s, rows, rows, (lo + 2 * s - 1, 2 * s, cnt)))
+    return steps
+
+
+@functools.cache
+def _scan_plan(
+    n: int, reverse: bool, block: int
+) -> tuple[tuple[bool, int, slice, slice, slice], ...]:
+    """The vectorised steps of a scan of n rows, as ``(is_product, level, target, left,
+    right)`` with row slices.
+
+    A step ``(False, s, t, f, o)`` is ``b[t] += decay_s[f] * b[o]``; ``(True, s, t, l, r)``
+    is ``work[t] = decay_s[l] * decay_s[r]``, where ``decay_1`` is ``a`` and ``decay_s``
+    (s > 1) is ``work``, holding in row ``i`` the product of the decays of the s rows ending
+    at ``i`` (in scan order). The rows are scanned in blocks of ``block`` rows (0: one block)
+    by Blelloch's scheme, each block starting from the last row of the block before.
+    """
+
+    def rows(spec: tuple[int, int, int]) -> slice:
+        start, step, count = spec
+        if reverse:  # mirrored; all rows of a step are mirrored alike, so they still pair up
+            first = n - 1 - (start + step * (count - 1))
+            return slice(first, n - start, step)
+        return slice(start, start + step * (count - 1) + 1, step)
+
+    block = block or n
+    steps = []
+    for lo in range(0, n, block):
+        if lo:
+            steps.append((False, 1, (lo, 1, 1), (lo, 1, 1), (lo - 1, 1, 1)))
+        steps.extend(_blelloch(lo, min(block, n - lo)))
+    return tuple((p, s, rows(t), rows(f), rows(o)) for p, s, t, f, o in steps)
+
+
+def _scan_ops(
+    a: Tensor,
+    b: Tensor,
+    reverse: bool = False,
+    work: Tensor | None = None,
+    block: int | None = None,
+) -> list[Callable[[], Any]]:
+    """The vectorised steps of ``_scan_(a, b, reverse, work, block)``, bound to views of the
+    tensors: binding once and calling the list for each chunk saves slicing every step."""
+    if block is None:
+        block = _SCAN_BLOCK if b.device.type == "cpu" else 0
+    w = a if work is None else work
+    ops: list[Callable[[], Any]] = []
+    for is_product, s, target, left, right in _scan_plan(b.shape[0], reverse, block):
         src = a if s == 1 else w
-        b_j = _rows(b, 3 * s - 1, 2 * s, cnt, n, reverse)
-        b_j.addcmul_(_rows(src, 3 * s - 1, 2 * s, cnt, n, reverse),
-                     _rows(b, 2 * s - 1, 2 * s, cnt, n, reverse))
+        if is_product:
+            ops.append(functools.partial(torch.mul, src[left], src[right], out=w[target]))
+        else:
+            ops.append(functools.partial(b[target].addcmul_, src[left], b[right]))
+    return ops
+
+
+def _scan_(
+    a: Tensor,
+    b: Tensor,
+    reverse: bool = False,
+    work: Tensor | None = None,
+    block: int | None = None,
+) -> None:
+    """In-place inclusive scan over dim 0 (n rows): ``b[i] += a[i] * b[i-1]``.
+
+    With ``reverse`` the recurrence runs backwards, ``b[i] += a[i] * b[i+1]``. The rows are
+    scanned in blocks of ``block`` rows (0: all n in one; default ``_SCAN_BLOCK`` on CPU, one
+    block on GPUs), each by Blelloch's work-efficient scheme, ``2 log2(block)`` vectorised
+    steps, after one step that carries the last row of the block before into its first.
+    Small blocks do less arithmetic in more, smaller steps (per row, about 1.5 row updates
+    in blocks of 4, 1.9 in one block of 8, up to 3 in long blocks), which suits CPUs; GPUs
+    want few steps. The products of decays over spans of 2+ rows that are needed go to ``work``
+    (same shape as ``a``), or overwrite ``a`` when ``work`` is None. ``a``'s first row in
+    scan order never reaches ``b``.
+    """
+    for op in _scan_ops(a, b, reverse, work, block):
+        op()
 
 
 # --------------------------------------------------------------------------- chunked scan
 
 
-def _time_major(t: Tensor) -> Tensor:
-    """(..., L) -> contiguous (L, ...); uses a fast 2-D transpose for contiguous inputs."""
-    moved = t.movedim(-1, 0)
-    if moved.is_contiguous():
-        return moved
-    if t.is_contiguous():
-        return t.reshape(-1, t.shape[-1]).t().contiguous().view(moved.shape)
-    return moved.contiguous()
+def _carve(buf: Tensor, *shape: int) -> Tensor:
+    """A contiguous ``shape`` tensor on the first elements of the flat scratch buffer ``buf``."""
+    count = 1
+    for size in shape:
+        count *= size
+    return buf[:count].view(shape)
 
 
-def _from_time_major(t: Tensor) -> Tensor:
-    """Contiguous (L, ...) -> contiguous (..., L), by a fast 2-D transpose."""
-    return t.reshape(t.shape[0], -1).t().contiguous().view(*t.shape[1:], t.shape[0])
+def _steps(t: Tensor, t0: int, t1: int) -> Tensor:
+    """Steps ``t0:t1`` of ``t`` (batch, dim, L) as a (batch, t1 - t0, dim) view."""
+    return t[..., t0:t1].transpose(1, 2)
+
+
+def _blocks(length: int, T: int, reverse: bool = False):
+    """``(k, s0, s1, [(c, t0, t1), ...])``: block k, steps ``s0:s1``, of whole chunks c, the
+    unit in which layouts change and in which tensors are kept for the backward pass."""
+    step = T * max(1, _BLOCK_STEPS // T)
+    starts = list(enumerate(range(0, length, step)))
+    for k, s0 in reversed(starts) if reverse else starts:
+        s1 = min(length, s0 + step)
+        chunks = [(t0 // T, t0, min(s1, t0 + T)) for t0 in range(s0, s1, T)]
+        yield k, s0, s1, chunks[::-1] if reverse else chunks
+
+
+def _chunk_major(t: Tensor, T: int) -> Tensor:
+    """(b, g, N, L) -> zero-padded (chunks, b, T, g, N), so chunk c's steps are contiguous."""
+    batch, groups, nstate, length = t.shape
+    n_chunks = -(-length // T)
+    padded = F.pad(t, (0, n_chunks * T - length)).view(batch, groups, nstate, n_chunks, T)
+    return padded.permute(3, 0, 4, 1, 2).contiguous()
+
+
+def _from_chunk_major(t: Tensor, length: int) -> Tensor:
+    """(chunks, b, T, g, N) -> (b, g, N, L): the inverse of :func:`_chunk_major`."""
+    n_chunks, batch, T, groups, nstate = t.shape
+    out = t.permute(1, 3, 4, 0, 2).reshape(batch, groups, nstate, n_chunks * T)
+    return out[..., :length].contiguous()
+
+
+def _chunk_views(t: Tensor, length: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Per chunk c of ``t`` (chunks, b, T, g, N), views of its steps: (b, n, g, N, 1), to
+    broadcast over channels, and (b n g, 1, N) matrices (a copy for a short last chunk)."""
+    n_chunks, batch, T, groups, nstate = t.shape
+    cols = list(t.unsqueeze(-1).unbind(0))
+    mats = list(t.view(n_chunks, -1, 1, nstate).unbind(0))
+    last = length - (n_chunks - 1) * T
+    if last < T:
+        cols[-1] = cols[-1][:, :last]
+        mats[-1] = t[-1, :, :last].reshape(-1, 1, nstate)
+    return cols, mats
+
+
+class _Work:
+    """Scratch tensors for a chunk of n steps of a tile of batch elements, as views of flat
+    buffers, and the steps of the scans bound to them; rebuilt when the shape changes."""
+
+    def __init__(self, like: Tensor, tile: int, length: int, T: int,
+                 dims: tuple[int, int, int], backward: bool) -> None:
+        groups, nstate, heads = dims
+        rows = min(T, length)
+        size = tile * rows * groups * nstate * heads
+        steps = tile * rows * groups * heads
+        block = tile * min(length, T * max(1, _BLOCK_STEPS // T)) * groups * heads
+        if backward:
+            # a: one spare decay row per batch element, (b, n + 1, ...), whose row i + 1 is
+            # the decay that multiplies lam[i + 1] into lam[i] (the last one is never used).
+            self.bufs = {"a": like.new_zeros(size + tile * groups * nstate * heads)}
+            self.bufs.update((k, like.new_empty(size)) for k in ("s", "h", "lam"))
+            self.bufs.update((k, like.new_empty(steps)) for k in ("du", "gy", "r", "y"))
+            self.bufs["bc"] = like.new_empty(tile * rows * groups * nstate)
+            self.bufs["g_blk"] = like.new_empty(block)
+            self.d_A = like.new_zeros(size)  # sum over chunks of w * delta
+        else:
+            self.bufs = {"a": like.new_empty(size), "x": like.new_empty(size),
+                         "y": like.new_empty(steps), "d_blk": like.new_empty(block),
+                         "du_blk": like.new_empty(block)}
+        self.dims, self.backward, self.shape = dims, backward, (-1, -1)
+
+    def resize(self, batch: int, n: int) -> None:
+        """Make the views and bound scan steps for chunks of n steps of ``batch`` elements."""
+        if (batch, n) == self.shape:
+            return
+        self.shape = (batch, n)
+        groups, nstate, heads = self.dims
+        m = batch * n * groups
+        shape = (batch, n, groups, nstate, heads)
+        rows = lambda t: t.transpose(0, 1)  # noqa: E731  (n, batch, ...): the scanned rows
+        bufs = self.bufs
+        if not self.backward:
+            self.a, self.x = _carve(bufs["a"], *shape), _carve(bufs["x"], *shape)
+            self.a0, self.x0, self.x_last = self.a[:, 0], self.x[:, 0], self.x[:, n - 1]
+            self.x_ops = _scan_ops(rows(self.a), rows(self.x))
+            self.y = _carve(bufs["y"], batch, n, groups * heads)
+            self.y_mat, self.x_mat = self.y.view(m, 1, heads), self.x.view(m, nstate, heads)
+            return
+        self.du = _carve(bufs["du"], batch, n, groups * heads)
+        self.du5, self.du_mat = self.du.view(batch, n, groups, 1, heads), self.du.view(m, 1, heads)
+        self.bc_mat = _carve(bufs["bc"], m, 1, nstate)
+        full = _carve(bufs["a"], batch, n + 1, groups, nstate, heads)
+        self.a = full[:, :n]
+        self.s, self.h, self.lam = (_carve(bufs[k], *shape) for k in ("s", "h", "lam"))
+        self.a0, self.h0, self.lam0, self.lam_last = self.a[:, 0], self.h[:, 0], self.lam[:, 0], \
+            self.lam[:, n - 1]
+        self.lam_tail, self.h_head = self.lam[:, 1:], self.h[:, : n - 1]
+        self.h_ops = _scan_ops(rows(self.a), rows(self.h), work=rows(self.s))
+        self.lam_ops = _scan_ops(rows(full[:, 1:]), rows(self.lam), reverse=True,
+                                 work=rows(self.s))
+        self.gy = _carve(bufs["gy"], batch, n, groups * heads)
+        self.gy5, self.gy_mat = self.gy.view(batch, n, groups, 1, heads), self.gy.view(m, 1, heads)
+        self.r = _carve(bufs["r"], batch, n, groups * heads)
+        self.r_mat = self.r.view(m, 1, heads)
+        self.e = _carve(bufs["y"], batch, n, groups, heads)
+        self.e_flat = self.e.view(batch, n, groups * heads)
+        self.h_matT = self.h.view(m, nstate, heads).transpose(1, 2)
+        self.lam_mat = self.lam.view(m, nstate, heads)
+        self.lam_matT = self.lam_mat.transpose(1, 2)
+        self.d_A_n = _carve(self.d_A, *shape)
+
+    def block(self, name: str, t: Tensor, s0: int, s1: int) -> Tensor:
+        """Steps ``s0:s1`` of ``t`` (batch, dim, L), copied into a (batch, s1 - s0, dim) buffer."""
+        out = _carve(self.bufs[name], t.shape[0], s1 - s0, t.shape[1])
+        return out.copy_(_steps(t, s0, s1))
 
 
 def _chunked_forward(
-    u_t: Tensor, delta_t: Tensor, A_t: Tensor, B_t: Tensor, C_t: Tensor, T: int, keep: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Time-major scan: u_t, delta_t (L, b, d); A_t (g, N, d/g); B_t, C_t (L, b, g, N).
+    u: Tensor,
+    delta: Tensor,
+    A2: Tensor,
+    B_c: Tensor,
+    C_c: Tensor,
+    T: int,
+    work: _Work,
+    y: Tensor,
+    last: Tensor,
+    saved: list[Tensor] | None,
+) -> None:
+    """The scan of a tile of batch elements, into ``y`` (b, d, L) and ``last`` (b, g, N, d/g).
 
-    Returns y_t (L, b, d), the last state (b, g, N, d/g) and, when ``keep``, the state
-    entering each chunk (chunks, b, g, N, d/g). Chunk buffers are (T, b, g, N, d/g): channels
+    u, delta (b, d, L); A2 = A log2(e) as (g, N, d/g); B_c, C_c (chunks, b, T, g, N).
+    ``saved``, when given, receives for the backward pass, per block of chunks (see
+    :func:`_blocks`), the state entering each of its chunks (chunks, b, g, N, d/g) and its
+    steps of u and delta batch-time-major (b, steps, d): kept in pieces of a few MB, which
+    the allocator recycles. A chunk is held batch-time-major as (b, T, g, N, d/g): channels
     innermost, so every elementwise op and reduction runs over long contiguous rows.
     """
-    length, batch, dim = u_t.shape
-    groups, nstate, heads = A_t.shape
-    n_chunks = -(-length // T)
-    rows = min(T, length)
-    A2_t = A_t * _LOG2E  # exp(x) = exp2(x log2 e), and exp2 is several times faster
-    a_buf = u_t.new_empty(rows, batch, groups, nstate, heads)
-    h_buf = torch.empty_like(a_buf)
-    du_buf = u_t.new_empty(rows, batch, dim)
-    y_t = u_t.new_empty(length, batch, dim)
-    # states[c]: the state entering chunk c (two alternating slots when not kept)
-    states = u_t.new_empty(n_chunks + 1 if keep else 2, batch, groups, nstate, heads)
-    states[0].zero_()
-    slot = (lambda c: c) if keep else (lambda c: c % 2)
-    for c in range(n_chunks):
-        t0, t1 = c * T, min(length, (c + 1) * T)
-        n = t1 - t0
-        m = n * batch * groups
-        a, x = a_buf[:n], h_buf[:n]
-        du = torch.mul(delta_t[t0:t1], u_t[t0:t1], out=du_buf[:n])
-        torch.mul(delta_t[t0:t1].view(n, batch, groups, 1, heads), A2_t, out=a).exp2_()
-        torch.mul(du.view(n, batch, groups, 1, heads), B_t[t0:t1].unsqueeze(-1), out=x)
-        x[0].addcmul_(a[0], states[slot(c)])
-        _scan_(a, x)
-        torch.bmm(C_t[t0:t1].view(m, 1, nstate), x.view(m, nstate, heads),
-                  out=y_t[t0:t1].view(m, 1, heads))
-        states[slot(c + 1)].copy_(x[n - 1])
-    return y_t, states[slot(n_chunks)], states[:n_chunks] if keep else None
+    batch, dim, length = u.shape
+    groups, nstate, heads = A2.shape
+    n_chunks = B_c.shape[0]
+    per_block = max(1, _BLOCK_STEPS // T)
+    if saved is not None:
+        for _, s0, s1, chunks in _blocks(length, T):
+            saved += [last.new_empty(len(chunks), *last.shape),
+                      *(u.new_empty(batch, s1 - s0, dim) for _ in range(2))]
+        saved[0][0].zero_()
+        slots = saved[::3]
+    else:
+        slots = [last.new_empty(2, *last.shape)]
+    B5, _ = _chunk_views(B_c, length)
+    _, C_mats = _chunk_views(C_c, length)
+    y_steps = y.transpose(1, 2).split(T, 1)
+    prev = None  # the state entering the chunk; None: zero
+    for k, s0, s1, chunks in _blocks(length, T):
+        du_blk = _carve(work.bufs["du_blk"], batch, s1 - s0, dim)
+        if saved is not None:
+            d_blk = saved[3 * k + 2].copy_(_steps(delta, s0, s1))
+            torch.mul(saved[3 * k + 1].copy_(_steps(u, s0, s1)), d_blk, out=du_blk)
+        else:
+            d_blk = work.block("d_blk", delta, s0, s1)
+            torch.mul(_steps(u, s0, s1), d_blk, out=du_blk)
+        d5s = d_blk.view(batch, s1 - s0, groups, 1, heads).split(T, 1)
+        du5s = du_blk.view(batch, s1 - s0, groups, 1, heads).split(T, 1)
+        for j, (c, t0, t1) in enumerate(chunks):
+            work.resize(batch, t1 - t0)
+            a = work.a
+            torch.mul(d5s[j], A2, out=a).exp2_()
+            torch.mul(du5s[j], B5[c], out=work.x)
+            if prev is not None:
+                work.x0.addcmul_(work.a0, prev)
+            for op in work.x_ops:
+                op()
+            torch.bmm(C_mats[c], work.x_mat, out=work.y_mat)
+            y_steps[c].copy_(work.y)
+            if c + 1 == n_chunks:
+                prev = last
+            elif saved is not None:
+                prev = slots[(c + 1) // per_block][(c + 1) % per_block]
+            else:
+                prev = slots[0][(c + 1) % 2]
+            prev.copy_(work.x_last)
 
 
 def _chunked_backward(
-    gy_t: Tensor,
+    g_y: Tensor | None,
     carry: Tensor,
-    u_t: Tensor,
-    delta_t: Tensor,
+    saved: list[Tensor],
     A_t: Tensor,
-    B_t: Tensor,
-    C_t: Tensor,
-    starts: Tensor,
+    B_c: Tensor,
+    C_c: Tensor,
     T: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Time-major gradients: du_t, ddelta_t (L, b, d), dA_t (g, N, d/g), dB_t, dC_t (L, b, g, N).
+    work: _Work,
+    grads: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+) -> None:
+    """Gradients of a tile of batch elements, into ``grads`` = (du, ddelta (b, d, L),
+    dA_t (g, N, d/g), added to, dB_c, dC_c (chunks, b, T, g, N)).
 
-    ``gy_t`` (L, b, d) is the gradient of y and ``carry`` (b, g, N, d/g) that of the last
-    state (overwritten). Chunks are visited last to first; each recomputes its states from
-    ``starts`` and solves the adjoint recurrence ``lam_t = C_t gy_t + exp(delta_{t+1} A)
-    lam_{t+1}`` by a reversed parallel scan.
+    ``g_y`` (b, d, L) is the gradient of y (None: zero), ``carry`` (b, g, N, d/g) that of
+    the last state (overwritten); ``saved`` as filled by :func:`_chunked_forward`. Chunks are
+    visited last to first; each recomputes its decays and states from the state entering it
+    and solves the adjoint recurrence ``lam_t = C_t gy_t + exp(delta_{t+1} A) lam_{t+1}`` by
+    a reversed parallel scan.
     """
-    length, batch, dim = u_t.shape
+    d_u, d_delta, d_A, d_B, d_C = grads
+    batch, _, length = d_u.shape
     groups, nstate, heads = A_t.shape
-    n_chunks = starts.shape[0]
-    rows = min(T, length)
-    A2_t = A_t * _LOG2E
-    du_buf = u_t.new_empty(rows, batch, dim)
-    # One spare row: a_buf[i + 1] is the decay that multiplies lam[i + 1] into lam[i].
-    a_buf = u_t.new_zeros(rows + 1, batch, groups, nstate, heads)
-    s_buf, h_buf, lam_buf = (torch.empty_like(a_buf[:rows]) for _ in range(3))
-    d_A_acc = torch.zeros_like(a_buf[:rows])  # sum over chunks of w * delta, (T, b, g, N, d/g)
-    r_buf = u_t.new_empty(rows, batch, dim)
-    d_u, d_delta = torch.empty_like(u_t), torch.empty_like(u_t)
-    d_B, d_C = torch.empty_like(B_t), torch.empty_like(C_t)
-    for c in reversed(range(n_chunks)):
-        t0, t1 = c * T, min(length, (c + 1) * T)
-        n = t1 - t0
-        m = n * batch * groups
-        a, s, h, lam = a_buf[:n], s_buf[:n], h_buf[:n], lam_buf[:n]
-        r = r_buf[:n]
-        delta5 = delta_t[t0:t1].view(n, batch, groups, 1, heads)
-        du = torch.mul(delta_t[t0:t1], u_t[t0:t1], out=du_buf[:n])
-        # States of this chunk, recomputed from the state entering it.
-        torch.mul(delta5, A2_t, out=a).exp2_()
-        torch.mul(du.view(n, batch, groups, 1, heads), B_t[t0:t1].unsqueeze(-1), out=h)
-        h[0].addcmul_(a[0], starts[c])
-        _scan_(a, h, work=s)
-        # Adjoint states lam_t = dL/dh_t, scanned backwards: lam[i] += a[i + 1] * lam[i + 1].
-        gy5 = gy_t[t0:t1].view(n, batch, groups, 1, heads)
-        torch.mul(gy5, C_t[t0:t1].unsqueeze(-1), out=lam)
-        lam[n - 1].add_(carry)
-        _scan_(a_buf[1 : n + 1], lam, reverse=True, work=s)
-        torch.mul(a[0], lam[0], out=carry)
-        # y_t = <C_t, h_t>: dC sums h * gy over the channels of a group; x_t = delta_t u_t B_t
-        # gives dB (sum of lam * delta u) and <B_t, lam_t>, which feeds du and ddelta.
-        torch.bmm(gy_t[t0:t1].view(m, 1, heads), h.view(m, nstate, heads).transpose(1, 2),
-                  out=d_C[t0:t1].view(m, 1, nstate))
-        torch.bmm(du.view(m, 1, heads), lam.view(m, nstate, heads).transpose(1, 2),
-                  out=d_B[t0:t1].view(m, 1, nstate))
-        torch.bmm(B_t[t0:t1].view(m, 1, nstate), lam.view(m, nstate, heads),
-                  out=r.view(m, 1, heads))
-        torch.mul(r, delta_t[t0:t1], out=d_u[t0:t1])
-        torch.mul(r, u_t[t0:t1], out=d_delta[t0:t1])
-        # decay_t = exp(delta_t A): w = lam_t * h_{t-1} * decay_t = dL/d(delta_t A).
-        w = torch.mul(lam, a, out=s)
-        if n > 1:
-            w[1:].mul_(h[: n - 1])
-        w[0].mul_(starts[c])
-        d_delta[t0:t1].add_(torch.mul(w, A_t, out=h).sum(-2).view(n, batch, dim))
-        d_A_acc[:n].addcmul_(w, delta5)
-    return d_u, d_delta, d_A_acc.sum((0, 1)), d_B, d_C
+    A2 = A_t * _LOG2E
+    (B5, B_mats), (C5, _) = _chunk_views(B_c, length), _chunk_views(C_c, length)
+    d_B_mats, d_C_mats = (list(t.view(t.shape[0], -1, 1, nstate).unbind(0)) for t in (d_B, d_C))
+    d_u_steps, d_delta_steps = (t.transpose(1, 2).split(T, 1) for t in (d_u, d_delta))
+    work.d_A.zero_()
+    for k, s0, s1, chunks in _blocks(length, T, reverse=True):
+        starts, u_blk, d_blk = saved[3 * k : 3 * k + 3]
+        u_cs, d_cs = u_blk.split(T, 1), d_blk.split(T, 1)
+        d5s = d_blk.view(batch, s1 - s0, groups, 1, heads).split(T, 1)
+        if g_y is not None:
+            g_cs = work.block("g_blk", g_y, s0, s1).split(T, 1)
+        c0 = chunks[-1][0]
+        for c, t0, t1 in chunks:
+            n, j = t1 - t0, c - c0
+            work.resize(batch, n)
+            a, h, lam, start = work.a, work.h, work.lam, starts[j]
+            u_c, d_c, delta5 = u_cs[j], d_cs[j], d5s[j]
+            full = n == T
+            torch.mul(d_c, u_c, out=work.du)
+            # States of this chunk, recomputed from the state entering it.
+            torch.mul(delta5, A2, out=a).exp2_()
+            torch.mul(work.du5, B5[c], out=h)
+            if c:
+                work.h0.addcmul_(work.a0, start)
+            for op in work.h_ops:
+                op()
+            # y_t = <C_t, h_t>: dC sums h * gy over the channels of a group; the inputs
+            # x_t = delta_t u_t B_t give dB (sum of lam * delta u) and r = <B_t, lam_t>,
+            # which feeds du and ddelta.
+            if g_y is None:
+                lam.zero_()
+            else:
+                work.gy.copy_(g_cs[j])
+                if full:
+                    torch.bmm(work.gy_mat, work.h_matT, out=d_C_mats[c])
+                else:
+                    d_C[c, :, :n] = torch.bmm(work.gy_mat, work.h_matT, out=work.bc_mat).view(
+                        batch, n, groups, nstate)
+                torch.mul(work.gy5, C5[c], out=lam)
+            # Adjoint states lam_t = dL/dh_t, scanned backwards: lam[i] += a[i+1] * lam[i+1].
+            work.lam_last.add_(carry)
+            for op in work.lam_ops:
+                op()
+            torch.mul(work.a0, work.lam0, out=carry)
+            if full:
+                torch.bmm(work.du_mat, work.lam_matT, out=d_B_mats[c])
+            else:
+                d_B[c, :, :n] = torch.bmm(work.du_mat, work.lam_matT, out=work.bc_mat).view(
+                    batch, n, groups, nstate)
+            torch.bmm(B_mats[c], work.lam_mat, out=work.r_mat)
+            d_u_steps[c].copy_(torch.mul(work.r, d_c, out=work.du))
+            # decay_t = exp(delta_t A): w = lam_t h_{t-1} decay_t = dL/d(delta_t A), in lam.
+            w = lam.mul_(a)
+            if n > 1:
+                work.lam_tail.mul_(work.h_head)
+            if c:
+                work.lam0.mul_(start)
+            else:
+                work.lam0.zero_()
+            work.d_A_n.addcmul_(w, delta5)
+            torch.sum(w.mul_(A_t), -2, out=work.e)
+            d_delta_steps[c].copy_(work.e_flat.addcmul_(work.r, u_c))
+    rows = work.d_A.numel() // (groups * nstate * heads)
+    d_A.add_(work.d_A.view(rows, groups, nstate, heads).sum(0))
 
 
 class _ChunkedSelectiveScan(torch.autograd.Function):
@@ -427,45 +671,56 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
         ``grad_enabled`` (grad mode outside ``apply``) decides, with ``needs_input_grad``,
         whether the chunk-boundary states are kept for the backward pass.
         """
-        batch, dim, _ = u.shape
+        batch, dim, length = u.shape
         groups, nstate = B.shape[1], B.shape[2]
         heads = dim // groups
         A_t = A.view(groups, heads, nstate).transpose(1, 2).contiguous()
-        u_t, delta_t = _time_major(u), _time_major(delta)
-        B_t, C_t = _time_major(B), _time_major(C)
+        B_c, C_c = _chunk_major(B, T), _chunk_major(C, T)
         keep = grad_enabled and any(ctx.needs_input_grad[:5])
-        y_t, last, starts = _chunked_forward(u_t, delta_t, A_t, B_t, C_t, T, keep)
+        tile = _batch_tile(batch, dim * nstate, T, u)
+        work = _Work(u, tile, length, T, (groups, nstate, heads), backward=False)
+        y = u.new_empty(batch, dim, length)
+        last = u.new_empty(batch, groups, nstate, heads)
+        A2 = A_t * _LOG2E
+        saved: list[Tensor] = []  # per tile, kept for the backward pass
+        for b0 in range(0, batch, tile):
+            b = slice(b0, min(batch, b0 + tile))
+            tile_saved = [] if keep else None
+            _chunked_forward(u[b], delta[b], A2, B_c[:, b], C_c[:, b], T, work, y[b], last[b],
+                             tile_saved)
+            saved += tile_saved or []
         if keep:
-            ctx.save_for_backward(u_t, delta_t, A_t, B_t, C_t, starts)
-        ctx.T = T
+            ctx.save_for_backward(A_t, B_c, C_c, *saved)
+        ctx.T, ctx.length = T, length
         ctx.set_materialize_grads(False)
-        last = last.transpose(-1, -2).reshape(batch, dim, nstate).clone()  # not a view of states
-        return _from_time_major(y_t), last
+        return y, last.transpose(-1, -2).reshape(batch, dim, nstate)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g_y: Tensor | None, g_last: Tensor | None) -> tuple:
         """Gradients for u, delta, A, B, C (None for the chunk length and grad flag)."""
-        u_t, delta_t, A_t, B_t, C_t, starts = ctx.saved_tensors
+        A_t, B_c, C_c, *saved = ctx.saved_tensors
         groups, nstate, heads = A_t.shape
-        batch = u_t.shape[1]
-        gy_t = torch.zeros_like(u_t) if g_y is None else _time_major(g_y.to(u_t.dtype))
-        carry = u_t.new_zeros(batch, groups, nstate, heads)
+        batch, dim, length, T, like = B_c.shape[1], groups * heads, ctx.length, ctx.T, A_t
+        tile = saved[1].shape[0] if saved else 1  # no tile for an empty batch
+        per_tile = len(saved) // max(1, -(-batch // tile))
+        carry = like.new_zeros(batch, groups, nstate, heads)
         if g_last is not None:
             carry.copy_(g_last.reshape(batch, groups, heads, nstate).transpose(-1, -2))
-        d_u, d_delta, d_A, d_B, d_C = _chunked_backward(
-            gy_t, carry, u_t, delta_t, A_t, B_t, C_t, starts, ctx.T
-        )
+        if g_y is not None:
+            g_y = g_y.to(like.dtype)
+        d_u, d_delta = like.new_empty(batch, dim, length), like.new_empty(batch, dim, length)
+        d_A, d_B, d_C = torch.zeros_like(A_t), torch.zeros_like(B_c), torch.zeros_like(C_c)
+        work = _Work(like, tile, length, T, (groups, nstate, heads), backward=True)
+        for i, b0 in enumerate(range(0, batch, tile)):
+            b = slice(b0, min(batch, b0 + tile))
+            _chunked_backward(
+                None if g_y is None else g_y[b], carry[b], saved[i * per_tile : (i + 1) * per_tile],
+                A_t, B_c[:, b], C_c[:, b], T, work, (d_u[b], d_delta[b], d_A, d_B[:, b], d_C[:, b])
+            )
         d_A = d_A.transpose(1, 2).reshape(groups * heads, nstate)
-        return (
-            _from_time_major(d_u),
-            _from_time_major(d_delta),
-            d_A,
-            _from_time_major(d_B),
-            _from_time_major(d_C),
-            None,
-            None,
-        )
+        d_B, d_C = _from_chunk_major(d_B, length), _from_chunk_major(d_C, length)
+        return d_u, d_delta, d_A, d_B, d_C, None, None
 
 
 def _prepare(
