@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -36,26 +35,14 @@ from speechbrain.lobes.models.transformer.TransformerLM import TransformerLM
 from speechbrain.nnet.linear import Linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from timing import best_time  # noqa: E402
+
 from modules.beam_search import S2SMambaBeamSearcher  # noqa: E402
 from modules.TransformerASR import TransformerASR  # noqa: E402
 
 SIZES = {"small": (144, 4, 1024), "large": (512, 6, 2048)}  # d_model, decoder layers, d_ffn
 VOCAB = 5000
 MAMBA_CONFIG = {"d_state": 16, "expand": 2, "d_conv": 4, "bidirectional": True}
-
-
-def timed(fn, device: str, repeats: int = 3) -> float:
-    """Best wall time of fn() over ``repeats`` runs."""
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def decoder_steps(model: TransformerASR, memory: torch.Tensor, positions: list[int],
@@ -72,8 +59,9 @@ def decoder_steps(model: TransformerASR, memory: torch.Tensor, positions: list[i
             for t in range(done, pos):  # advance the cache to this position
                 _, state = model.decode_step(tokens[:, t], t, state)
             done = pos
-            cached = timed(lambda s=state, p=pos: model.decode_step(tokens[:, p], p, s), device)
-            full = timed(lambda p=pos: model.decode(tokens[:, : p + 1], memory), device)
+            step = lambda s=state, p=pos: model.decode_step(tokens[:, p], p, s)  # noqa: E731
+            cached = best_time(step, 3, device)
+            full = best_time(lambda p=pos: model.decode(tokens[:, : p + 1], memory), 3, device)
             print(f"| {pos} | {1e3 * cached:.2f} | {1e3 * full:.2f} | {full / cached:.1f}x |",
                   flush=True)
 
@@ -107,7 +95,8 @@ def whole_search(model: TransformerASR, seq_lin: Linear, memory: torch.Tensor, b
                 using_eos_threshold=False, length_normalization=True, scorer=scorer,
             )
             with torch.no_grad():
-                results[cls.__name__] = timed(lambda s=searcher: s(memory, wav_len), device, 1)
+                run = lambda s=searcher: s(memory, wav_len)  # noqa: E731
+                results[cls.__name__] = best_time(run, 1, device, warmup=False)
         cached, full = results["S2SMambaBeamSearcher"], results["S2STransformerBeamSearcher"]
         for name, sec in results.items():
             ratio = f"{full / cached:.1f}x faster" if name == "S2SMambaBeamSearcher" else ""

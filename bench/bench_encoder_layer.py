@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from speechbrain.nnet.attention import RelPosEncXL
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from timing import best_time  # noqa: E402
+
 from modules.Conmamba import ConmambaEncoderLayer  # noqa: E402
 
 D_MODEL, D_FFN, NHEAD = 144, 1024, 4
@@ -48,21 +49,6 @@ def layers(device: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         return conformer(x, pos_embs=pos(x))[0]
 
     return {"conmamba": conmamba, "conformer": run_conformer}
-
-
-def best_time(fn: Callable[[], object], repeats: int, device: str) -> float:
-    """Best wall time of ``fn`` over ``repeats`` runs, after one warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
