@@ -1,0 +1,171 @@
+"""Data set-up the LibriSpeech recipes share: manifests, filtering/sorting, samplers, tokens.
+
+The recipes (``train_CTC.py``, ``train_S2S.py``, ``evaluate.py``) keep only their audio/text
+pipelines; everything here is driven by the keys of their YAML files:
+
+* :func:`prepare_manifests` runs ``librispeech_prepare.prepare_librispeech`` on the main process
+  (``data_folder``, ``prep_folder``, ``train_splits``, ``dev_splits``, ``test_splits``,
+  ``select_n_sentences``, ``skip_prep``); manifests hold ``$data_root`` paths.
+* :func:`load_manifest` reads a manifest with ``$data_root`` replaced by the LibriSpeech folder.
+* :func:`training_set` filters (``avoid_if_longer_than``) and sorts (``sorting``) the training set.
+* :func:`loader_options` builds the train/valid loader arguments, with SpeechBrain's
+  ``DynamicBatchSampler`` when ``dynamic_batching`` is on.
+* :func:`char_encoder` creates once, then loads, the character map of the CTC recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.dataio.encoder import CTCTextEncoder
+from speechbrain.dataio.sampler import DynamicBatchSampler
+from speechbrain.utils.distributed import run_on_main
+
+from librispeech_prepare import librispeech_root, prepare_librispeech
+
+logger = logging.getLogger(__name__)
+
+SORTINGS = ("random", "ascending", "descending")
+MERGED_TRAIN_CSV = "train.csv"
+
+
+def prepare_manifests(hparams: dict[str, Any]) -> None:
+    """Write the split CSVs (and the merged ``train.csv``) into ``prep_folder``, on the main
+    process only; idempotent, and a no-op with ``skip_prep``."""
+    run_on_main(
+        prepare_librispeech,
+        kwargs={
+            "data_folder": hparams["data_folder"],
+            "save_folder": hparams["prep_folder"],
+            "tr_splits": hparams["train_splits"],
+            "dev_splits": hparams["dev_splits"],
+            "te_splits": hparams["test_splits"],
+            "select_n_sentences": hparams["select_n_sentences"],
+            "merge_lst": hparams["train_splits"],
+            "merge_name": MERGED_TRAIN_CSV,
+            "skip_prep": hparams["skip_prep"],
+            "data_root_placeholder": True,
+        },
+    )
+
+
+def load_manifest(csv_path: str | os.PathLike, data_folder: str | None) -> DynamicItemDataset:
+    """A manifest as a dataset, ``$data_root`` replaced by ``librispeech_root(data_folder)``."""
+    replacements = {"data_root": str(librispeech_root(data_folder))} if data_folder else {}
+    try:
+        return DynamicItemDataset.from_csv(csv_path, replacements=replacements)
+    except KeyError as exc:
+        raise ValueError(
+            f"{csv_path} holds $data_root paths: pass --data_folder (the LibriSpeech folder "
+            f"or the folder holding it) ({exc})"
+        ) from exc
+
+
+def training_set(hparams: dict[str, Any]) -> DynamicItemDataset:
+    """The training set without utterances longer than ``avoid_if_longer_than`` seconds,
+    ordered by ``sorting`` (``random`` keeps the manifest order for the loader to shuffle)."""
+    data = load_manifest(hparams["train_csv"], hparams["data_folder"])
+    sorting = hparams["sorting"]
+    if sorting not in SORTINGS:
+        raise ValueError(f"sorting must be one of {', '.join(SORTINGS)}, not {sorting!r}")
+    n_before = len(data)
+    longest = hparams["avoid_if_longer_than"]
+    key_max = {"duration": float(longest)} if longest else None
+    if sorting == "random":
+        if key_max:
+            data = data.filtered_sorted(key_max_value=key_max)
+    else:
+        data = data.filtered_sorted(
+            sort_key="duration", reverse=sorting == "descending", key_max_value=key_max
+        )
+    if len(data) < n_before:
+        logger.info(
+            "dropped %d of %d training utterances longer than %s s",
+            n_before - len(data), n_before, longest,
+        )
+    if len(data) == 0:
+        raise ValueError(f"no training utterance left in {hparams['train_csv']}")
+    return data
+
+
+def evaluation_set(csv_path: str | os.PathLike, data_folder: str | None) -> DynamicItemDataset:
+    """A validation/test manifest, shortest utterances first (less padding); nothing dropped."""
+    return load_manifest(csv_path, data_folder).filtered_sorted(sort_key="duration")
+
+
+def test_sets(hparams: dict[str, Any]) -> dict[str, DynamicItemDataset]:
+    """Every ``test_csv`` by name (the file stem, e.g. ``test-clean``)."""
+    folder = hparams["data_folder"]
+    return {Path(csv).stem: evaluation_set(csv, folder) for csv in hparams["test_csv"]}
+
+
+def dynamic_batch_sampler(data: DynamicItemDataset, options: dict[str, Any]) -> DynamicBatchSampler:
+    """SpeechBrain's ``DynamicBatchSampler`` over durations in seconds (``max_batch_length``)."""
+    return DynamicBatchSampler(data, length_func=lambda x: x["duration"], **options)
+
+
+def loader_options(
+    hparams: dict[str, Any],
+    train_data: DynamicItemDataset,
+    valid_data: DynamicItemDataset,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments of the train and valid loaders for ``Brain.fit``.
+
+    With ``dynamic_batching`` they carry a ``DynamicBatchSampler`` each; the train sampler is
+    re-shuffled every epoch by ``RecipeBrain`` (``set_epoch``). Otherwise the YAML's
+    ``train_dataloader_opts`` (shuffling only with ``sorting: random``) and
+    ``valid_dataloader_opts``.
+    """
+    if hparams["dynamic_batching"]:
+        train_sampler = dynamic_batch_sampler(train_data, hparams["dynamic_batch_sampler_train"])
+        valid_sampler = dynamic_batch_sampler(valid_data, hparams["dynamic_batch_sampler_val"])
+        train = {"batch_sampler": train_sampler, "num_workers": hparams["num_workers"]}
+        valid = {"batch_sampler": valid_sampler}
+        return train, valid
+    train = dict(hparams["train_dataloader_opts"])
+    train["shuffle"] = train.get("shuffle", False) and hparams["sorting"] == "random"
+    return train, dict(hparams["valid_dataloader_opts"])
+
+
+def char_encoder(
+    path: str | os.PathLike,
+    characters: str,
+    blank_index: int,
+    bos_index: int,
+    eos_index: int,
+    num_outputs: int,
+) -> CTCTextEncoder:
+    """The character map at ``path``: created once (main process) as blank, bos, eos at their
+    indices and then ``characters`` in order, loaded afterwards so that a resumed run or an
+    evaluation uses the map the model was trained with. Raises ValueError when the file's map
+    does not hold ``characters`` or has other than ``num_outputs`` labels."""
+    path = Path(path)
+
+    def create() -> None:
+        if path.exists():
+            return
+        encoder = CTCTextEncoder()
+        encoder.insert_blank(index=blank_index)
+        encoder.insert_bos_eos(bos_index=bos_index, eos_index=eos_index)
+        encoder.update_from_iterable(characters, sequence_input=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        encoder.save(tmp)
+        os.replace(tmp, path)
+
+    run_on_main(create)
+    encoder = CTCTextEncoder()
+    encoder.load(path)
+    encoder.expect_len(num_outputs)
+    missing = [c for c in characters if c not in encoder.lab2ind]
+    if missing or len(encoder) != num_outputs or encoder.get_blank_index() != blank_index:
+        raise ValueError(
+            f"character map {path} ({len(encoder)} labels, blank {encoder.get_blank_index()}) "
+            f"does not match the configuration ({num_outputs} outputs, blank {blank_index}, "
+            f"characters {characters!r}; missing {missing}); it belongs to another model"
+        )
+    return encoder

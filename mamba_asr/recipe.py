@@ -1,0 +1,284 @@
+"""Run-time set-up and Brain behaviour the recipes share (``train_CTC.py``, ``evaluate.py``).
+
+* :func:`resolve_run_opts`: device-dependent run options, checked before anything runs
+  (gloo for ``torchrun`` without CUDA, a clear error for fp16 without CUDA).
+* :class:`RecipeBrain`: a SpeechBrain ``Brain`` that
+
+  - skips optimizer steps whose gradients are not finite (non-finite loss included), counts
+    them (``skipped_steps`` per epoch) and goes on; ``max_consecutive_nonfinite`` skipped
+    steps in a row raise (the model has diverged);
+  - re-shuffles a ``DynamicBatchSampler`` every epoch in a single process (SpeechBrain calls
+    ``set_epoch`` only under DDP);
+  - resumes from the latest checkpoint, or from ``resume_from`` (a ``CKPT+...`` folder) once;
+  - evaluates the average of the best ``avg_checkpoints`` checkpoints (or of
+    ``eval_checkpoints``, set by ``evaluate.py``) and writes ``wer_<test-set>.txt`` plus a
+    one-line summary in the train log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import speechbrain as sb
+import torch
+import yaml
+from speechbrain.dataio.sampler import DynamicBatchSampler
+from speechbrain.utils.checkpoints import (
+    METAFNAME,
+    PARAMFILE_EXT,
+    Checkpoint,
+    average_checkpoints,
+)
+from speechbrain.utils.distributed import ddp_barrier, if_main_process, infer_device
+from speechbrain.utils.metric_stats import ErrorRateStats
+from speechbrain.utils.run_opts import RunOptions
+
+from mamba_asr.atomic import atomic_open
+from mamba_asr.checkpoints import AtomicCheckpointer
+
+logger = logging.getLogger(__name__)
+
+RESUME_MARKER = "resumed_from.txt"
+
+
+class PrecisionError(ValueError):
+    """The requested precision cannot run on this device."""
+
+
+def resolve_run_opts(run_opts: RunOptions, hparams: dict[str, Any]) -> RunOptions:
+    """``run_opts`` completed for this machine; call before ``ddp_init_group``.
+
+    * Under ``torchrun`` without CUDA the DDP backend becomes ``gloo`` (SpeechBrain defaults
+      to ``nccl``) unless ``--distributed_backend`` was given.
+    * ``precision``/``eval_precision`` fp16 (command line or YAML) without CUDA raises
+      :class:`PrecisionError` before any data is prepared.
+    """
+    overridden = set(run_opts.overridden_args)
+    changes: dict[str, Any] = {}
+    under_torchrun = os.environ.get("RANK") is not None and os.environ.get("LOCAL_RANK") is not None
+    if (
+        under_torchrun
+        and not torch.cuda.is_available()
+        and "distributed_backend" not in overridden
+    ):
+        changes["distributed_backend"] = "gloo"
+        logger.info("torchrun without CUDA: using the gloo DDP backend")
+    device = run_opts.device or infer_device()
+    for key in ("precision", "eval_precision"):
+        value = run_opts[key] if key in overridden else hparams.get(key, run_opts[key])
+        if value == "fp16" and not str(device).startswith("cuda"):
+            raise PrecisionError(
+                f"{key} fp16 needs a CUDA GPU, but this run uses device {device!r}: "
+                f"set {key} to bf16 (mixed precision on CPU) or fp32, e.g. --{key} bf16"
+            )
+    if not changes:
+        return run_opts
+    return dataclasses.replace(run_opts, **changes, overridden_args=overridden | set(changes))
+
+
+def checkpoint_from_dir(path: str | os.PathLike, checkpointer: Any = None) -> Checkpoint:
+    """The SpeechBrain ``Checkpoint`` stored in the folder ``path`` (``CKPT+...``); checked
+    complete for ``checkpointer``'s recoverables when it is an ``AtomicCheckpointer``."""
+    folder = Path(path)
+    meta_file = folder / METAFNAME
+    if not meta_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a SpeechBrain checkpoint folder (no {METAFNAME} in it); "
+            "expected <save_folder>/CKPT+<date>+<time>+<nn>"
+        )
+    if isinstance(checkpointer, AtomicCheckpointer):
+        problem = checkpointer.check_checkpoint_dir(folder)
+        if problem is not None:
+            raise ValueError(f"checkpoint {folder} is incomplete: {problem}")
+    meta = yaml.safe_load(meta_file.read_text(encoding="utf-8"))
+    params = {f.stem: f for f in folder.iterdir() if f.suffix == PARAMFILE_EXT}
+    return Checkpoint(folder, meta, params)
+
+
+class RecipeBrain(sb.Brain):
+    """``sb.Brain`` with the behaviour the recipes share (see the module docstring).
+
+    Subclasses call ``super().on_stage_start(stage, epoch)`` and, in their TEST
+    ``on_stage_end``, :meth:`report_test`. They step their scheduler only when
+    ``self.optimizer_stepped``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.optimizer_stepped = False
+        self.skipped_steps = 0
+        self.nonfinite_losses = 0
+        self.eval_checkpoints: list[Checkpoint] | None = None
+        self.test_set_name = "test"
+        self.wer_file: Path | None = None
+        self.test_stats: dict[str, float] = {}
+        self._consecutive_skips = 0
+        self._epoch_sampler: DynamicBatchSampler | None = None
+        self._loaded_for_eval: tuple[Path, ...] | None = None
+
+    # ------------------------------------------------------------------ data
+
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """SpeechBrain's, remembering a train ``DynamicBatchSampler`` to re-shuffle it."""
+        sampler = loader_kwargs.get("batch_sampler")
+        if stage == sb.Stage.TRAIN and isinstance(sampler, DynamicBatchSampler):
+            self._epoch_sampler = sampler
+        return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+
+    def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
+        """Re-shuffles the dynamic batches for ``epoch`` (deterministic from seed + epoch, so
+        an intra-epoch resume sees the same batches); resets the per-epoch counters."""
+        if stage == sb.Stage.TRAIN:
+            self.skipped_steps = 0
+            self.nonfinite_losses = 0
+            # Under DDP SpeechBrain wraps the sampler and calls set_epoch itself.
+            if self._epoch_sampler is not None and self.train_sampler is None:
+                self._epoch_sampler.set_epoch(epoch)
+
+    # ------------------------------------------------------------------ resuming
+
+    def on_fit_start(self) -> None:
+        """Resumes from ``resume_from`` the first time it is given, else from the latest
+        checkpoint of this run (a rerun of the same command continues where it stopped)."""
+        ckpt = self._explicit_resume()
+        if ckpt is None:
+            super().on_fit_start()
+            return
+        self._compile()
+        self._wrap_distributed()
+        self.init_optimizers()
+        logger.info("resuming from %s (resume_from)", ckpt.path)
+        self.checkpointer.load_checkpoint(ckpt)
+
+    def _explicit_resume(self) -> Checkpoint | None:
+        """The ``resume_from`` checkpoint unless this run already started from it."""
+        path = self.hparams.resume_from
+        if not path or self.checkpointer is None:
+            return None
+        marker = Path(self.checkpointer.checkpoints_dir) / RESUME_MARKER
+        target = str(Path(path).resolve())
+        done = marker.is_file() and marker.read_text(encoding="utf-8").strip() == target
+        ddp_barrier()  # every process has decided before the marker changes
+        if done:  # (the named checkpoint may since have been deleted as not among the best)
+            logger.info("this run already started from %s: resuming from its latest", path)
+            return None
+        ckpt = checkpoint_from_dir(path, self.checkpointer)
+        if if_main_process():
+            with atomic_open(marker, "w", encoding="utf-8") as f:
+                f.write(target + "\n")
+        return ckpt
+
+    # ------------------------------------------------------------------ non-finite steps
+
+    def check_loss_isfinite(self, loss: torch.Tensor) -> None:
+        """Counts a non-finite loss; its step is skipped in :meth:`optimizers_step`."""
+        if not torch.isfinite(loss):
+            self.nonfinite_losses += 1
+            logger.warning("non-finite loss (%s): this step will be skipped", loss.item())
+
+    def optimizers_step(self) -> None:
+        """Unscale, clip to ``max_grad_norm`` and step, unless the gradient norm is not finite.
+
+        Under DDP the gradients are already reduced, so every process skips the same steps.
+        """
+        if self.opt_class is None:
+            return
+        opts = list(self.freeze_optimizers(self.optimizers_dict).values())
+        for opt in opts:
+            self.scaler.unscale_(opt)
+        params = [p for opt in opts for group in opt.param_groups for p in group["params"]]
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = bool(torch.isfinite(norm))
+        if finite or self.scaler.is_enabled():  # GradScaler skips non-finite steps itself
+            for opt in opts:
+                self.scaler.step(opt)
+        self.scaler.update()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        self.optimizer_stepped = finite
+        if finite:
+            self.optimizer_step += 1
+            self._consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        logger.warning(
+            "gradient norm %s is not finite: step skipped (%d this epoch)",
+            norm.item(), self.skipped_steps,
+        )
+        limit = self.hparams.max_consecutive_nonfinite
+        if self._consecutive_skips >= limit:
+            raise RuntimeError(
+                f"{self._consecutive_skips} optimizer steps in a row had non-finite gradients "
+                f"(max_consecutive_nonfinite: {limit}): training has diverged; lower lr_model, "
+                "raise n_warmup_steps or use fp32, then resume with --resume_from <CKPT dir>"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def on_evaluate_start(self, max_key: str | None = None, min_key: str | None = None) -> None:
+        """Loads the best checkpoint (``eval_checkpoints[0]`` when set) and the average of the
+        ``model`` recoverable over the best ``avg_checkpoints`` (or all ``eval_checkpoints``)."""
+        if self.eval_checkpoints is not None:
+            ckpts = self.eval_checkpoints
+        elif self.checkpointer is not None:
+            ckpts = self.checkpointer.find_checkpoints(
+                max_key=max_key, min_key=min_key, max_num_checkpoints=self.hparams.avg_checkpoints
+            )
+        else:
+            ckpts = []
+        if not ckpts:
+            logger.warning("no checkpoint to evaluate: using the current weights")
+            return
+        key = tuple(Path(c.path) for c in ckpts)
+        if key == self._loaded_for_eval:
+            return
+        self.checkpointer.load_checkpoint(ckpts[0])
+        self.step = 0  # an intra-epoch checkpoint restores a mid-epoch step count
+        if len(ckpts) > 1:
+            state = average_checkpoints(ckpts, recoverable_name="model")
+            self.hparams.model.load_state_dict(state, strict=True)
+        logger.info("evaluating the average of %d checkpoint(s): %s", len(ckpts), ", ".join(
+            Path(c.path).name for c in ckpts))
+        self._loaded_for_eval = key
+
+    def evaluate_test_sets(
+        self,
+        datasets: dict[str, Any],
+        loader_kwargs: dict[str, Any],
+        out_dir: str | os.PathLike,
+        min_key: str = "WER",
+    ) -> dict[str, dict[str, float]]:
+        """``evaluate`` every test set; writes ``<out_dir>/wer_<name>.txt``; stats by name."""
+        results = {}
+        for name, data in datasets.items():
+            self.test_set_name = name
+            self.wer_file = Path(out_dir) / f"wer_{name}.txt"
+            self.evaluate(data, min_key=min_key, test_loader_kwargs=dict(loader_kwargs))
+            results[name] = dict(self.test_stats)
+        return results
+
+    def report_test(self, stats: dict[str, float], wer_metric: ErrorRateStats) -> None:
+        """Writes ``self.wer_file`` and logs ``Epoch loaded: N, test set: <name> - test loss:
+        ..., test CER: ..., test WER: ..., test utterances: N`` to the train log."""
+        self.test_stats = {**stats, "utterances": len(wer_metric.scores)}
+        self.hparams.train_logger.log_stats(
+            stats_meta={
+                "Epoch loaded": self.hparams.epoch_counter.current,
+                "test set": self.test_set_name,
+            },
+            test_stats=self.test_stats,
+        )
+        logger.info(
+            "%s: WER %.2f %%, CER %.2f %% (%d utterances)",
+            self.test_set_name, stats["WER"], stats["CER"], len(wer_metric.scores),
+        )
+        if self.wer_file is not None and if_main_process():
+            with atomic_open(self.wer_file, "w", encoding="utf-8") as f:
+                wer_metric.write_stats(f)

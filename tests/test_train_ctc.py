@@ -1,0 +1,277 @@
+"""CTC recipe: configurations, parameter counts, a short demo run, resuming, evaluate.py.
+
+The demo run (2 epochs of ``hparams/CTC/demo.yaml`` on a slice of the demo corpus) is made
+once per module and shared by the tests that read its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import speechbrain as sb
+import torch
+import yaml
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.run_opts import RunOptions
+
+from mamba_asr import data
+from mamba_asr.recipe import PrecisionError, RecipeBrain, resolve_run_opts
+from mamba_asr.reports.curves import read_test_lines, read_train_log
+from mamba_asr.reports.wer_table import read_wer_file
+
+REPO = Path(__file__).resolve().parents[1]
+CTC = REPO / "hparams" / "CTC"
+CONFIGS = sorted(p.stem for p in CTC.glob("*.yaml"))
+MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_config"]
+# hparams['model'] totals: upstream's exact totals for the large pair (REFERENCE.md; the
+# paper rounds them to 28.8 M / 31.6 M), our own small and demo configurations.
+PARAMS = {
+    "conformer_large": 28_786_111,
+    "conmamba_large": 31_555_519,
+    "conformer_small": 9_305_567,
+    "conmamba_small": 10_053_791,
+    "demo": 2_059_727,
+}
+PAPER_PARAMS = {"conformer_large": 28.8e6, "conmamba_large": 31.6e6}
+SCRIPTS = [REPO / "train_CTC.py", REPO / "mamba_asr" / "data.py", REPO / "mamba_asr" / "recipe.py"]
+# Demo run: 2 epochs on the first 160 training and 30 dev/test utterances of each split.
+SELECT = "[160, 30, 30, 30]"
+N_TEST = 30
+
+
+def _load(name: str, folder: Path, **overrides: object) -> dict:
+    with open(CTC / f"{name}.yaml", encoding="utf-8") as f:
+        return load_hyperpyyaml(f, {"data_folder": str(folder), **overrides})
+
+
+def _top_keys(name: str) -> list[str]:
+    text = (CTC / f"{name}.yaml").read_text(encoding="utf-8")
+    return re.findall(r"^([A-Za-z_][\w]*):", text, flags=re.M)
+
+
+# --------------------------------------------------------------------------- configurations
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_with_only_data_folder(name: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # output_folder is relative: keep results/ out of the repo
+    hparams = _load(name, tmp_path)
+    assert hparams["output_folder"].startswith("results/")
+    assert hparams["output_neurons"] == 3 + len(hparams["characters"]) == 31
+    x = torch.randn(2, 16000)
+    feats = hparams["compute_features"](x)
+    src = hparams["CNN"](feats)
+    enc, _ = hparams["Transformer"](src, None, torch.ones(2))
+    assert hparams["ctc_lin"](enc).shape == (2, src.shape[1], 31)
+
+
+def test_parameter_counts(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert sorted(PARAMS) == CONFIGS
+    for name, expected in PARAMS.items():
+        model = _load(name, tmp_path)["model"]
+        total = sum(p.numel() for p in model.parameters())
+        assert total == expected, name
+        if name in PAPER_PARAMS:
+            assert abs(total / PAPER_PARAMS[name] - 1) < 0.02
+
+
+def test_family_shares_keys_and_order() -> None:
+    """Configurations differ only where the model does: the Mamba keys of ConMamba ones."""
+    reference = _top_keys("conformer_large")
+    for name in CONFIGS:
+        keys = [k for k in _top_keys(name) if k not in MAMBA_KEYS]
+        assert keys == reference, name
+        assert ("conmamba" in name) == all(k in _top_keys(name) for k in MAMBA_KEYS), name
+
+
+def test_every_key_is_used() -> None:
+    code = "\n".join(p.read_text(encoding="utf-8") for p in SCRIPTS)
+    run_options = {f.name for f in dataclasses.fields(RunOptions)}
+    for name in CONFIGS:
+        text = (CTC / f"{name}.yaml").read_text(encoding="utf-8")
+        for key in _top_keys(name):
+            used = (
+                key.startswith("__")
+                or key in run_options
+                or f"<{key}>" in text
+                or re.search(rf"[\"'.]{key}\b", code)
+            )
+            assert used, f"{name}.yaml: {key} is used neither by the recipe nor by the YAML"
+
+
+# --------------------------------------------------------------------------- run options
+
+
+def test_fp16_without_cuda_is_refused_before_anything_runs(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PrecisionError, match="fp16 needs a CUDA GPU"):
+        resolve_run_opts(RunOptions(device="cpu"), {"precision": "fp16"})
+    cli = RunOptions(device="cpu", precision="fp16", overridden_args={"precision"})
+    with pytest.raises(PrecisionError, match="--precision bf16"):
+        resolve_run_opts(cli, {"precision": "fp32"})
+    assert resolve_run_opts(RunOptions(device="cpu"), {"precision": "bf16"}).precision == "fp32"
+
+
+def test_torchrun_without_cuda_uses_gloo(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    opts = resolve_run_opts(RunOptions(), {})
+    assert opts.distributed_backend == "gloo" and "distributed_backend" in opts.overridden_args
+    explicit = RunOptions(distributed_backend="mpi", overridden_args={"distributed_backend"})
+    assert resolve_run_opts(explicit, {}).distributed_backend == "mpi"
+    monkeypatch.delenv("RANK")
+    assert resolve_run_opts(RunOptions(), {}).distributed_backend == "nccl"
+
+
+class _Toy(RecipeBrain):
+    def compute_forward(self, batch, stage):
+        return self.modules.lin(batch)
+
+    def compute_objectives(self, predictions, batch, stage):
+        return predictions.sum()
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path: Path) -> None:
+    lin = torch.nn.Linear(2, 1)
+    hparams = {"max_consecutive_nonfinite": 3}
+    brain = _Toy({"lin": lin}, lambda p: torch.optim.SGD(p, lr=0.1), hparams, {"device": "cpu"})
+    brain.init_optimizers()
+    brain.on_stage_start(sb.Stage.TRAIN, 1)
+    before = lin.weight.detach().clone()
+    brain.fit_batch(torch.tensor([[float("nan"), 1.0]]))
+    assert not brain.optimizer_stepped and brain.skipped_steps == 1
+    assert brain.nonfinite_losses == 1 and brain.optimizer_step == 0
+    assert torch.equal(lin.weight, before) and lin.weight.grad is None
+    brain.fit_batch(torch.tensor([[1.0, 1.0]]))
+    assert brain.optimizer_stepped and brain.optimizer_step == 1
+    assert not torch.equal(lin.weight, before)
+    with pytest.raises(RuntimeError, match="diverged"):
+        for _ in range(3):
+            brain.fit_batch(torch.tensor([[float("inf"), 1.0]]))
+
+
+def test_dynamic_batches_reshuffled_every_epoch_in_one_process() -> None:
+    items = {f"u{i}": {"duration": 1.0 + (i % 7) / 3} for i in range(60)}
+    dataset = sb.dataio.dataset.DynamicItemDataset(items)
+    dataset.set_output_keys(["id"])
+    sampler = data.dynamic_batch_sampler(
+        dataset, {"max_batch_length": 8, "num_buckets": 3, "shuffle": True, "seed": 1}
+    )
+    brain = _Toy({"lin": torch.nn.Linear(2, 1)}, None, {}, {"device": "cpu"})
+    brain.make_dataloader(dataset, sb.Stage.TRAIN, batch_sampler=sampler)
+    seen = {}
+    for epoch in (1, 2, 1):
+        brain.on_stage_start(sb.Stage.TRAIN, epoch)
+        batches = [tuple(b) for b in sampler]
+        assert seen.setdefault(epoch, batches) == batches  # deterministic: resumable
+    assert seen[1] != seen[2]
+
+
+# --------------------------------------------------------------------------- demo run
+
+
+def _train(out: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "train_CTC.py", "hparams/CTC/demo.yaml", "--data_folder", str(data),
+        "--output_folder", str(out), "--select_n_sentences", SELECT, "--noprogressbar", *extra,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _epochs(out: Path) -> list[int]:
+    log = (out / "train_log.txt").read_text()
+    return [int(m) for m in re.findall(r"^epoch: (\d+),", log, re.M)]
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two epochs of the demo configuration on a slice of the demo corpus."""
+    out = tmp_path_factory.mktemp("ctc") / "run"
+    _train(out, demo_corpus, "--number_of_epochs", "2")
+    return out
+
+
+@pytest.mark.slow
+def test_demo_run_learns_and_reports(demo_run: Path) -> None:
+    log = read_train_log(demo_run / "train_log.txt")
+    assert list(log.index) == [1, 2]
+    assert log.loc[2, "train loss"] < log.loc[1, "train loss"]
+    assert (log["skipped_steps"] == 0).all()
+    tests = read_test_lines(demo_run / "train_log.txt")
+    assert list(tests["test set"]) == ["test-clean", "test-other"]
+    for _, row in tests.iterrows():
+        header = read_wer_file(demo_run / f"wer_{row['test set']}.txt")
+        assert header["sentences"] == row["test utterances"] == N_TEST
+        assert math.isclose(header["WER"], row["test WER"], rel_tol=1e-2)
+        assert row["Epoch loaded"] in (1, 2)
+    assert (demo_run / "save" / "label_encoder.txt").is_file()
+
+
+def _best_first(save: Path) -> list[Path]:
+    """End-of-epoch checkpoints as the recipe ranks them: lowest WER, then most recent."""
+    ckpts = []
+    for d in save.glob("CKPT+*"):
+        meta = yaml.safe_load((d / "CKPT.yaml").read_text())
+        if "WER" in meta:
+            ckpts.append((meta["WER"], -meta["unixtime"], d))
+    return [d for *_, d in sorted(ckpts)]
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_run(demo_run: Path, tmp_path: Path) -> None:
+    ckpts = _best_first(demo_run / "save")
+    assert len(ckpts) == 2
+    cmd = [
+        sys.executable, "evaluate.py", "hparams/CTC/demo.yaml", "--ckpt", *map(str, ckpts),
+        "--test_csv", str(demo_run / "prepared" / "test-clean.csv"), "--out_dir", str(tmp_path),
+        "--noprogressbar",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = (tmp_path / "wer_test-clean.txt").read_text()
+    assert ours == (demo_run / "wer_test-clean.txt").read_text()
+    wer = read_wer_file(tmp_path / "wer_test-clean.txt")["WER"]
+    assert f"test-clean: WER {wer:.2f} %" in proc.stdout
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_resume_from(demo_run: Path, demo_corpus: Path, tmp_path: Path) -> None:
+    # The same command with one more epoch continues from the latest checkpoint.
+    again = tmp_path / "again"
+    shutil.copytree(demo_run, again)
+    _train(again, demo_corpus, "--number_of_epochs", "3")
+    assert _epochs(again) == [1, 2, 3]
+    # resume_from a named checkpoint starts a new run there, once; a rerun continues.
+    first = next(
+        d for d in _best_first(demo_run / "save")
+        if yaml.safe_load((d / "CKPT.yaml").read_text())["epoch"] == 1
+    )
+    fresh = tmp_path / "fresh"
+    _train(fresh, demo_corpus, "--number_of_epochs", "2", "--resume_from", str(first))
+    assert _epochs(fresh) == [2]
+    _train(fresh, demo_corpus, "--number_of_epochs", "2", "--resume_from", str(first))
+    assert _epochs(fresh) == [2]
+
+
+def test_fp16_on_cpu_fails_before_training(demo_corpus: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed with CUDA")
+    cmd = [
+        sys.executable, "train_CTC.py", "hparams/CTC/demo.yaml", "--data_folder",
+        str(demo_corpus), "--output_folder", str(tmp_path / "run"), "--precision", "fp16",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "fp16 needs a CUDA GPU" in proc.stderr
+    assert not (tmp_path / "run" / "prepared").exists()

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""CTC recipe: Conformer / ConMamba encoder with a character CTC head on LibriSpeech.
+
+Usage:
+    python train_CTC.py hparams/CTC/conmamba_large.yaml --data_folder /data/LibriSpeech
+    python train_CTC.py hparams/CTC/demo.yaml --data_folder data/demo        # 2-core CPU demo
+    torchrun --nproc_per_node=2 train_CTC.py hparams/CTC/conformer_large.yaml --data_folder ...
+    python train_CTC.py hparams/CTC/demo.yaml --data_folder data/demo --resume_from <CKPT dir>
+
+Rerunning the same command resumes from the latest checkpoint. After training, the best
+``avg_checkpoints`` checkpoints by valid WER are averaged and every ``test_csv`` is evaluated
+(``<output_folder>/wer_<test-set>.txt`` and a summary line in ``train_log.txt``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.encoder import CTCTextEncoder
+from speechbrain.decoders.ctc import CTCPrefixBeamSearcher
+
+from mamba_asr import data
+from mamba_asr.recipe import RecipeBrain, resolve_run_opts
+
+SEARCHES = ("greedy", "beam")
+
+
+class ASR(RecipeBrain):
+    """Fbank -> normalisation -> CNN front-end -> encoder -> CTC (characters)."""
+
+    tokenizer: CTCTextEncoder
+    beam_searcher: CTCPrefixBeamSearcher
+
+    def compute_forward(self, batch, stage):
+        """Waveforms -> CTC log-probabilities (B, T', 31) and, outside training, hypotheses."""
+        batch = batch.to(self.device)
+        wavs, wav_lens = batch.sig
+        feats = self.hparams.compute_features(wavs)  # (B, T, n_mels)
+        feats = self.modules.normalize(feats, wav_lens, epoch=self.hparams.epoch_counter.current)
+        if stage == sb.Stage.TRAIN and self.hparams.fea_augment is not None:
+            feats, wav_lens = self.hparams.fea_augment(feats, wav_lens)
+        src = self.modules.CNN(feats)  # (B, T/4, channels, n_mels/4)
+        # forward (not .encode) so that a DDP wrapper sees the call; tgt=None: encoder only
+        enc_out, _ = self.modules.Transformer(src, None, wav_lens)  # (B, T/4, d_model)
+        logits = self.modules.ctc_lin(enc_out)
+        p_ctc = self.hparams.log_softmax(logits.float())
+        hyps = None
+        if stage != sb.Stage.TRAIN:
+            valid = stage == sb.Stage.VALID
+            search = self.hparams.valid_search if valid else self.hparams.test_search
+            hyps = self._decode(p_ctc, wav_lens, search)
+        return p_ctc, wav_lens, hyps
+
+    def _decode(self, p_ctc: torch.Tensor, wav_lens: torch.Tensor, search: str) -> list[list[str]]:
+        """Word sequences by greedy CTC decoding or CTC prefix beam search."""
+        if search == "beam":
+            return [hyp[0].text.split() for hyp in self.beam_searcher(p_ctc, wav_lens)]
+        tokens = sb.decoders.ctc_greedy_decode(p_ctc, wav_lens, blank_id=self.hparams.blank_index)
+        return ["".join(self.tokenizer.decode_ndim(seq)).split() for seq in tokens]
+
+    def compute_objectives(self, predictions, batch, stage):
+        """CTC loss; WER/CER accumulated outside training."""
+        p_ctc, wav_lens, hyps = predictions
+        tokens, tokens_lens = batch.tokens
+        if stage == sb.Stage.TRAIN and self.hparams.fea_augment is not None:
+            tokens = self.hparams.fea_augment.replicate_labels(tokens)
+            tokens_lens = self.hparams.fea_augment.replicate_labels(tokens_lens)
+        loss = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens)
+        if stage != sb.Stage.TRAIN:
+            targets = [wrd.split() for wrd in batch.wrd]
+            self.wer_metric.append(batch.id, hyps, targets)
+            self.cer_metric.append(batch.id, hyps, targets)
+        return loss
+
+    def on_stage_start(self, stage, epoch=None):
+        """Fresh WER/CER counters for validation and test."""
+        super().on_stage_start(stage, epoch)
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric = self.hparams.wer_computer()
+            self.cer_metric = self.hparams.cer_computer()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Logs the epoch, checkpoints by valid WER; writes the test results."""
+        stats: dict[str, Any] = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        stats["CER"] = self.cer_metric.summarize("error_rate")
+        stats["WER"] = self.wer_metric.summarize("error_rate")
+        if stage == sb.Stage.VALID:
+            self.hparams.train_logger.log_stats(
+                stats_meta={
+                    "epoch": epoch,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "steps": self.optimizer_step,
+                    "skipped_steps": self.skipped_steps,
+                },
+                train_stats=self.train_stats,
+                valid_stats=stats,
+            )
+            self.checkpointer.save_and_keep_only(
+                meta={"WER": stats["WER"], "epoch": epoch},
+                min_keys=["WER"],
+                num_to_keep=self.hparams.avg_checkpoints,
+            )
+        else:
+            self.report_test(stats, self.wer_metric)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """Noam warm-up/decay, one step per optimizer step actually taken."""
+        if should_step and self.optimizer_stepped:
+            self.hparams.noam_annealing(self.optimizer)
+
+
+def dataio_prepare(
+    hparams: dict[str, Any], tokenizer: CTCTextEncoder
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Train/valid/test datasets with audio (speed-perturbed for training) and character
+    tokens; returns (train, valid, {test name: test set})."""
+    train = data.training_set(hparams)
+    valid = data.evaluation_set(hparams["valid_csv"], hparams["data_folder"])
+    tests = data.test_sets(hparams)
+    add_pipelines(hparams, tokenizer, train, [valid, *tests.values()])
+    return train, valid, tests
+
+
+def add_pipelines(
+    hparams: dict[str, Any], tokenizer: CTCTextEncoder, train: Any, evaluation: list[Any]
+) -> None:
+    """Adds ``sig`` and ``tokens`` (and keeps ``wrd``) to the datasets."""
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav: str) -> torch.Tensor:
+        return sb.dataio.dataio.read_audio(wav)
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline_train(wav: str) -> torch.Tensor:
+        sig = sb.dataio.dataio.read_audio(wav)
+        if hparams["speed_perturb"] is not None:  # here, so that loader workers do it
+            sig = hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
+        return sig
+
+    @sb.utils.data_pipeline.takes("wrd")
+    @sb.utils.data_pipeline.provides("wrd", "tokens")
+    def text_pipeline(wrd: str):
+        yield wrd
+        yield tokenizer.encode_sequence_torch(list(wrd), allow_unk=False)
+
+    datasets = [d for d in [train, *evaluation] if d is not None]
+    if train is not None:
+        sb.dataio.dataset.add_dynamic_item([train], audio_pipeline_train)
+    sb.dataio.dataset.add_dynamic_item(evaluation, audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
+    sb.dataio.dataset.set_output_keys(datasets, ["id", "sig", "wrd", "tokens"])
+
+
+def build_brain(hparams: dict[str, Any], run_opts: Any, checkpointer: Any) -> ASR:
+    """The ``ASR`` brain with its character map and (if used) beam searcher."""
+    for key in ("valid_search", "test_search"):
+        if hparams[key] not in SEARCHES:
+            raise ValueError(f"{key} must be one of {', '.join(SEARCHES)}, not {hparams[key]!r}")
+    tokenizer = data.char_encoder(
+        hparams["tokenizer_file"], hparams["characters"], hparams["blank_index"],
+        hparams["bos_index"], hparams["eos_index"], hparams["output_neurons"],
+    )
+    brain = ASR(
+        modules=hparams["modules"],
+        opt_class=hparams["model_opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=checkpointer,
+    )
+    brain.tokenizer = tokenizer
+    vocab = [tokenizer.ind2lab[i] for i in range(len(tokenizer))]
+    brain.beam_searcher = CTCPrefixBeamSearcher(vocab_list=vocab, **hparams["ctc_beam_search"])
+    return brain
+
+
+def main(argv: list[str]) -> None:
+    """Prepare data, train, then test the averaged best checkpoints."""
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    run_opts = resolve_run_opts(run_opts, hparams)
+    sb.utils.distributed.ddp_init_group(run_opts)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+    data.prepare_manifests(hparams)
+    brain = build_brain(hparams, run_opts, hparams["checkpointer"])
+    train, valid, tests = dataio_prepare(hparams, brain.tokenizer)
+    train_opts, valid_opts = data.loader_options(hparams, train, valid)
+    brain.fit(
+        hparams["epoch_counter"], train, valid,
+        train_loader_kwargs=train_opts, valid_loader_kwargs=valid_opts,
+    )
+    brain.evaluate_test_sets(tests, hparams["test_dataloader_opts"], hparams["output_folder"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
