@@ -31,7 +31,7 @@ from speechbrain.nnet.attention import PositionalwiseFeedForward
 from speechbrain.nnet.normalization import LayerNorm
 from torch import Tensor, nn
 
-from modules.mamba.bimamba import Mamba, MambaState
+from modules.mamba.bimamba import Mamba, MambaState, length_mask
 
 __all__ = [
     "ConmambaEncoder",
@@ -141,16 +141,11 @@ class ConmambaEncoderLayer(nn.Module):
             lengths = lengths_from_padding_mask(src_key_padding_mask)
         conv_mask = None
         if lengths is not None:
-            conv_mask = ~_valid(lengths, x.shape[1]).unsqueeze(-1)  # (B, L, 1)
+            conv_mask = ~length_mask(lengths, x.shape[1]).unsqueeze(-1)  # (B, L, 1)
         x = x + 0.5 * self.ffn_module1(x)
         x = x + self.mamba(self.norm1(x), lengths)
         x = x + self.convolution_module(x, conv_mask, dynchunktrain_config=dynchunktrain_config)
         return self.norm2(x + 0.5 * self.ffn_module2(x))
-
-
-def _valid(lengths: Tensor, max_len: int) -> Tensor:
-    """(B,) -> (B, max_len) bool, True on valid frames."""
-    return torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(1)
 
 
 class ConmambaEncoder(nn.Module):
