@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DATA := data/demo
 DEMO_OUT  := results/demo
+DEMO_CTC  := $(DEMO_OUT)/demo_CTC/3402
 
 .PHONY: install corpus demo test lint clean-demo
 
@@ -22,10 +23,14 @@ install: $(STAMP)
 corpus: $(STAMP)
 	$(PY) -m mamba_asr.demo_corpus --out $(DEMO_DATA)
 
+# Trains the CTC demo configuration on CPU (rerunning resumes or just re-evaluates), evaluates
+# the average of its best checkpoints on the unseen-voice test sets, plots the curves.
 demo: corpus
-	$(PY) librispeech_prepare.py --data_folder $(DEMO_DATA) --save_folder $(DEMO_OUT)/prepared \
-		--tr_splits train-clean-100 --dev_splits dev-clean --te_splits test-clean test-other \
-		--merge_lst train-clean-100 --merge_name train.csv
+	$(PY) train_CTC.py hparams/CTC/demo.yaml --data_folder $(DEMO_DATA) --noprogressbar
+	$(PY) -m mamba_asr.reports.curves $(DEMO_CTC)/train_log.txt --out $(DEMO_CTC)/curves.png \
+		--title "CTC demo (hparams/CTC/demo.yaml)"
+	$(PY) -m mamba_asr.reports.wer_table $(DEMO_CTC)
+	@echo "curves: $(DEMO_CTC)/curves.png  WER details: $(DEMO_CTC)/wer_test-*.txt"
 
 test: corpus
 	$(PY) -m pytest tests

@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
-import sys
 from pathlib import Path
 
-import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.train_logger import FileTrainLogger
 
 from mamba_asr import data
-from mamba_asr.recipe import checkpoint_from_dir, resolve_run_opts
+from mamba_asr.recipe import checkpoint_from_dir, cli, load_config
 
 # Configuration family (the folder under hparams/) -> recipe module providing
-# build_brain(hparams, run_opts, checkpointer) and add_pipelines(hparams, tokenizer, train, sets).
+# KEYS (the YAML keys it reads), build_brain(hparams, run_opts, checkpointer) and
+# add_pipelines(hparams, tokenizer, train, sets).
 RECIPES = {"CTC": "train_CTC"}
 
 
@@ -74,10 +72,9 @@ def main(argv: list[str]) -> dict[str, dict[str, float]]:
     if "--save_folder" not in rest:
         rest += ["--save_folder", str(save_folder)]
 
-    hparams_file, run_opts, overrides = sb.parse_arguments([args.hparams_file, *rest])
-    with open(hparams_file, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, overrides)
-    run_opts = resolve_run_opts(run_opts, hparams)
+    _, hparams, run_opts, _ = load_config(
+        [args.hparams_file, *rest], recipe.KEYS, write_output=False
+    )
     if not Path(hparams["tokenizer_file"]).is_file():
         raise SystemExit(
             f"{hparams['tokenizer_file']} not found: the checkpoint's token map is needed "
@@ -102,4 +99,4 @@ def main(argv: list[str]) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

@@ -14,19 +14,25 @@ Rerunning the same command resumes from the latest checkpoint. After training, t
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher
 
 from mamba_asr import data
-from mamba_asr.recipe import RecipeBrain, resolve_run_opts
+from mamba_asr.recipe import RecipeBrain, cli, load_config
 
 SEARCHES = ("greedy", "beam")
+# The YAML keys this script reads (besides recipe.RECIPE_KEYS and data.DATA_KEYS).
+KEYS = (
+    "compute_features", "normalize", "fea_augment", "speed_perturb", "ctc_cost",
+    "log_softmax", "noam_annealing", "model_opt_class", "modules", "wer_computer",
+    "cer_computer", "valid_search", "test_search", "ctc_beam_search", "tokenizer_file",
+    "characters", "blank_index", "bos_index", "eos_index", "output_neurons",
+    "test_dataloader_opts",
+)
 
 
 class ASR(RecipeBrain):
@@ -85,23 +91,16 @@ class ASR(RecipeBrain):
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs the epoch, checkpoints by valid WER; writes the test results."""
-        stats: dict[str, Any] = {"loss": stage_loss}
+        super().on_stage_end(stage, stage_loss, epoch)
         if stage == sb.Stage.TRAIN:
-            self.train_stats = stats
             return
-        stats["CER"] = self.cer_metric.summarize("error_rate")
-        stats["WER"] = self.wer_metric.summarize("error_rate")
+        stats: dict[str, Any] = {
+            "loss": stage_loss,
+            "CER": self.cer_metric.summarize("error_rate"),
+            "WER": self.wer_metric.summarize("error_rate"),
+        }
         if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta={
-                    "epoch": epoch,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "steps": self.optimizer_step,
-                    "skipped_steps": self.skipped_steps,
-                },
-                train_stats=self.train_stats,
-                valid_stats=stats,
-            )
+            self.log_epoch(epoch, stats)
             self.checkpointer.save_and_keep_only(
                 meta={"WER": stats["WER"], "epoch": epoch},
                 min_keys=["WER"],
@@ -184,10 +183,7 @@ def build_brain(hparams: dict[str, Any], run_opts: Any, checkpointer: Any) -> AS
 
 def main(argv: list[str]) -> None:
     """Prepare data, train, then test the averaged best checkpoints."""
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    with open(hparams_file, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, overrides)
-    run_opts = resolve_run_opts(run_opts, hparams)
+    hparams_file, hparams, run_opts, overrides = load_config(argv, KEYS)
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
@@ -206,4 +202,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 SORTINGS = ("random", "ascending", "descending")
 MERGED_TRAIN_CSV = "train.csv"
+# The YAML keys read here (recipe.load_config checks that a configuration has them).
+DATA_KEYS = (
+    "data_folder", "prep_folder", "train_splits", "dev_splits", "test_splits",
+    "select_n_sentences", "skip_prep", "train_csv", "valid_csv", "test_csv",
+    "avoid_if_longer_than", "sorting", "dynamic_batching", "dynamic_batch_sampler_train",
+    "dynamic_batch_sampler_val", "num_workers", "train_dataloader_opts", "valid_dataloader_opts",
+)
 
 
 def prepare_manifests(hparams: dict[str, Any]) -> None:
@@ -54,7 +61,13 @@ def prepare_manifests(hparams: dict[str, Any]) -> None:
 
 
 def load_manifest(csv_path: str | os.PathLike, data_folder: str | None) -> DynamicItemDataset:
-    """A manifest as a dataset, ``$data_root`` replaced by ``librispeech_root(data_folder)``."""
+    """A manifest as a dataset, ``$data_root`` replaced by ``librispeech_root(data_folder)``.
+    A missing file raises FileNotFoundError naming it."""
+    if not Path(csv_path).is_file():
+        raise FileNotFoundError(
+            f"manifest {csv_path} does not exist: run the preparation (skip_prep: False, "
+            "or librispeech_prepare.py) or point train_csv/valid_csv/test_csv at existing CSVs"
+        )
     replacements = {"data_root": str(librispeech_root(data_folder))} if data_folder else {}
     try:
         return DynamicItemDataset.from_csv(csv_path, replacements=replacements)

@@ -1,5 +1,9 @@
 """Run-time set-up and Brain behaviour the recipes share (``train_CTC.py``, ``evaluate.py``).
 
+* :func:`load_config`: command line -> (hparams, run options), every problem a
+  :class:`ConfigError` naming the file/key/value: unknown override, unset placeholder, a key
+  the recipe needs missing from the YAML, unwritable ``output_folder``, CUDA or fp16 asked
+  for without CUDA. :func:`cli` turns those errors into one ``error:`` line and exit code 2.
 * :func:`resolve_run_opts`: device-dependent run options, checked before anything runs
   (gloo for ``torchrun`` without CUDA, a clear error for fp16 without CUDA).
 * :class:`RecipeBrain`: a SpeechBrain ``Brain`` that
@@ -10,6 +14,8 @@
   - re-shuffles a ``DynamicBatchSampler`` every epoch in a single process (SpeechBrain calls
     ``set_epoch`` only under DDP);
   - resumes from the latest checkpoint, or from ``resume_from`` (a ``CKPT+...`` folder) once;
+  - logs each epoch (:meth:`log_epoch`): lr, optimizer steps, skipped steps and, under DDP,
+    the number of batches every process trained (``process_batches``);
   - evaluates the average of the best ``avg_checkpoints`` checkpoints (or of
     ``eval_checkpoints``, set by ``evaluate.py``) and writes ``wer_<test-set>.txt`` plus a
     one-line summary in the train log.
@@ -21,12 +27,16 @@ import dataclasses
 import logging
 import math
 import os
+import sys
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import speechbrain as sb
 import torch
 import yaml
+from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.checkpoints import (
     METAFNAME,
@@ -38,16 +48,111 @@ from speechbrain.utils.distributed import ddp_barrier, if_main_process, infer_de
 from speechbrain.utils.metric_stats import ErrorRateStats
 from speechbrain.utils.run_opts import RunOptions
 
+from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr.atomic import atomic_open
 from mamba_asr.checkpoints import AtomicCheckpointer
+from mamba_asr.data import DATA_KEYS
 
 logger = logging.getLogger(__name__)
 
 RESUME_MARKER = "resumed_from.txt"
+# Keys RecipeBrain and load_config read (the recipes add their own, and data.DATA_KEYS).
+RECIPE_KEYS = (
+    "output_folder", "resume_from", "avg_checkpoints", "max_consecutive_nonfinite",
+    "epoch_counter", "train_logger", "model", "checkpointer",
+)
 
 
-class PrecisionError(ValueError):
+class ConfigError(ValueError):
+    """The command line or the YAML asks for something that cannot run."""
+
+
+class PrecisionError(ConfigError):
     """The requested precision cannot run on this device."""
+
+
+def _load_yaml(hparams_file: str, overrides: str) -> dict[str, Any]:
+    """HyperPyYAML loading with the errors of a user's mistakes made into ConfigErrors."""
+    try:
+        with open(hparams_file, encoding="utf-8") as f:
+            return load_hyperpyyaml(f, overrides)
+    except OSError as exc:  # the file, or a folder an object creates on loading (checkpointer)
+        if exc.filename is None:
+            raise
+        if Path(exc.filename) == Path(hparams_file):
+            raise ConfigError(f"configuration file {hparams_file} does not exist") from exc
+        raise ConfigError(
+            f"loading {hparams_file} needs {exc.filename}, which cannot be created "
+            f"({exc.strerror}): choose a writable --output_folder"
+        ) from exc
+    except KeyError as exc:  # hyperpyyaml: "Override 'x' not found in: [...]"
+        message = str(exc.args[0]) if exc.args else ""
+        if not message.startswith("Override '"):
+            raise
+        key = message.split("'")[1]
+        raise ConfigError(
+            f"--{key}: {hparams_file} has no key {key!r} (a command-line override can only "
+            "change a key the YAML defines; check the spelling)"
+        ) from exc
+    except ValueError as exc:  # "'data_folder' is a !PLACEHOLDER and must be replaced."
+        if "!PLACEHOLDER" not in str(exc):
+            raise
+        key = str(exc).split("'")[1]
+        raise ConfigError(f"{hparams_file}: {key} must be given, e.g. --{key} <value>") from exc
+
+
+def check_keys(hparams: dict[str, Any], required: Iterable[str], hparams_file: str) -> None:
+    """ConfigError naming every key of ``required`` that ``hparams`` lacks."""
+    missing = [key for key in required if key not in hparams]
+    if missing:
+        raise ConfigError(
+            f"{hparams_file} lacks the key(s) {', '.join(missing)} that this recipe reads "
+            "(compare with the configurations in hparams/)"
+        )
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """ConfigError unless ``folder`` can be created and written to."""
+    path = Path(folder)
+    probe = path / f".write-test-{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"output_folder {path} cannot be written ({exc.strerror or exc}); choose another "
+            "with --output_folder"
+        ) from exc
+
+
+def load_config(
+    argv: list[str], required: Iterable[str] = (), write_output: bool = True
+) -> tuple[str, dict[str, Any], RunOptions, str]:
+    """``(hparams_file, hparams, run_opts, overrides)`` from a recipe's command line.
+
+    Checks, before anything is prepared or written: overrides name existing keys, no
+    ``!PLACEHOLDER`` is left, ``required`` + :data:`RECIPE_KEYS` + ``DATA_KEYS`` are present,
+    the device and precisions can run here (:func:`resolve_run_opts`), ``output_folder`` is
+    writable (unless not ``write_output``). Raises :class:`ConfigError`.
+    """
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    hparams = _load_yaml(hparams_file, overrides)
+    check_keys(hparams, (*RECIPE_KEYS, *DATA_KEYS, *required), hparams_file)
+    run_opts = resolve_run_opts(run_opts, hparams)
+    if write_output:
+        check_writable(hparams["output_folder"])
+    return hparams_file, hparams, run_opts, overrides
+
+
+def cli(main: Callable[[list[str]], Any]) -> None:
+    """Runs ``main(sys.argv[1:])``; a configuration or data-folder error becomes one
+    ``error: ...`` line on stderr and exit status 2 (other exceptions keep their traceback)."""
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, LibriSpeechPrepError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def resolve_run_opts(run_opts: RunOptions, hparams: dict[str, Any]) -> RunOptions:
@@ -56,7 +161,8 @@ def resolve_run_opts(run_opts: RunOptions, hparams: dict[str, Any]) -> RunOption
     * Under ``torchrun`` without CUDA the DDP backend becomes ``gloo`` (SpeechBrain defaults
       to ``nccl``) unless ``--distributed_backend`` was given.
     * ``precision``/``eval_precision`` fp16 (command line or YAML) without CUDA raises
-      :class:`PrecisionError` before any data is prepared.
+      :class:`PrecisionError` before any data is prepared; so does a CUDA ``--device`` on a
+      machine without CUDA (:class:`ConfigError`).
     """
     overridden = set(run_opts.overridden_args)
     changes: dict[str, Any] = {}
@@ -69,6 +175,11 @@ def resolve_run_opts(run_opts: RunOptions, hparams: dict[str, Any]) -> RunOption
         changes["distributed_backend"] = "gloo"
         logger.info("torchrun without CUDA: using the gloo DDP backend")
     device = run_opts.device or infer_device()
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {device} asks for CUDA, but torch sees no CUDA GPU here "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu"
+        )
     for key in ("precision", "eval_precision"):
         value = run_opts[key] if key in overridden else hparams.get(key, run_opts[key])
         if value == "fp16" and not str(device).startswith("cuda"):
@@ -103,8 +214,9 @@ def checkpoint_from_dir(path: str | os.PathLike, checkpointer: Any = None) -> Ch
 class RecipeBrain(sb.Brain):
     """``sb.Brain`` with the behaviour the recipes share (see the module docstring).
 
-    Subclasses call ``super().on_stage_start(stage, epoch)`` and, in their TEST
-    ``on_stage_end``, :meth:`report_test`. They step their scheduler only when
+    Subclasses call ``super().on_stage_start(stage, epoch)`` and
+    ``super().on_stage_end(stage, stage_loss, epoch)``, then :meth:`log_epoch` after
+    validation and :meth:`report_test` after a test. They step their scheduler only when
     ``self.optimizer_stepped``.
     """
 
@@ -117,6 +229,8 @@ class RecipeBrain(sb.Brain):
         self.test_set_name = "test"
         self.wer_file: Path | None = None
         self.test_stats: dict[str, float] = {}
+        self.train_stats: dict[str, float] = {}
+        self.process_batches: list[int] = []
         self._consecutive_skips = 0
         self._epoch_sampler: DynamicBatchSampler | None = None
         self._loaded_for_eval: tuple[Path, ...] | None = None
@@ -139,6 +253,33 @@ class RecipeBrain(sb.Brain):
             # Under DDP SpeechBrain wraps the sampler and calls set_epoch itself.
             if self._epoch_sampler is not None and self.train_sampler is None:
                 self._epoch_sampler.set_epoch(epoch)
+
+    def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
+        """After training (on every process): keeps the train loss for :meth:`log_epoch` and
+        gathers how many batches each process trained this epoch."""
+        if stage != sb.Stage.TRAIN:
+            return
+        self.train_stats = {"loss": stage_loss}
+        batches = [self.step]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            batches = [0] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(batches, self.step)
+        self.process_batches = batches
+
+    def log_epoch(self, epoch: int, valid_stats: dict[str, float]) -> None:
+        """One train-log line: ``epoch: N, lr: ..., steps: ..., skipped_steps: ...[,
+        process_batches: B0 B1 ...] - train loss: ... - valid loss: ..., valid ...``."""
+        meta: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "steps": self.optimizer_step,
+            "skipped_steps": self.skipped_steps,
+        }
+        if len(self.process_batches) > 1:
+            meta["process_batches"] = " ".join(map(str, self.process_batches))
+        self.hparams.train_logger.log_stats(
+            stats_meta=meta, train_stats=self.train_stats, valid_stats=valid_stats
+        )
 
     # ------------------------------------------------------------------ resuming
 

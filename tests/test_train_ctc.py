@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import speechbrain as sb
 import torch
@@ -21,8 +26,18 @@ import yaml
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.run_opts import RunOptions
 
+import train_CTC
+from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr import data
-from mamba_asr.recipe import PrecisionError, RecipeBrain, resolve_run_opts
+from mamba_asr.checkpoints import KILL_ENV, AtomicCheckpointer
+from mamba_asr.recipe import (
+    RECIPE_KEYS,
+    ConfigError,
+    PrecisionError,
+    RecipeBrain,
+    load_config,
+    resolve_run_opts,
+)
 from mamba_asr.reports.curves import read_test_lines, read_train_log
 from mamba_asr.reports.wer_table import read_wer_file
 
@@ -107,6 +122,71 @@ def test_every_key_is_used() -> None:
             assert used, f"{name}.yaml: {key} is used neither by the recipe nor by the YAML"
 
 
+def test_declared_keys_are_the_keys_the_code_reads() -> None:
+    """load_config checks the declared keys up front: the declaration must be complete."""
+    declared = set(RECIPE_KEYS) | set(data.DATA_KEYS) | set(train_CTC.KEYS)
+    code = "\n".join(p.read_text(encoding="utf-8") for p in SCRIPTS)
+    read = set(re.findall(r"hparams\[\"(\w+)\"\]", code))
+    read |= set(re.findall(r"hparams\.(\w+)", code)) - {"get"}
+    read |= {"valid_search", "test_search"}  # read as hparams[key] in a loop
+    assert read <= declared, sorted(read - declared)
+    assert {"sorting", "valid_csv", "ctc_cost", "avg_checkpoints"} <= read  # the regexes work
+    for name in CONFIGS:
+        assert declared <= set(_top_keys(name)), (name, sorted(declared - set(_top_keys(name))))
+
+
+# --------------------------------------------------------------------------- clear errors
+
+
+def _config_error(argv: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(argv, train_CTC.KEYS)
+    return str(info.value)
+
+
+def test_configuration_errors_name_the_key(tmp_path: Path, monkeypatch) -> None:
+    demo = str(CTC / "demo.yaml")
+    base = [demo, "--data_folder", str(tmp_path), "--output_folder", str(tmp_path / "out")]
+    assert "has no key 'nosuchkey'" in _config_error([*base, "--nosuchkey", "3"])
+    assert "data_folder must be given" in _config_error([demo])
+    assert "nothere.yaml does not exist" in _config_error([str(tmp_path / "nothere.yaml")])
+    # A configuration without a key the recipe reads fails before anything runs.
+    lacking = tmp_path / "lacking.yaml"
+    lacking.write_text(re.sub(r"^sorting:.*$", "", Path(demo).read_text(), flags=re.M))
+    message = _config_error([str(lacking), *base[1:]])
+    assert "lacks the key(s) sorting" in message
+    # An output folder that cannot be created (below a file).
+    (tmp_path / "file").write_text("")
+    message = _config_error([*base[:3], "--output_folder", str(tmp_path / "file" / "out")])
+    assert "cannot be created" in message and "--output_folder" in message
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda:0 asks for CUDA" in _config_error([*base, "--device", "cuda:0"])
+
+
+def test_data_errors_name_the_file(tmp_path: Path) -> None:
+    hparams = {**dict.fromkeys(data.DATA_KEYS), "data_folder": str(tmp_path)}
+    hparams.update(train_splits=["train-clean-100"], dev_splits=[], test_splits=[],
+                   prep_folder=str(tmp_path / "prep"), skip_prep=False)
+    with pytest.raises(LibriSpeechPrepError, match="train-clean-100 does not exist"):
+        data.prepare_manifests(hparams)
+    assert not (tmp_path / "prep" / "train.csv").exists()
+    missing = tmp_path / "prep" / "train.csv"
+    with pytest.raises(FileNotFoundError, match=f"manifest {missing} does not exist"):
+        data.training_set({**hparams, "train_csv": str(missing), "sorting": "random"})
+
+
+def test_command_line_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    cmd = [sys.executable, "train_CTC.py", "hparams/CTC/demo.yaml", "--data_folder",
+           str(tmp_path), "--output_folder", str(tmp_path / "o"), "--batch_sise", "8"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --batch_sise: hparams/CTC/demo.yaml has no key 'batch_sise' (a command-line "
+        "override can only change a key the YAML defines; check the spelling)"
+    )
+    assert "Traceback" not in proc.stderr
+
+
 # --------------------------------------------------------------------------- run options
 
 
@@ -179,10 +259,12 @@ def test_dynamic_batches_reshuffled_every_epoch_in_one_process() -> None:
 # --------------------------------------------------------------------------- demo run
 
 
-def _train(out: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
+def _train(
+    out: Path, data: Path, *extra: str, select: str = SELECT
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "train_CTC.py", "hparams/CTC/demo.yaml", "--data_folder", str(data),
-        "--output_folder", str(out), "--select_n_sentences", SELECT, "--noprogressbar", *extra,
+        "--output_folder", str(out), "--select_n_sentences", select, "--noprogressbar", *extra,
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -275,3 +357,79 @@ def test_fp16_on_cpu_fails_before_training(demo_corpus: Path, tmp_path: Path) ->
     assert proc.returncode != 0
     assert "fp16 needs a CUDA GPU" in proc.stderr
     assert not (tmp_path / "run" / "prepared").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_then_single_process_resume(demo_corpus: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes (gloo chosen automatically): both train their half of
+    the batches, only rank 0 writes; the run then resumes in one process."""
+    out, logs = tmp_path / "run", tmp_path / "torchrun"
+    select = "[64, 16, 16, 16]"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "--log_dir", str(logs), "--tee", "3", "train_CTC.py", "hparams/CTC/demo.yaml",
+        "--data_folder", str(demo_corpus), "--output_folder", str(out),
+        "--select_n_sentences", select, "--number_of_epochs", "1", "--noprogressbar",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    hparams = _load("demo", demo_corpus, output_folder=str(out), select_n_sentences=[64, 16])
+    n_batches = len(data.dynamic_batch_sampler(
+        data.training_set(hparams), hparams["dynamic_batch_sampler_train"]
+    ))
+    half = math.ceil(n_batches / 2)
+    log = read_train_log(out / "train_log.txt")
+    assert list(log.index) == [1]
+    assert log.loc[1, "process_batches"] == f"{half} {half}"  # both ranks trained a half
+    assert log.loc[1, "steps"] == half  # gradients were averaged: one step per batch pair
+    # Rank 0 alone wrote: one checkpoint, one log line per stage, nothing logged by rank 1.
+    assert len(list((out / "save").glob("CKPT+*"))) == 1
+    assert len(read_test_lines(out / "train_log.txt")) == 2
+    rank1 = [f for f in logs.rglob("*.log") if f.parent.name == "1"]
+    assert len(rank1) == 2 and all("Epoch loaded" not in f.read_text() for f in rank1)
+
+    _train(out, demo_corpus, "--number_of_epochs", "2", select=select)
+    log = read_train_log(out / "train_log.txt")
+    assert list(log.index) == [1, 2]
+    assert log.loc[2, "steps"] == half + n_batches  # continued the step count, one process
+    assert pd.isna(log.loc[2, "process_batches"])
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_configured_epochs(demo_corpus: Path, tmp_path: Path) -> None:
+    """SIGKILL inside a checkpoint save (test hook), then at a random moment, then the same
+    command finishes all epochs from complete checkpoints only."""
+    out, select = tmp_path / "run", "[64, 16, 16, 16]"
+    cmd = [
+        sys.executable, "train_CTC.py", "hparams/CTC/demo.yaml", "--data_folder",
+        str(demo_corpus), "--output_folder", str(out), "--select_n_sentences", select,
+        "--number_of_epochs", "3", "--noprogressbar",
+    ]
+    # 1. Killed after the first file of the second save (epoch 2 logged, not saved).
+    env = {**os.environ, KILL_ENV: "2:1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert _epochs(out) == [1, 2]
+    assert [yaml.safe_load((d / "CKPT.yaml").read_text())["epoch"]
+            for d in (out / "save").glob("CKPT+*")] == [1]
+    # 2. Killed at a random moment of the rerun (start-up, training, evaluation or a save).
+    seed = random.randrange(10**6)
+    child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(random.Random(seed).uniform(0.0, 15.0))
+    child.kill()
+    child.communicate(timeout=60)
+    # 3. The same command completes the run.
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (seed, proc.stderr[-3000:])
+    epochs = _epochs(out)
+    assert epochs[:2] == [1, 2] and set(epochs) == {1, 2, 3} and epochs[-1] == 3, (seed, epochs)
+    assert len(read_test_lines(out / "train_log.txt")) >= 2, seed
+    save = out / "save"
+    ckpter = _load("demo", demo_corpus, output_folder=str(out))["checkpointer"]
+    assert isinstance(ckpter, AtomicCheckpointer) and "model" in ckpter.recoverables
+    ckpts = list(save.glob("CKPT+*"))
+    assert ckpts and all(ckpter.check_checkpoint_dir(d) is None for d in ckpts), seed
+    assert max(yaml.safe_load((d / "CKPT.yaml").read_text())["epoch"] for d in ckpts) == 3
+    assert not [p for p in save.iterdir() if p.name.startswith(".CKPT")], seed
