@@ -22,11 +22,13 @@ from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher
 
 from mamba_asr import data
-from mamba_asr.recipe import RecipeBrain, cli, load_config
+from mamba_asr.recipe import RECIPE_KEYS, RecipeBrain, cli, load_config
 
 SEARCHES = ("greedy", "beam")
-# The YAML keys this script reads (besides recipe.RECIPE_KEYS and data.DATA_KEYS).
+# The YAML keys this recipe reads (load_config checks a configuration has them all).
 KEYS = (
+    *RECIPE_KEYS,
+    *data.DATA_KEYS,
     "compute_features", "normalize", "fea_augment", "speed_perturb", "ctc_cost",
     "log_softmax", "noam_annealing", "model_opt_class", "modules", "wer_computer",
     "cer_computer", "valid_search", "test_search", "ctc_beam_search", "tokenizer_file",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,12 @@ import numpy as np
 import sentencepiece as spm
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
-from speechbrain.utils.distributed import if_main_process, run_on_main
+from speechbrain.utils.distributed import if_main_process
 
-from librispeech_prepare import prepare_librispeech
+from mamba_asr import data
 from mamba_asr.pretrained import write_lm_folder
+from mamba_asr.recipe import cli, load_config
 from mamba_asr.tokenizer import read_sentences
 
 logger = logging.getLogger(__name__)
@@ -55,6 +54,16 @@ ARCH_KEYS = (
     "dropout",
     "activation",
     "normalize_before",
+)
+# The YAML keys this script reads (load_config checks a configuration has them all).
+KEYS = (
+    *data.PREP_KEYS, *ARCH_KEYS, "output_folder", "save_folder", "export_folder", "seed",
+    "cpu_threads", "train_csv", "valid_csv", "test_csv", "lm_corpus_files",
+    "use_train_transcripts", "uppercase", "max_chars", "tokenizer", "output_neurons",
+    "bos_index", "eos_index", "dynamic_batching", "dynamic_batch_sampler_train", "num_workers",
+    "train_dataloader_opts", "valid_dataloader_opts", "test_dataloader_opts", "model",
+    "modules", "optimizer", "compute_cost", "log_softmax", "lr_annealing", "epoch_counter",
+    "keep_checkpoints", "checkpointer", "train_logger",
 )
 
 
@@ -210,8 +219,8 @@ class TextCorpus(torch.utils.data.Dataset):
             if source not in self._fds:
                 self._fds[source] = os.open(self.files[source - 1], os.O_RDONLY)
             offset = int(self.offsets[source - 1][i - int(self.bounds[source - 1])])
-            data = os.pread(self._fds[source], int(self.lengths[i]), offset)
-            raw = data.decode("utf-8", errors="replace")
+            chunk = os.pread(self._fds[source], int(self.lengths[i]), offset)
+            raw = chunk.decode("utf-8", errors="replace")
         text = " ".join(raw.split())
         return text.upper() if self.uppercase else text
 
@@ -337,10 +346,9 @@ def lm_arch(hparams: dict[str, Any]) -> dict[str, Any]:
     return {"vocab": hparams["output_neurons"], **{k: hparams[k] for k in ARCH_KEYS}}
 
 
-if __name__ == "__main__":
-    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
+def main(argv: list[str]) -> None:
+    """Prepare manifests and tokenizer, train, test, export the best checkpoint."""
+    hparams_file, hparams, run_opts, overrides = load_config(argv, KEYS)
     if hparams["cpu_threads"]:
         torch.set_num_threads(hparams["cpu_threads"])
     sb.utils.distributed.ddp_init_group(run_opts)
@@ -349,22 +357,9 @@ if __name__ == "__main__":
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
-    run_on_main(
-        prepare_librispeech,
-        kwargs={
-            "data_folder": hparams["data_folder"],
-            "save_folder": hparams["prep_folder"],
-            "tr_splits": hparams["train_splits"],
-            "dev_splits": hparams["dev_splits"],
-            "te_splits": hparams["test_splits"],
-            "merge_lst": hparams["train_splits"],
-            "merge_name": "train.csv",
-            "skip_prep": hparams["skip_prep"],
-            "data_root_placeholder": True,
-        },
-    )
+    data.prepare_manifests(hparams)
     tokenizer = hparams["tokenizer"]()
-    data = dataio_prepare(hparams, tokenizer)
+    sets = dataio_prepare(hparams, tokenizer)
 
     lm_brain = LM(
         modules=hparams["modules"],
@@ -374,17 +369,17 @@ if __name__ == "__main__":
         checkpointer=hparams["checkpointer"],
     )
     lm_brain.tokenizer = tokenizer
-    lm_brain.train_batch_sampler = data["sampler"]
+    lm_brain.train_batch_sampler = sets["sampler"]
     lm_brain.fit(
         lm_brain.hparams.epoch_counter,
-        data["train"],
-        data["valid"],
-        train_loader_kwargs=data["train_opts"],
-        valid_loader_kwargs=data["valid_opts"],
+        sets["train"],
+        sets["valid"],
+        train_loader_kwargs=sets["train_opts"],
+        valid_loader_kwargs=sets["valid_opts"],
     )
-    for name, test_set in data["test"].items():
+    for name, test_set in sets["test"].items():
         lm_brain.test_name = name
-        lm_brain.evaluate(test_set, min_key="loss", test_loader_kwargs=data["test_opts"])
+        lm_brain.evaluate(test_set, min_key="loss", test_loader_kwargs=sets["test_opts"])
 
     best = lm_brain.checkpointer.find_checkpoint(min_key="loss")
     if best is None:
@@ -401,3 +396,7 @@ if __name__ == "__main__":
             eos_index=hparams["eos_index"],
         )
         logger.info("exported %s (valid ppl %.2f)", folder, best.meta["ppl"])
+
+
+if __name__ == "__main__":
+    cli(main)

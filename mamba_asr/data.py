@@ -31,10 +31,13 @@ logger = logging.getLogger(__name__)
 
 SORTINGS = ("random", "ascending", "descending")
 MERGED_TRAIN_CSV = "train.csv"
-# The YAML keys read here (recipe.load_config checks that a configuration has them).
-DATA_KEYS = (
+# The YAML keys read here: by prepare_manifests, and by all (recipe.load_config checks them).
+PREP_KEYS = (
     "data_folder", "prep_folder", "train_splits", "dev_splits", "test_splits",
-    "select_n_sentences", "skip_prep", "train_csv", "valid_csv", "test_csv",
+    "select_n_sentences", "skip_prep",
+)
+DATA_KEYS = (
+    *PREP_KEYS, "train_csv", "valid_csv", "test_csv",
     "avoid_if_longer_than", "sorting", "dynamic_batching", "dynamic_batch_sampler_train",
     "dynamic_batch_sampler_val", "num_workers", "train_dataloader_opts", "valid_dataloader_opts",
 )

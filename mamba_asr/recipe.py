@@ -51,12 +51,11 @@ from speechbrain.utils.run_opts import RunOptions
 from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr.atomic import atomic_open
 from mamba_asr.checkpoints import AtomicCheckpointer
-from mamba_asr.data import DATA_KEYS
 
 logger = logging.getLogger(__name__)
 
 RESUME_MARKER = "resumed_from.txt"
-# Keys RecipeBrain and load_config read (the recipes add their own, and data.DATA_KEYS).
+# Keys RecipeBrain reads (a recipe's KEYS add data.DATA_KEYS and its own).
 RECIPE_KEYS = (
     "output_folder", "resume_from", "avg_checkpoints", "max_consecutive_nonfinite",
     "epoch_counter", "train_logger", "model", "checkpointer",
@@ -127,18 +126,18 @@ def check_writable(folder: str | os.PathLike) -> None:
 
 
 def load_config(
-    argv: list[str], required: Iterable[str] = (), write_output: bool = True
+    argv: list[str], required: Iterable[str] = ("output_folder",), write_output: bool = True
 ) -> tuple[str, dict[str, Any], RunOptions, str]:
     """``(hparams_file, hparams, run_opts, overrides)`` from a recipe's command line.
 
     Checks, before anything is prepared or written: overrides name existing keys, no
-    ``!PLACEHOLDER`` is left, ``required`` + :data:`RECIPE_KEYS` + ``DATA_KEYS`` are present,
+    ``!PLACEHOLDER`` is left, the keys ``required`` (the recipe's ``KEYS``) are present,
     the device and precisions can run here (:func:`resolve_run_opts`), ``output_folder`` is
     writable (unless not ``write_output``). Raises :class:`ConfigError`.
     """
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     hparams = _load_yaml(hparams_file, overrides)
-    check_keys(hparams, (*RECIPE_KEYS, *DATA_KEYS, *required), hparams_file)
+    check_keys(hparams, required, hparams_file)
     run_opts = resolve_run_opts(run_opts, hparams)
     if write_output:
         check_writable(hparams["output_folder"])

@@ -24,6 +24,7 @@ from speechbrain.utils.run_opts import RunOptions
 
 import train_LM
 from librispeech_prepare import prepare_librispeech
+from mamba_asr import data
 from mamba_asr.pretrained import (
     PretrainedError,
     load_lm_folder,
@@ -258,6 +259,7 @@ def test_every_yaml_key_is_used(name: str) -> None:
             or f".{key}" in script
             or key in brain_options
             or key in train_LM.ARCH_KEYS
+            or key in data.PREP_KEYS  # read by data.prepare_manifests
         )
         assert used, f"{name}: key {key} is not used"
 
@@ -397,3 +399,16 @@ def test_demo_config_as_shipped(manifests: Path, tmp_path: Path) -> None:
     assert (read_test_lines(out / "train_log.txt")["test ppl"] < 9.5).all()
     lm, tokenizer, _ = load_lm_folder(out / "export")
     assert tokenizer.get_piece_size() == 256
+
+
+@pytest.mark.parametrize("name", ["transformer.yaml", "demo.yaml"])
+def test_declared_keys_are_read_and_present(name: str) -> None:
+    """train_LM.KEYS (checked up front by load_config) lists what the script reads."""
+    script = (REPO / "train_LM.py").read_text()
+    read = set(re.findall(r"hparams\[[\"'](\w+)[\"']\]", script))
+    read |= set(re.findall(r"hparams\.(\w+)", script)) - {"get"}
+    assert {"save_folder", "compute_cost", "cpu_threads"} <= read  # the regexes work
+    assert read | set(data.PREP_KEYS) <= set(train_LM.KEYS), sorted(read - set(train_LM.KEYS))
+    text = (REPO / "hparams" / "LM" / name).read_text()
+    yaml_keys = set(re.findall(r"^([A-Za-z]\w*):", text, flags=re.M))
+    assert set(train_LM.KEYS) <= yaml_keys, sorted(set(train_LM.KEYS) - yaml_keys)
