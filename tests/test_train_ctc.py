@@ -434,3 +434,22 @@ def test_killed_runs_resume_to_the_configured_epochs(demo_corpus: Path, tmp_path
     assert ckpts and all(ckpter.check_checkpoint_dir(d) is None for d in ckpts), seed
     assert max(yaml.safe_load((d / "CKPT.yaml").read_text())["epoch"] for d in ckpts) == 3
     assert not [p for p in save.iterdir() if p.name.startswith(".CKPT")], seed
+
+
+@pytest.mark.slow
+def test_bf16_accumulation_and_beam_search(demo_corpus: Path, tmp_path: Path) -> None:
+    """bf16 autocast on CPU, 2 batches per optimizer step, CTC prefix beam search at test."""
+    out, select = tmp_path / "run", "[64, 16, 16, 16]"
+    proc = _train(out, demo_corpus, "--number_of_epochs", "1", "--precision", "bf16",
+                  "--grad_accumulation_factor", "2", "--test_search", "beam", select=select)
+    hparams = _load("demo", demo_corpus, output_folder=str(out), select_n_sentences=[64, 16])
+    n_batches = len(data.dynamic_batch_sampler(
+        data.training_set(hparams), hparams["dynamic_batch_sampler_train"]
+    ))
+    log = read_train_log(out / "train_log.txt")
+    assert log.loc[1, "steps"] == n_batches // 2  # one optimizer step per 2 batches
+    assert math.isfinite(log.loc[1, "train loss"]) and log.loc[1, "skipped_steps"] == 0
+    # The beam searcher's hypotheses are what the WER files hold.
+    header = read_wer_file(out / "wer_test-clean.txt")
+    assert header["sentences"] == 16
+    assert "test-clean: WER" in proc.stderr + proc.stdout
