@@ -30,6 +30,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
@@ -239,19 +240,14 @@ def prepare_tokenizer(
     model_dir: str | os.PathLike,
     vocab_size: int,
     annotation_train: str | os.PathLike | None = None,
-    annotation_read: str = "wrd",
-    model_type: str = "unigram",
-    character_coverage: float = 1.0,
-    max_sentencepiece_length: int = 10,
+    path: str | os.PathLike | None = None,
     bos_id: int = 1,
     eos_id: int = 2,
-    unk_id: int = 0,
-    pad_id: int = -1,
-    user_defined_symbols: str | None = None,
-    path: str | os.PathLike | None = None,
+    **options: Any,
 ) -> spm.SentencePieceProcessor:
     """The recipes' tokenizer: loaded from ``path`` when given, else trained (once) from
-    ``annotation_train``'s ``annotation_read`` column into ``model_dir``.
+    ``annotation_train`` into ``model_dir`` with :func:`train_tokenizer`'s ``options``
+    (``annotation_read``, ``model_type``, ``character_coverage``, ...).
 
     Declared in YAML with ``!name:mamba_asr.tokenizer.prepare_tokenizer`` and called by the
     script after data preparation.
@@ -260,18 +256,7 @@ def prepare_tokenizer(
         if annotation_train is None:
             raise TokenizerError("give either a tokenizer path or a training manifest")
         path = train_tokenizer(
-            model_dir,
-            vocab_size,
-            annotation_train,
-            annotation_read=annotation_read,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            max_sentencepiece_length=max_sentencepiece_length,
-            bos_id=bos_id,
-            eos_id=eos_id,
-            unk_id=unk_id,
-            pad_id=pad_id,
-            user_defined_symbols=user_defined_symbols,
+            model_dir, vocab_size, annotation_train, bos_id=bos_id, eos_id=eos_id, **options
         )
     return load_tokenizer(path, vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id)
 
@@ -292,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sp = load_tokenizer(args.load)
         elif args.csv and args.out:
             sp = prepare_tokenizer(
-                args.out, args.vocab_size, args.csv, args.column, args.model_type
+                args.out, args.vocab_size, args.csv,
+                annotation_read=args.column, model_type=args.model_type,
             )
         else:
             p.error("give --csv and --out to train, or --load to inspect")
