@@ -7,6 +7,7 @@ once per module and shared by the tests that read its outputs.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import random
@@ -299,6 +300,37 @@ def test_demo_run_learns_and_reports(demo_run: Path) -> None:
         assert math.isclose(header["WER"], row["test WER"], rel_tol=1e-2)
         assert row["Epoch loaded"] in (1, 2)
     assert (demo_run / "save" / "label_encoder.txt").is_file()
+
+
+@pytest.mark.slow
+def test_report_tools_on_the_run(demo_run: Path, tmp_path: Path) -> None:
+    """The three report CLIs read what the recipe wrote."""
+    def tool(name: str, *args: str) -> str:
+        cmd = [sys.executable, "-m", f"mamba_asr.reports.{name}", *args]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    png = tmp_path / "curves.png"
+    tool("curves", str(demo_run / "train_log.txt"), "--out", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = pd.read_csv(io.StringIO(tool("wer_table", "--csv", str(demo_run))))
+    tests = read_test_lines(demo_run / "train_log.txt")
+    assert sorted(table["test_set"]) == sorted(tests["test set"])
+    for _, row in tests.iterrows():
+        match = table[table["test_set"] == row["test set"]].iloc[0]
+        assert math.isclose(match["WER"], row["test WER"], rel_tol=1e-2)
+        assert match["sentences"] == N_TEST
+    report = tool("errors", str(demo_run / "wer_test-clean.txt"), "--csv")
+    rows = pd.read_csv(io.StringIO(report), dtype={"speaker": str})
+    speakers = rows[rows["section"] == "speaker"]
+    tested = pd.read_csv(demo_run / "prepared" / "test-clean.csv")["ID"][:N_TEST]
+    assert set(speakers["speaker"].astype(str)) == {i.split("-")[0] for i in tested}
+    header = read_wer_file(demo_run / "wer_test-clean.txt")
+    assert speakers["sentences"].sum() == N_TEST
+    for kind in ("ins", "del", "sub"):
+        assert speakers[kind].sum() == header[kind]
+    assert (speakers["count"] == speakers[["ins", "del", "sub"]].sum(axis=1)).all()
 
 
 def _best_first(save: Path) -> list[Path]:
