@@ -134,29 +134,14 @@ def add_pipelines(
 ) -> None:
     """Adds ``sig`` and ``tokens`` (and keeps ``wrd``) to the datasets."""
 
-    @sb.utils.data_pipeline.takes("wav")
-    @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline(wav: str) -> torch.Tensor:
-        return sb.dataio.dataio.read_audio(wav)
-
-    @sb.utils.data_pipeline.takes("wav")
-    @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline_train(wav: str) -> torch.Tensor:
-        sig = sb.dataio.dataio.read_audio(wav)
-        if hparams["speed_perturb"] is not None:  # here, so that loader workers do it
-            sig = hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
-        return sig
-
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("wrd", "tokens")
     def text_pipeline(wrd: str):
         yield wrd
         yield tokenizer.encode_sequence_torch(list(wrd), allow_unk=False)
 
+    data.add_audio_pipelines(hparams, train, evaluation)
     datasets = [d for d in [train, *evaluation] if d is not None]
-    if train is not None:
-        sb.dataio.dataset.add_dynamic_item([train], audio_pipeline_train)
-    sb.dataio.dataset.add_dynamic_item(evaluation, audio_pipeline)
     sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
     sb.dataio.dataset.set_output_keys(datasets, ["id", "sig", "wrd", "tokens"])
 

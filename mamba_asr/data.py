@@ -10,6 +10,7 @@ pipelines; everything here is driven by the keys of their YAML files:
 * :func:`training_set` filters (``avoid_if_longer_than``) and sorts (``sorting``) the training set.
 * :func:`loader_options` builds the train/valid loader arguments, with SpeechBrain's
   ``DynamicBatchSampler`` when ``dynamic_batching`` is on.
+* :func:`add_audio_pipelines` gives datasets their ``sig`` item (speed-perturbed for training).
 * :func:`char_encoder` creates once, then loads, the character map of the CTC recipe.
 """
 
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import speechbrain as sb
+import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.dataio.sampler import DynamicBatchSampler
@@ -40,6 +44,7 @@ DATA_KEYS = (
     *PREP_KEYS, "train_csv", "valid_csv", "test_csv",
     "avoid_if_longer_than", "sorting", "dynamic_batching", "dynamic_batch_sampler_train",
     "dynamic_batch_sampler_val", "num_workers", "train_dataloader_opts", "valid_dataloader_opts",
+    "speed_perturb",
 )
 
 
@@ -145,6 +150,29 @@ def loader_options(
     train = dict(hparams["train_dataloader_opts"])
     train["shuffle"] = train.get("shuffle", False) and hparams["sorting"] == "random"
     return train, dict(hparams["valid_dataloader_opts"])
+
+
+def add_audio_pipelines(hparams: dict[str, Any], train: Any, evaluation: Sequence[Any]) -> None:
+    """Adds ``sig`` (the waveform, (samples,)) to ``train`` (None: no training set), speed-
+    perturbed by the YAML's ``speed_perturb`` unless null, and to the ``evaluation`` sets."""
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav: str) -> torch.Tensor:
+        return sb.dataio.dataio.read_audio(wav)
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline_train(wav: str) -> torch.Tensor:
+        sig = sb.dataio.dataio.read_audio(wav)
+        if hparams["speed_perturb"] is not None:  # here, so that loader workers do it
+            sig = hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
+        return sig
+
+    if train is not None:
+        sb.dataio.dataset.add_dynamic_item([train], audio_pipeline_train)
+    if evaluation:
+        sb.dataio.dataset.add_dynamic_item(list(evaluation), audio_pipeline)
 
 
 def char_encoder(
