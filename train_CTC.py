@@ -22,7 +22,7 @@ from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher
 
 from mamba_asr import data
-from mamba_asr.recipe import RECIPE_KEYS, RecipeBrain, cli, load_config
+from mamba_asr.recipe import RECIPE_KEYS, RecipeBrain, cli, start_run
 
 SEARCHES = ("greedy", "beam")
 # The YAML keys this recipe reads (load_config checks a configuration has them all).
@@ -170,14 +170,7 @@ def build_brain(hparams: dict[str, Any], run_opts: Any, checkpointer: Any) -> AS
 
 def main(argv: list[str]) -> None:
     """Prepare data, train, then test the averaged best checkpoints."""
-    hparams_file, hparams, run_opts, overrides = load_config(argv, KEYS)
-    sb.utils.distributed.ddp_init_group(run_opts)
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=hparams_file,
-        overrides=overrides,
-    )
-    data.prepare_manifests(hparams)
+    hparams, run_opts = start_run(argv, KEYS)
     brain = build_brain(hparams, run_opts, hparams["checkpointer"])
     train, valid, tests = dataio_prepare(hparams, brain.tokenizer)
     train_opts, valid_opts = data.loader_options(hparams, train, valid)

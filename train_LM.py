@@ -38,7 +38,7 @@ from speechbrain.utils.distributed import if_main_process
 
 from mamba_asr import data
 from mamba_asr.pretrained import write_lm_folder
-from mamba_asr.recipe import cli, load_config
+from mamba_asr.recipe import cli, start_run
 from mamba_asr.tokenizer import read_sentences
 
 logger = logging.getLogger(__name__)
@@ -348,16 +348,7 @@ def lm_arch(hparams: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     """Prepare manifests and tokenizer, train, test, export the best checkpoint."""
-    hparams_file, hparams, run_opts, overrides = load_config(argv, KEYS)
-    if hparams["cpu_threads"]:
-        torch.set_num_threads(hparams["cpu_threads"])
-    sb.utils.distributed.ddp_init_group(run_opts)
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=hparams_file,
-        overrides=overrides,
-    )
-    data.prepare_manifests(hparams)
+    hparams, run_opts = start_run(argv, KEYS)
     tokenizer = hparams["tokenizer"]()
     sets = dataio_prepare(hparams, tokenizer)
 

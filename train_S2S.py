@@ -41,7 +41,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from mamba_asr import data
 from mamba_asr.atomic import atomic_open
 from mamba_asr.pretrained import PretrainedError, check_local_file, load_pretrained, resolve_files
-from mamba_asr.recipe import RECIPE_KEYS, ConfigError, RecipeBrain, cli, load_config
+from mamba_asr.recipe import RECIPE_KEYS, ConfigError, RecipeBrain, cli, start_run
 from mamba_asr.tokenizer import TOKENIZER_FILE, TokenizerError
 from modules.beam_search import S2SMambaBeamSearcher
 
@@ -366,17 +366,8 @@ def results_folder(hparams: dict[str, Any]) -> Path:
 
 def main(argv: list[str]) -> None:
     """Prepare data and tokenizer, train, then test the averaged best checkpoints."""
-    hparams_file, hparams, run_opts, overrides = load_config(argv, KEYS)
-    check_config(hparams)  # fail on LM files and values before preparing anything
-    if hparams["cpu_threads"]:
-        torch.set_num_threads(hparams["cpu_threads"])
-    sb.utils.distributed.ddp_init_group(run_opts)
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=hparams_file,
-        overrides=overrides,
-    )
-    data.prepare_manifests(hparams)
+    # check_config: fail on LM files and values before preparing anything
+    hparams, run_opts = start_run(argv, KEYS, check_config)
     brain = build_brain(hparams, run_opts, hparams["checkpointer"])
     train, valid, tests = dataio_prepare(hparams, brain.tokenizer)
     train_opts, valid_opts = data.loader_options(hparams, train, valid)

@@ -4,6 +4,8 @@
   :class:`ConfigError` naming the file/key/value: unknown override, unset placeholder, a key
   the recipe needs missing from the YAML, unwritable ``output_folder``, CUDA or fp16 asked
   for without CUDA. :func:`cli` turns those errors into one ``error:`` line and exit code 2.
+* :func:`start_run`: the start every recipe shares (config, threads, DDP group, experiment
+  folder, manifests).
 * :func:`resolve_run_opts`: device-dependent run options, checked before anything runs
   (gloo for ``torchrun`` without CUDA, a clear error for fp16 without CUDA).
 * :class:`RecipeBrain`: a SpeechBrain ``Brain`` that
@@ -51,6 +53,7 @@ from speechbrain.utils.run_opts import RunOptions
 from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr.atomic import atomic_open
 from mamba_asr.checkpoints import AtomicCheckpointer
+from mamba_asr.data import prepare_manifests
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,31 @@ def load_config(
     if write_output:
         check_writable(hparams["output_folder"])
     return hparams_file, hparams, run_opts, overrides
+
+
+def start_run(
+    argv: list[str],
+    keys: Iterable[str],
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], RunOptions]:
+    """``(hparams, run_opts)`` of a recipe run that is ready to train: :func:`load_config`,
+    then ``check(hparams)`` (the recipe's own value checks, before anything is written),
+    ``cpu_threads`` torch threads when the YAML sets it, the DDP process group, the
+    experiment folder (hyperparams.yaml, log) and the manifests (main process)."""
+    hparams_file, hparams, run_opts, overrides = load_config(argv, keys)
+    if check is not None:
+        check(hparams)
+    threads = hparams.get("cpu_threads")  # optional key
+    if threads:
+        torch.set_num_threads(threads)
+    sb.utils.distributed.ddp_init_group(run_opts)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+    prepare_manifests(hparams)
+    return hparams, run_opts
 
 
 def cli(main: Callable[[list[str]], Any]) -> None:

@@ -407,7 +407,7 @@ def test_declared_keys_are_read_and_present(name: str) -> None:
     script = (REPO / "train_LM.py").read_text()
     read = set(re.findall(r"hparams\[[\"'](\w+)[\"']\]", script))
     read |= set(re.findall(r"hparams\.(\w+)", script)) - {"get"}
-    assert {"save_folder", "compute_cost", "cpu_threads"} <= read  # the regexes work
+    assert {"save_folder", "compute_cost", "export_folder"} <= read  # the regexes work
     assert read | set(data.PREP_KEYS) <= set(train_LM.KEYS), sorted(read - set(train_LM.KEYS))
     text = (REPO / "hparams" / "LM" / name).read_text()
     yaml_keys = set(re.findall(r"^([A-Za-z]\w*):", text, flags=re.M))
