@@ -40,3 +40,16 @@ lint: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT)
+
+# S2S demo: the demo LM and its tokenizer (hparams/LM/demo.yaml), then the S2S demo model
+# (ConMamba encoder + Mamba decoder, hparams/S2S/demo.yaml) on CPU; decodes the unseen-voice
+# test sets with the LM (wer_*.txt) and without (no_lm/wer_*.txt) and prints both WERs.
+# Rerunning resumes, or only re-evaluates a finished run.
+DEMO_S2S := $(DEMO_OUT)/demo_S2S/7775
+.PHONY: demo-s2s
+demo-s2s: corpus
+	$(PY) train_LM.py hparams/LM/demo.yaml --data_folder $(DEMO_DATA) --noprogressbar
+	$(PY) train_S2S.py hparams/S2S/demo.yaml --data_folder $(DEMO_DATA) --noprogressbar
+	$(PY) train_S2S.py hparams/S2S/demo.yaml --data_folder $(DEMO_DATA) --noprogressbar \
+		--no_lm True
+	$(PY) -m mamba_asr.reports.wer_table $(DEMO_S2S)

@@ -7,11 +7,15 @@ Usage:
         --test_csv results/CTC_char/demo_CTC/3402/prepared/test-clean.csv
     python evaluate.py hparams/CTC/conmamba_large.yaml --ckpt <CKPT A> <CKPT B> ... \
         --test_csv test-clean.csv test-other.csv --data_folder /data/LibriSpeech --test_search beam
+    python evaluate.py hparams/S2S/demo.yaml --ckpt <CKPT> --test_csv test-clean.csv --no_lm True
 
 Several ``--ckpt`` folders are averaged (the first, normally the best, also provides the
 feature normaliser), as the training recipe does with its best ``avg_checkpoints``. The
-character map is read from the checkpoints' save folder (``label_encoder.txt``);
-``--data_folder`` (for ``$data_root`` manifests) defaults to the one the run was trained with.
+recipe is the configuration's family (``hparams/CTC`` or ``hparams/S2S``). The token map is
+read from the checkpoints' save folder (CTC ``label_encoder.txt``, S2S ``tokenizer.ckpt``); S2S
+decodes with the LM of ``pretrained_lm_path`` unless ``--no_lm True``;
+``--data_folder`` (for ``$data_root`` manifests) and ``--pretrained_lm_path`` default to the
+values the run was trained with.
 Other options are YAML overrides or SpeechBrain run options (``--device``, ``--test_search``).
 Writes ``<out_dir>/wer_<csv name>.txt`` (default out_dir: ``eval/`` beside the save folder) and
 ``eval_log.txt`` there, and prints WER and CER per manifest.
@@ -32,7 +36,7 @@ from mamba_asr.recipe import checkpoint_from_dir, cli, load_config
 # Configuration family (the folder under hparams/) -> recipe module providing
 # KEYS (the YAML keys it reads), build_brain(hparams, run_opts, checkpointer) and
 # add_pipelines(hparams, tokenizer, train, sets).
-RECIPES = {"CTC": "train_CTC"}
+RECIPES = {"CTC": "train_CTC", "S2S": "train_S2S"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,12 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _trained_data_folder(save_folder: Path) -> str | None:
-    """``data_folder`` of the run that wrote ``save_folder`` (its ``hyperparams.yaml``)."""
+# Keys that default to the values the run was trained with (when the recipe reads them).
+TRAINED_DEFAULTS = ("data_folder", "pretrained_lm_path")
+
+
+def _trained_value(save_folder: Path, key: str) -> str | None:
+    """``key``'s value in the run that wrote ``save_folder`` (its ``hyperparams.yaml``)."""
     saved = save_folder.parent / "hyperparams.yaml"
     if not saved.is_file():
         return None
-    match = re.search(r"^data_folder:\s*(.+?)\s*$", saved.read_text(encoding="utf-8"), re.M)
+    match = re.search(rf"^{key}:\s*(.+?)\s*$", saved.read_text(encoding="utf-8"), re.M)
     return match.group(1).strip("'\"") if match else None
 
 
@@ -64,11 +72,14 @@ def main(argv: list[str]) -> dict[str, dict[str, float]]:
     recipe = importlib.import_module(RECIPES[family])
     ckpts = [checkpoint_from_dir(d) for d in args.ckpt]
     save_folder = Path(ckpts[0].path).parent
-    if "--data_folder" not in rest:
-        trained = _trained_data_folder(save_folder)
-        if trained is None:
+    for key in TRAINED_DEFAULTS:
+        if key not in recipe.KEYS or f"--{key}" in rest:
+            continue
+        trained = _trained_value(save_folder, key)
+        if trained is None and key == "data_folder":
             raise SystemExit("--data_folder is required (no hyperparams.yaml beside save/)")
-        rest += ["--data_folder", trained]
+        if trained is not None:
+            rest += [f"--{key}", trained]
     if "--save_folder" not in rest:
         rest += ["--save_folder", str(save_folder)]
 

@@ -103,18 +103,9 @@ class ASR(RecipeBrain):
         }
         if stage == sb.Stage.VALID:
             self.log_epoch(epoch, stats)
-            self.checkpointer.save_and_keep_only(
-                meta={"WER": stats["WER"], "epoch": epoch},
-                min_keys=["WER"],
-                num_to_keep=self.hparams.avg_checkpoints,
-            )
+            self.save_epoch_checkpoint(epoch, stats)
         else:
             self.report_test(stats, self.wer_metric)
-
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Noam warm-up/decay, one step per optimizer step actually taken."""
-        if should_step and self.optimizer_stepped:
-            self.hparams.noam_annealing(self.optimizer)
 
 
 def dataio_prepare(

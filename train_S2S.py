@@ -150,27 +150,14 @@ class ASR(RecipeBrain):
             stats["CER"] = self.cer_metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
             self.log_epoch(epoch, stats)
-            key = self.hparams.keep_best_by
-            self.checkpointer.save_and_keep_only(
-                meta={**{k: stats[k] for k in ("ACC", "WER") if k in stats}, "epoch": epoch},
-                max_keys=[key] if KEEP_BY[key] else None,
-                min_keys=None if KEEP_BY[key] else [key],
-                num_to_keep=self.hparams.avg_checkpoints,
-            )
+            self.save_epoch_checkpoint(epoch, stats)
         else:
             self.report_test(stats, self.wer_metric)
 
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Noam warm-up/decay, one step per optimizer step actually taken."""
-        if should_step and self.optimizer_stepped:
-            self.hparams.noam_annealing(self.optimizer)
-
-    def on_evaluate_start(self, max_key=None, min_key=None):
-        """Averages the best checkpoints by ``keep_best_by`` unless a key is given."""
-        if max_key is None and min_key is None:
-            key = self.hparams.keep_best_by
-            max_key, min_key = (key, None) if KEEP_BY[key] else (None, key)
-        super().on_evaluate_start(max_key=max_key, min_key=min_key)
+    def best_key(self) -> tuple[str, bool]:
+        """Checkpoints are kept and averaged by ``keep_best_by`` (ACC: higher is better)."""
+        key = self.hparams.keep_best_by
+        return key, KEEP_BY[key]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -378,8 +365,7 @@ def main(argv: list[str]) -> None:
     out_dir = results_folder(hparams)
     if if_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
-    # min_key None: checkpoints are averaged by keep_best_by (ASR.on_evaluate_start)
-    brain.evaluate_test_sets(tests, hparams["test_dataloader_opts"], out_dir, min_key=None)
+    brain.evaluate_test_sets(tests, hparams["test_dataloader_opts"], out_dir)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
   (gloo for ``torchrun`` without CUDA, a clear error for fp16 without CUDA).
 * :class:`RecipeBrain`: a SpeechBrain ``Brain`` that
 
+  - steps the Noam scheduler (``noam_annealing``) once per optimizer step actually taken;
+  - keeps and averages the best checkpoints by :meth:`~RecipeBrain.best_key` (valid WER;
+    the S2S recipe: ``keep_best_by``);
   - skips optimizer steps whose gradients are not finite (non-finite loss included), counts
     them (``skipped_steps`` per epoch) and goes on; ``max_consecutive_nonfinite`` skipped
     steps in a row raise (the model has diverged);
@@ -243,8 +246,7 @@ class RecipeBrain(sb.Brain):
 
     Subclasses call ``super().on_stage_start(stage, epoch)`` and
     ``super().on_stage_end(stage, stage_loss, epoch)``, then :meth:`log_epoch` after
-    validation and :meth:`report_test` after a test. They step their scheduler only when
-    ``self.optimizer_stepped``.
+    validation (and :meth:`save_epoch_checkpoint`) and :meth:`report_test` after a test.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -292,6 +294,29 @@ class RecipeBrain(sb.Brain):
             batches = [0] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(batches, self.step)
         self.process_batches = batches
+
+    def on_fit_batch_end(self, batch: Any, outputs: Any, loss: Any, should_step: bool) -> None:
+        """Steps ``noam_annealing`` (when the config has one) once per optimizer step taken."""
+        scheduler = getattr(self.hparams, "noam_annealing", None)
+        if scheduler is not None and should_step and self.optimizer_stepped:
+            scheduler(self.optimizer)
+
+    def best_key(self) -> tuple[str, bool]:
+        """(checkpoint meta key, whether higher is better) by which checkpoints are kept,
+        ranked and averaged: valid WER, lower is better; recipes may override."""
+        return "WER", False
+
+    def save_epoch_checkpoint(self, epoch: int, valid_stats: dict[str, float]) -> None:
+        """Saves the end-of-epoch checkpoint (meta: ``epoch``, the ACC/WER of
+        ``valid_stats``) and keeps the ``avg_checkpoints`` best by :meth:`best_key`."""
+        key, higher = self.best_key()
+        meta = {k: valid_stats[k] for k in ("ACC", "WER") if k in valid_stats}
+        self.checkpointer.save_and_keep_only(
+            meta={**meta, "epoch": epoch},
+            max_keys=[key] if higher else None,
+            min_keys=None if higher else [key],
+            num_to_keep=self.hparams.avg_checkpoints,
+        )
 
     def log_epoch(self, epoch: int, valid_stats: dict[str, float]) -> None:
         """One train-log line: ``epoch: N, lr: ..., steps: ..., skipped_steps: ...[,
@@ -392,7 +417,11 @@ class RecipeBrain(sb.Brain):
 
     def on_evaluate_start(self, max_key: str | None = None, min_key: str | None = None) -> None:
         """Loads the best checkpoint (``eval_checkpoints[0]`` when set) and the average of the
-        ``model`` recoverable over the best ``avg_checkpoints`` (or all ``eval_checkpoints``)."""
+        ``model`` recoverable over the best ``avg_checkpoints`` (or all ``eval_checkpoints``),
+        ranked by the key given, else by :meth:`best_key`."""
+        if max_key is None and min_key is None:
+            key, higher = self.best_key()
+            max_key, min_key = (key, None) if higher else (None, key)
         if self.eval_checkpoints is not None:
             ckpts = self.eval_checkpoints
         elif self.checkpointer is not None:
@@ -421,14 +450,14 @@ class RecipeBrain(sb.Brain):
         datasets: dict[str, Any],
         loader_kwargs: dict[str, Any],
         out_dir: str | os.PathLike,
-        min_key: str = "WER",
     ) -> dict[str, dict[str, float]]:
-        """``evaluate`` every test set; writes ``<out_dir>/wer_<name>.txt``; stats by name."""
+        """``evaluate`` every test set (the best checkpoints by :meth:`best_key`, averaged);
+        writes ``<out_dir>/wer_<name>.txt``; returns the stats by set name."""
         results = {}
         for name, data in datasets.items():
             self.test_set_name = name
             self.wer_file = Path(out_dir) / f"wer_{name}.txt"
-            self.evaluate(data, min_key=min_key, test_loader_kwargs=dict(loader_kwargs))
+            self.evaluate(data, test_loader_kwargs=dict(loader_kwargs))
             results[name] = dict(self.test_stats)
         return results
 

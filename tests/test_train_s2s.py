@@ -29,7 +29,7 @@ import train_S2S
 from mamba_asr import data
 from mamba_asr.checkpoints import KILL_ENV
 from mamba_asr.pretrained import write_lm_folder
-from mamba_asr.recipe import RECIPE_KEYS, ConfigError, load_config
+from mamba_asr.recipe import RECIPE_KEYS, ConfigError, cli, load_config
 from mamba_asr.reports.curves import read_test_lines, read_train_log
 from mamba_asr.reports.wer_table import read_wer_file
 from mamba_asr.tokenizer import prepare_tokenizer, read_sentences
@@ -37,7 +37,7 @@ from mamba_asr.tokenizer import prepare_tokenizer, read_sentences
 REPO = Path(__file__).resolve().parents[1]
 S2S = REPO / "hparams" / "S2S"
 CONFIGS = sorted(p.stem for p in S2S.glob("*.yaml"))
-MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_config"]
+MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_init", "mamba_config"]
 # hparams['model'] totals: xi-j/Mamba-ASR's (REFERENCE.md) and our demo's.
 PARAMS = {
     "conformer_small": 13_327_296,
@@ -46,7 +46,7 @@ PARAMS = {
     "conformer_large": 109_136_048,
     "conmamba_large": 115_187_888,
     "conmambamamba_large": 122_917_040,
-    "demo": 3_332_736,
+    "demo": 1_737_072,
 }
 DECODERS = {"conformer": "transformer", "conmamba": "transformer", "conmambamamba": "mamba"}
 SCRIPTS = [
@@ -192,7 +192,7 @@ def test_bad_values_are_config_errors(tmp_path: Path) -> None:
         train_S2S.check_config(hparams)
 
 
-def test_missing_lm_file_is_named(tmp_path: Path) -> None:
+def test_missing_lm_file_is_named(tmp_path: Path, monkeypatch, capsys) -> None:
     """A folder without lm.ckpt fails before any data is prepared, naming the file."""
     folder = tmp_path / "lm"
     folder.mkdir()
@@ -201,6 +201,13 @@ def test_missing_lm_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"lm\.ckpt is missing from {re.escape(str(folder))}"):
         train_S2S.main(argv)
     assert not (tmp_path / "out" / "prepared").exists()
+    # On the command line: one error line, exit status 2.
+    monkeypatch.setattr(sys, "argv", ["train_S2S.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(train_S2S.main)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: lm file lm.ckpt is missing from {folder} (the folder holds: ")
     # Without the LM (no_lm) the LM file is not needed, but the tokenizer still is.
     (folder / "tokenizer.ckpt").unlink()
     with pytest.raises(ConfigError, match=r"tokenizer\.ckpt is missing"):
@@ -340,8 +347,7 @@ def test_beam_search_with_and_without_lm(run: dict, tmp_path: Path) -> None:
     train_S2S.add_pipelines(hparams, brain.tokenizer, None, list(tests.values()))
     # The averaged checkpoints reproduce the run's test-clean results exactly.
     results = brain.evaluate_test_sets(
-        {"test-clean": tests["test-clean"]}, hparams["test_dataloader_opts"], tmp_path,
-        min_key=None,
+        {"test-clean": tests["test-clean"]}, hparams["test_dataloader_opts"], tmp_path
     )
     assert results["test-clean"]["utterances"] == N_TEST
     ours = (tmp_path / "wer_test-clean.txt").read_text()
@@ -383,3 +389,34 @@ def test_no_lm_reevaluates_without_loading_the_lm(run: dict, tmp_path: Path) -> 
     for name in ("test-clean", "test-other"):
         header = read_wer_file(out / "no_lm" / f"wer_{name}.txt")
         assert header["sentences"] == N_TEST
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_run(run: dict, tmp_path: Path) -> None:
+    """evaluate.py on the run's best checkpoints by ACC (averaged, as the recipe does) writes
+    the run's test-clean results, with the LM (the run's pretrained_lm_path by default) and
+    without it."""
+    metas = sorted(
+        ((m["ACC"], m["unixtime"], d) for d in (run["out"] / "save").glob("CKPT+*")
+         for m in [yaml.safe_load((d / "CKPT.yaml").read_text())] if "ACC" in m),
+        reverse=True,
+    )
+    ckpts = [str(d) for *_, d in metas]
+    assert len(ckpts) == 2
+    # data_folder and pretrained_lm_path: the run's (read from its hyperparams.yaml)
+    test_csv = str(run["out"] / "prepared" / "test-clean.csv")
+    for extra, reference in (([], run["out"]), (["--no_lm", "True"], None)):
+        out = tmp_path / ("lm" if reference else "no_lm")
+        cmd = [
+            sys.executable, "evaluate.py", str(S2S / "demo.yaml"), "--ckpt", *ckpts,
+            "--test_csv", test_csv, "--out_dir", str(out), "--noprogressbar", *TINY, *extra,
+        ]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        wer = read_wer_file(out / "wer_test-clean.txt")
+        assert wer["sentences"] == N_TEST
+        assert f"test-clean: WER {wer['WER']:.2f} %" in proc.stdout
+        if reference is not None:
+            assert (out / "wer_test-clean.txt").read_text() == (
+                reference / "wer_test-clean.txt"
+            ).read_text()
