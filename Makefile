@@ -43,7 +43,8 @@ clean-demo:
 
 # S2S demo: the demo LM and its tokenizer (hparams/LM/demo.yaml), then the S2S demo model
 # (ConMamba encoder + Mamba decoder, hparams/S2S/demo.yaml) on CPU; decodes the unseen-voice
-# test sets with the LM (wer_*.txt) and without (no_lm/wer_*.txt) and prints both WERs.
+# test sets with the LM (wer_*.txt) and without (no_lm/wer_*.txt), prints both WERs and
+# plots the curves (valid ACC every epoch, valid WER every 4).
 # Rerunning resumes, or only re-evaluates a finished run.
 DEMO_S2S := $(DEMO_OUT)/demo_S2S/7775
 .PHONY: demo-s2s
@@ -52,4 +53,7 @@ demo-s2s: corpus
 	$(PY) train_S2S.py hparams/S2S/demo.yaml --data_folder $(DEMO_DATA) --noprogressbar
 	$(PY) train_S2S.py hparams/S2S/demo.yaml --data_folder $(DEMO_DATA) --noprogressbar \
 		--no_lm True
+	$(PY) -m mamba_asr.reports.curves $(DEMO_S2S)/train_log.txt --out $(DEMO_S2S)/curves.png \
+		--rates "valid WER" "valid ACC" --title "S2S demo (hparams/S2S/demo.yaml)"
 	$(PY) -m mamba_asr.reports.wer_table $(DEMO_S2S)
+	@echo "curves: $(DEMO_S2S)/curves.png  WER details: $(DEMO_S2S)/wer_test-*.txt, $(DEMO_S2S)/no_lm/wer_test-*.txt"

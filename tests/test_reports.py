@@ -138,6 +138,20 @@ def test_plot_png_and_cli_overlay(tmp_path, capsys):
     assert curves.default_labels([a, b]) == ["exp_a/7775", "exp_b/7775"]
 
 
+def test_accuracy_is_best_highest_and_drawn_in_percent(tmp_path, capsys):
+    """valid ACC (a fraction in the log, e.g. the S2S recipe's) is ranked highest-first."""
+    log = tmp_path / "s2s" / "train_log.txt"
+    write_train_log(log, [100.0, 60.0, 45.0, 35.5], test_wers=[])
+    df = curves.read_train_log(log)
+    assert curves.summary("s2s", df, ["valid ACC", "valid WER"]) == (
+        "s2s: 4 epochs (1-4), best valid ACC 80.00 at epoch 4, best valid WER 35.50 at epoch 4"
+    )
+    png = tmp_path / "acc.png"
+    assert curves.main([str(log), "--out", str(png), "--rates", "valid ACC"]) == 0
+    assert png_size(png) == (800, 700)
+    assert "best valid ACC 80.00 at epoch 4" in capsys.readouterr().out
+
+
 def test_curves_bad_input(tmp_path, capsys):
     empty = tmp_path / "train_log.txt"
     empty.write_text("Epoch loaded: 4 - test loss: 0.70, test WER: 3.42\nsome other text\n")

@@ -420,3 +420,27 @@ def test_evaluate_reproduces_the_run(run: dict, tmp_path: Path) -> None:
             assert (out / "wer_test-clean.txt").read_text() == (
                 reference / "wer_test-clean.txt"
             ).read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(demo_corpus: Path, lm_folder: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes: each trains half of the batches, gradients averaged
+    (one optimizer step per pair), rank 0 alone checkpoints and writes the test results."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "train_S2S.py", str(S2S / "demo.yaml"), "--data_folder", str(demo_corpus),
+        "--output_folder", str(out), "--select_n_sentences", SELECT, "--number_of_epochs", "1",
+        "--pretrained_lm_path", str(lm_folder), "--noprogressbar", *TINY,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = read_train_log(out / "train_log.txt")
+    assert list(log.index) == [1]
+    half = int(log.loc[1, "steps"])
+    assert half >= 2 and log.loc[1, "process_batches"] == f"{half} {half}"
+    assert len(list((out / "save").glob("CKPT+*"))) == 1
+    tests = read_test_lines(out / "train_log.txt")
+    assert list(tests["test set"]) == ["test-clean", "test-other"]
+    assert read_wer_file(out / "wer_test-clean.txt")["sentences"] == N_TEST

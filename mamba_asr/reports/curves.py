@@ -27,6 +27,17 @@ from mamba_asr.reports._common import ReportError, read_text, report_error
 
 LOSSES = ("train loss", "valid loss")
 RATES = ("valid WER", "valid CER")
+
+
+def is_accuracy(column: str) -> bool:
+    """Accuracy columns (``valid ACC``, logged as a fraction): higher is better, drawn in %."""
+    return column.split()[-1].upper() == "ACC"
+
+
+def _rate(df: pd.DataFrame, column: str) -> pd.Series:
+    """``column`` as numbers in %, epochs without a value dropped."""
+    values = pd.to_numeric(df.get(column, pd.Series(dtype=float)), errors="coerce").dropna()
+    return values * 100 if is_accuracy(column) else values
 _LOG_FORMAT = (
     "SpeechBrain FileTrainLogger lines like "
     "'epoch: 1, lr: 1.00e-03 - train loss: 2.91 - valid loss: 2.55, valid WER: 99.10'"
@@ -122,7 +133,8 @@ def plot_curves(
     logy: bool = False,
     title: str | None = None,
 ) -> Path:
-    """Write a two-panel PNG: ``losses`` (top) and ``rates`` in % (bottom) against epoch.
+    """Write a two-panel PNG: ``losses`` (top) and ``rates`` in % (bottom) against epoch:
+    error rates, and accuracies (``valid ACC``, logged as fractions) times 100.
 
     ``logs`` holds ``(label, read_train_log(...))`` pairs, overlaid in colours C0, C1, ...;
     columns a log lacks are skipped, NaN epochs (e.g. WER only every N epochs) dropped.
@@ -143,6 +155,8 @@ def plot_curves(
                 if column not in df.columns:
                     continue
                 values = pd.to_numeric(df[column], errors="coerce").dropna()
+                if ax is ax_rate:
+                    values = _rate(df, column)
                 if values.empty:
                     continue
                 name = column if len(logs) == 1 else f"{label}: {column}"
@@ -159,7 +173,8 @@ def plot_curves(
         if not drawn:
             wanted = ", ".join([*losses, *rates])
             raise ValueError(f"{label}: none of the columns {wanted} has a value")
-    for ax, ylabel, columns in ((ax_loss, "loss", losses), (ax_rate, "error rate (%)", rates)):
+    rate_label = "rate (%)" if any(map(is_accuracy, rates)) else "error rate (%)"
+    for ax, ylabel, columns in ((ax_loss, "loss", losses), (ax_rate, rate_label, rates)):
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if ax.lines:
@@ -180,12 +195,14 @@ def plot_curves(
 
 
 def summary(label: str, df: pd.DataFrame, rates: Sequence[str] = RATES) -> str:
-    """One line per log: epoch range and the best value of each error-rate column."""
+    """One line per log: epoch range and the best value of each rate column (lowest error
+    rate, highest accuracy, in %)."""
     text = f"{label}: {len(df)} epochs ({df.index.min()}-{df.index.max()})"
     for column in rates:
-        values = pd.to_numeric(df.get(column, pd.Series(dtype=float)), errors="coerce").dropna()
+        values = _rate(df, column)
         if not values.empty:
-            text += f", best {column} {values.min():.2f} at epoch {values.idxmin()}"
+            epoch = values.idxmax() if is_accuracy(column) else values.idxmin()
+            text += f", best {column} {values[epoch]:.2f} at epoch {epoch}"
     return text
 
 
