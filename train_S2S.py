@@ -60,7 +60,7 @@ KEYS = (
     "valid_search", "test_search", "valid_search_interval", "ctc_scorer", "ctc_weight_decode",
     "lm_model", "lm_scorer", "lm_weight", "no_lm", "pretrained_lm_path",
     "pretrained_tokenizer_path", "tokenizer", "tokenizer_file", "keep_best_by",
-    "acc_computer", "wer_computer", "cer_computer", "test_dataloader_opts", "cpu_threads",
+    "acc_computer", "wer_computer", "cer_computer", "test_dataloader_opts",
 )
 
 
@@ -176,9 +176,6 @@ def check_config(hparams: dict[str, Any]) -> None:
             raise ConfigError(f"{key} must be between 0 and 1, not {hparams[key]!r}")
     if hparams["lm_weight"] < 0:
         raise ConfigError(f"lm_weight must be >= 0, not {hparams['lm_weight']!r}")
-    threads = hparams["cpu_threads"]
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"cpu_threads must be null or an integer >= 1, not {threads!r}")
     interval = hparams["valid_search_interval"]
     if not isinstance(interval, int) or interval < 1:
         raise ConfigError(f"valid_search_interval must be an integer >= 1, not {interval!r}")

@@ -64,7 +64,7 @@ RESUME_MARKER = "resumed_from.txt"
 # Keys RecipeBrain reads (a recipe's KEYS add data.DATA_KEYS and its own).
 RECIPE_KEYS = (
     "output_folder", "resume_from", "avg_checkpoints", "max_consecutive_nonfinite",
-    "epoch_counter", "train_logger", "model", "checkpointer",
+    "epoch_counter", "train_logger", "model", "checkpointer", "cpu_threads",
 )
 
 
@@ -163,6 +163,8 @@ def start_run(
     if check is not None:
         check(hparams)
     threads = hparams.get("cpu_threads")  # optional key
+    if threads is not None and (type(threads) is not int or threads < 1):
+        raise ConfigError(f"cpu_threads must be null or an integer >= 1, not {threads!r}")
     if threads:
         torch.set_num_threads(threads)
     sb.utils.distributed.ddp_init_group(run_opts)

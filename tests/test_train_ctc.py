@@ -45,7 +45,7 @@ from mamba_asr.reports.wer_table import read_wer_file
 REPO = Path(__file__).resolve().parents[1]
 CTC = REPO / "hparams" / "CTC"
 CONFIGS = sorted(p.stem for p in CTC.glob("*.yaml"))
-MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_config"]
+MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_init", "mamba_config"]
 # hparams['model'] totals: upstream's exact totals for the large pair (REFERENCE.md; the
 # paper rounds them to 28.8 M / 31.6 M), our own small and demo configurations.
 PARAMS = {
@@ -53,7 +53,7 @@ PARAMS = {
     "conmamba_large": 31_555_519,
     "conformer_small": 9_305_567,
     "conmamba_small": 10_053_791,
-    "demo": 2_059_727,
+    "demo": 1_171_823,
 }
 PAPER_PARAMS = {"conformer_large": 28.8e6, "conmamba_large": 31.6e6}
 SCRIPTS = [REPO / "train_CTC.py", REPO / "mamba_asr" / "data.py", REPO / "mamba_asr" / "recipe.py"]
@@ -105,7 +105,9 @@ def test_family_shares_keys_and_order() -> None:
     for name in CONFIGS:
         keys = [k for k in _top_keys(name) if k not in MAMBA_KEYS]
         assert keys == reference, name
-        assert ("conmamba" in name) == all(k in _top_keys(name) for k in MAMBA_KEYS), name
+        conmamba = "encoder_module: conmamba" in (CTC / f"{name}.yaml").read_text()
+        assert conmamba == ("conmamba" in name or name == "demo"), name
+        assert conmamba == all(k in _top_keys(name) for k in MAMBA_KEYS), name
 
 
 def test_every_key_is_used() -> None:
@@ -163,6 +165,13 @@ def test_configuration_errors_name_the_key(tmp_path: Path, monkeypatch) -> None:
     assert "cannot be created" in message and "--output_folder" in message
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "--device cuda:0 asks for CUDA" in _config_error([*base, "--device", "cuda:0"])
+    # Values every recipe checks before it writes anything (mamba_asr.recipe.start_run).
+    for bad in ("0", "2.5"):
+        with pytest.raises(ConfigError, match=f"cpu_threads must be null or an integer >= 1, "
+                                               f"not {bad}"):
+            train_CTC.main([*base, "--cpu_threads", bad])
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert not written & {"hyperparams.yaml", "log.txt", "train_log.txt", "prepared"}, written
 
 
 def test_data_errors_name_the_file(tmp_path: Path) -> None:
