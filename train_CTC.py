@@ -84,28 +84,6 @@ class ASR(RecipeBrain):
             self.cer_metric.append(batch.id, hyps, targets)
         return loss
 
-    def on_stage_start(self, stage, epoch=None):
-        """Fresh WER/CER counters for validation and test."""
-        super().on_stage_start(stage, epoch)
-        if stage != sb.Stage.TRAIN:
-            self.wer_metric = self.hparams.wer_computer()
-            self.cer_metric = self.hparams.cer_computer()
-
-    def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Logs the epoch, checkpoints by valid WER; writes the test results."""
-        super().on_stage_end(stage, stage_loss, epoch)
-        if stage == sb.Stage.TRAIN:
-            return
-        stats: dict[str, Any] = {
-            "loss": stage_loss,
-            "CER": self.cer_metric.summarize("error_rate"),
-            "WER": self.wer_metric.summarize("error_rate"),
-        }
-        if stage == sb.Stage.VALID:
-            self.log_epoch(epoch, stats)
-            self.save_epoch_checkpoint(epoch, stats)
-        else:
-            self.report_test(stats, self.wer_metric)
 
 
 def dataio_prepare(

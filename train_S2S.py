@@ -128,31 +128,23 @@ class ASR(RecipeBrain):
         return loss
 
     def on_stage_start(self, stage, epoch=None):
-        """Fresh ACC/WER/CER counters outside training; ``no_lm/`` marks LM-free test lines."""
+        """Fresh ACC counter outside training (WER/CER: RecipeBrain); ``no_lm/`` marks LM-free
+        test lines."""
         super().on_stage_start(stage, epoch)
         if stage == sb.Stage.TRAIN:
             return
         self.acc_metric = self.hparams.acc_computer()
-        self.wer_metric = self.hparams.wer_computer()
-        self.cer_metric = self.hparams.cer_computer()
         if stage == sb.Stage.TEST and self.lm is None:
             # the train log's test line then names what wrote no_lm/wer_<name>.txt
             self.test_set_name = f"{NO_LM_FOLDER}/{self.test_set_name}"
 
-    def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Logs the epoch and checkpoints by ``keep_best_by``; writes the test results."""
-        super().on_stage_end(stage, stage_loss, epoch)
-        if stage == sb.Stage.TRAIN:
-            return
-        stats: dict[str, Any] = {"loss": stage_loss, "ACC": self.acc_metric.summarize()}
+    def eval_stats(self, stage_loss: float) -> dict[str, float]:
+        """Loss and ACC; WER/CER only when the stage ran a search."""
+        stats = {"loss": stage_loss, "ACC": self.acc_metric.summarize()}
         if self.wer_metric.scores:
             stats["WER"] = self.wer_metric.summarize("error_rate")
             stats["CER"] = self.cer_metric.summarize("error_rate")
-        if stage == sb.Stage.VALID:
-            self.log_epoch(epoch, stats)
-            self.save_epoch_checkpoint(epoch, stats)
-        else:
-            self.report_test(stats, self.wer_metric)
+        return stats
 
     def best_key(self) -> tuple[str, bool]:
         """Checkpoints are kept and averaged by ``keep_best_by`` (ACC: higher is better)."""

@@ -246,9 +246,9 @@ def checkpoint_from_dir(path: str | os.PathLike, checkpointer: Any = None) -> Ch
 class RecipeBrain(sb.Brain):
     """``sb.Brain`` with the behaviour the recipes share (see the module docstring).
 
-    Subclasses call ``super().on_stage_start(stage, epoch)`` and
-    ``super().on_stage_end(stage, stage_loss, epoch)``, then :meth:`log_epoch` after
-    validation (and :meth:`save_epoch_checkpoint`) and :meth:`report_test` after a test.
+    Subclasses fill ``wer_metric``/``cer_metric`` in ``compute_objectives`` outside training;
+    overriding ``on_stage_start``/``on_stage_end`` they call ``super()`` first; other
+    validation/test stats come from overriding :meth:`eval_stats`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -276,19 +276,31 @@ class RecipeBrain(sb.Brain):
         return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
 
     def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
-        """Re-shuffles the dynamic batches for ``epoch`` (deterministic from seed + epoch, so
-        an intra-epoch resume sees the same batches); resets the per-epoch counters."""
-        if stage == sb.Stage.TRAIN:
-            self.skipped_steps = 0
-            self.nonfinite_losses = 0
-            # Under DDP SpeechBrain wraps the sampler and calls set_epoch itself.
-            if self._epoch_sampler is not None and self.train_sampler is None:
-                self._epoch_sampler.set_epoch(epoch)
+        """Training: re-shuffles the dynamic batches for ``epoch`` (deterministic from seed +
+        epoch, so an intra-epoch resume sees the same batches) and resets the per-epoch
+        counters. Validation and test: fresh ``wer_metric``/``cer_metric``."""
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric = self.hparams.wer_computer()
+            self.cer_metric = self.hparams.cer_computer()
+            return
+        self.skipped_steps = 0
+        self.nonfinite_losses = 0
+        # Under DDP SpeechBrain wraps the sampler and calls set_epoch itself.
+        if self._epoch_sampler is not None and self.train_sampler is None:
+            self._epoch_sampler.set_epoch(epoch)
 
     def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
         """After training (on every process): keeps the train loss for :meth:`log_epoch` and
-        gathers how many batches each process trained this epoch."""
+        gathers how many batches each process trained this epoch. After validation: logs the
+        epoch and saves its checkpoint; after a test: writes the results (:meth:`report_test`),
+        both with the stats of :meth:`eval_stats`."""
         if stage != sb.Stage.TRAIN:
+            stats = self.eval_stats(stage_loss)
+            if stage == sb.Stage.VALID:
+                self.log_epoch(epoch, stats)
+                self.save_epoch_checkpoint(epoch, stats)
+            else:
+                self.report_test(stats, self.wer_metric)
             return
         self.train_stats = {"loss": stage_loss}
         batches = [self.step]
@@ -296,6 +308,15 @@ class RecipeBrain(sb.Brain):
             batches = [0] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(batches, self.step)
         self.process_batches = batches
+
+    def eval_stats(self, stage_loss: float) -> dict[str, float]:
+        """Validation/test stats, in train-log order: loss, CER and WER (%); recipes that
+        measure more override this."""
+        return {
+            "loss": stage_loss,
+            "CER": self.cer_metric.summarize("error_rate"),
+            "WER": self.wer_metric.summarize("error_rate"),
+        }
 
     def on_fit_batch_end(self, batch: Any, outputs: Any, loss: Any, should_step: bool) -> None:
         """Steps ``noam_annealing`` (when the config has one) once per optimizer step taken."""
