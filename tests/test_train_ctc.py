@@ -6,7 +6,6 @@ once per module and shared by the tests that read its outputs.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import os
@@ -24,6 +23,13 @@ import pytest
 import speechbrain as sb
 import torch
 import yaml
+from config_keys import (
+    assert_declared_keys_present,
+    assert_every_key_used,
+    assert_family_shares_keys,
+    is_conmamba,
+    keys_read,
+)
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.run_opts import RunOptions
 
@@ -67,11 +73,6 @@ def _load(name: str, folder: Path, **overrides: object) -> dict:
         return load_hyperpyyaml(f, {"data_folder": str(folder), **overrides})
 
 
-def _top_keys(name: str) -> list[str]:
-    text = (CTC / f"{name}.yaml").read_text(encoding="utf-8")
-    return re.findall(r"^([A-Za-z_][\w]*):", text, flags=re.M)
-
-
 # --------------------------------------------------------------------------- configurations
 
 
@@ -101,42 +102,23 @@ def test_parameter_counts(tmp_path: Path, monkeypatch) -> None:
 
 def test_family_shares_keys_and_order() -> None:
     """Configurations differ only where the model does: the Mamba keys of ConMamba ones."""
-    reference = _top_keys("conformer_large")
+    assert_family_shares_keys(CTC, CONFIGS, MAMBA_KEYS)
     for name in CONFIGS:
-        keys = [k for k in _top_keys(name) if k not in MAMBA_KEYS]
-        assert keys == reference, name
-        conmamba = "encoder_module: conmamba" in (CTC / f"{name}.yaml").read_text()
-        assert conmamba == ("conmamba" in name or name == "demo"), name
-        assert conmamba == all(k in _top_keys(name) for k in MAMBA_KEYS), name
+        assert is_conmamba(CTC / f"{name}.yaml") == ("conmamba" in name or name == "demo"), name
 
 
 def test_every_key_is_used() -> None:
-    code = "\n".join(p.read_text(encoding="utf-8") for p in SCRIPTS)
-    run_options = {f.name for f in dataclasses.fields(RunOptions)}
-    for name in CONFIGS:
-        text = (CTC / f"{name}.yaml").read_text(encoding="utf-8")
-        for key in _top_keys(name):
-            used = (
-                key.startswith("__")
-                or key in run_options
-                or f"<{key}>" in text
-                or re.search(rf"[\"'.]{key}\b", code)
-            )
-            assert used, f"{name}.yaml: {key} is used neither by the recipe nor by the YAML"
+    assert_every_key_used(CTC, CONFIGS, SCRIPTS)
 
 
 def test_declared_keys_are_the_keys_the_code_reads() -> None:
     """load_config checks the declared keys up front: the declaration must be complete."""
     declared = set(train_CTC.KEYS)
     assert set(RECIPE_KEYS) | set(data.DATA_KEYS) <= declared
-    code = "\n".join(p.read_text(encoding="utf-8") for p in SCRIPTS)
-    read = set(re.findall(r"hparams\[\"(\w+)\"\]", code))
-    read |= set(re.findall(r"hparams\.(\w+)", code)) - {"get"}
-    read |= {"valid_search", "test_search"}  # read as hparams[key] in a loop
+    read = keys_read(SCRIPTS) | {"valid_search", "test_search"}  # read as hparams[key] in a loop
     assert read <= declared, sorted(read - declared)
     assert {"sorting", "valid_csv", "ctc_cost", "avg_checkpoints"} <= read  # the regexes work
-    for name in CONFIGS:
-        assert declared <= set(_top_keys(name)), (name, sorted(declared - set(_top_keys(name))))
+    assert_declared_keys_present(declared, CTC, CONFIGS)
 
 
 # --------------------------------------------------------------------------- clear errors

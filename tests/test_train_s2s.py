@@ -7,7 +7,6 @@ its second checkpoint save, then finished by the same command. The tests that de
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import re
@@ -22,8 +21,14 @@ import pytest
 import speechbrain as sb
 import torch
 import yaml
+from config_keys import (
+    assert_declared_keys_present,
+    assert_every_key_used,
+    assert_family_shares_keys,
+    is_conmamba,
+    keys_read,
+)
 from hyperpyyaml import load_hyperpyyaml
-from speechbrain.utils.run_opts import RunOptions
 
 import train_S2S
 from mamba_asr import data
@@ -65,11 +70,6 @@ TINY = [
 def _load(name: str, **overrides: object) -> dict:
     with open(S2S / f"{name}.yaml", encoding="utf-8") as f:
         return load_hyperpyyaml(f, overrides)
-
-
-def _top_keys(name: str) -> list[str]:
-    text = (S2S / f"{name}.yaml").read_text(encoding="utf-8")
-    return re.findall(r"^([A-Za-z_][\w]*):", text, flags=re.M)
 
 
 def _n_params(module: torch.nn.Module) -> int:
@@ -115,41 +115,22 @@ def test_full_configs_declare_the_librispeech_transformer_lm(tmp_path: Path) -> 
 
 def test_family_shares_keys_and_order() -> None:
     """Configurations differ only where the model does: the Mamba keys of ConMamba ones."""
-    reference = _top_keys("conformer_large")
+    assert_family_shares_keys(S2S, CONFIGS, MAMBA_KEYS)
     for name in CONFIGS:
-        keys = [k for k in _top_keys(name) if k not in MAMBA_KEYS]
-        assert keys == reference, name
-        assert ("conmamba" in name or name == "demo") == all(
-            k in _top_keys(name) for k in MAMBA_KEYS
-        ), name
+        assert is_conmamba(S2S / f"{name}.yaml") == ("conmamba" in name or name == "demo"), name
 
 
 def test_every_key_is_used() -> None:
-    code = "\n".join(p.read_text(encoding="utf-8") for p in SCRIPTS)
-    run_options = {f.name for f in dataclasses.fields(RunOptions)}
-    for name in CONFIGS:
-        text = (S2S / f"{name}.yaml").read_text(encoding="utf-8")
-        for key in _top_keys(name):
-            used = (
-                key.startswith("__")
-                or key in run_options
-                or f"<{key}>" in text
-                or re.search(rf"[\"'.]{key}\b", code)
-            )
-            assert used, f"{name}.yaml: {key} is used neither by the recipe nor by the YAML"
+    assert_every_key_used(S2S, CONFIGS, SCRIPTS)
 
 
 def test_declared_keys_are_the_keys_the_code_reads() -> None:
     declared = set(train_S2S.KEYS)
     assert set(RECIPE_KEYS) | set(data.DATA_KEYS) <= declared
-    code = "\n".join(p.read_text(encoding="utf-8") for p in SCRIPTS)
-    read = set(re.findall(r"hparams\[\"(\w+)\"\]", code))
-    read |= set(re.findall(r"hparams\.(\w+)", code)) - {"get"}
-    read |= {"valid_search", "test_search"}  # read as hparams[name]
+    read = keys_read(SCRIPTS) | {"valid_search", "test_search"}  # read as hparams[name]
     assert read <= declared, sorted(read - declared)
     assert {"ctc_weight", "lm_weight", "keep_best_by", "tokenizer_file"} <= read
-    for name in CONFIGS:
-        assert declared <= set(_top_keys(name)), (name, sorted(declared - set(_top_keys(name))))
+    assert_declared_keys_present(declared, S2S, CONFIGS)
 
 
 # --------------------------------------------------------------------------- clear errors
