@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -443,3 +445,117 @@ def test_conmamba_training_step_gradients() -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert grads["encoder.layers.0.mamba.A_b_log"].abs().sum() > 0
     assert grads["decoder.layers.0.cross_mamba.dt_proj.bias"].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- CUDA
+
+def _cuda_kernels_missing() -> str | None:
+    """Why impl='cuda' cannot run here, or None when both CUDA kernels import."""
+    from modules.mamba import selective_scan_interface as ssi
+
+    if not torch.cuda.is_available():
+        return "CUDA not available"
+    reasons = [r for r in (ssi._load_mamba_ssm()[1], ssi._load_causal_conv1d()[1]) if r != "ok"]
+    return "; ".join(reasons) or None
+
+
+@pytest.fixture(params=["torch", "cuda"])
+def on_gpu(request, monkeypatch) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context forcing each CUDA path in turn: our PyTorch scan, then mamba-ssm's and
+    causal-conv1d's kernels (the CPU references run outside it, on the default path)."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    if request.param == "cuda" and (why := _cuda_kernels_missing()):
+        pytest.skip(f"CUDA kernels unavailable: {why}")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 convolutions
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+    @contextlib.contextmanager
+    def forced() -> Iterator[None]:
+        with monkeypatch.context() as m:
+            m.setenv("MAMBA_ASR_SCAN_IMPL", request.param)
+            yield
+
+    return forced
+
+
+def _cuda_copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module).cuda()
+
+
+@pytest.mark.parametrize("bimamba_type", ["none", "v2"])
+def test_cuda_mamba_matches_cpu_and_ignores_padding(on_gpu, bimamba_type: str) -> None:
+    torch.manual_seed(12)
+    m = Mamba(48, d_state=16, bimamba_type=bimamba_type)
+    lengths = [70, 41, 3]
+    x = torch.randn(3, 70, 48)
+    x[1, 41:] = 100.0
+    ref = m(x, torch.tensor(lengths))
+    mc, xc = _cuda_copy(m), x.cuda()
+    leaves = xc.clone().requires_grad_()
+    with on_gpu():
+        out = mc(xc, torch.tensor(lengths))
+        alone = [mc(xc[i : i + 1, :n])[0] for i, n in enumerate(lengths)]
+        mc(leaves, torch.tensor(lengths)).pow(2).sum().backward()
+    assert (out.cpu() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    for i, n in enumerate(lengths):
+        assert (out[i, :n] - alone[i]).abs().max() <= TOL
+    x_cpu = x.clone().requires_grad_()
+    m(x_cpu, torch.tensor(lengths)).pow(2).sum().backward()
+    assert (leaves.grad.cpu() - x_cpu.grad).abs().max() <= 1e-3 * x_cpu.grad.abs().max()
+    assert float(leaves.grad[1, 41:].abs().sum()) == 0.0
+
+
+def test_cuda_encoder_decoder_match_cpu(on_gpu) -> None:
+    torch.manual_seed(13)
+    model = small_asr()
+    feats = torch.randn(3, 30, 24)
+    wav_len = torch.tensor([1.0, 0.7, 0.3])
+    tokens = torch.randint(3, 40, (3, 6))
+    enc, dec = model(feats, tokens, wav_len)
+    gpu = _cuda_copy(model)
+    enc_len = torch.round(wav_len * 30).cuda()
+    with on_gpu():
+        enc_c, dec_c = gpu(feats.cuda(), tokens.cuda(), wav_len.cuda())
+        # Incremental decoding on the GPU equals the full decoder pass.
+        full, _ = gpu.decode(tokens.cuda(), enc_c, enc_len)
+        state = gpu.init_decoder_state(enc_c, enc_len)
+        steps = []
+        for t in range(6):
+            out, state = gpu.decode_step(tokens[:, t].cuda(), t, state)
+            steps.append(out[:, 0])
+    assert (enc_c.cpu() - enc).abs().max() <= 1e-4 * enc.abs().max()
+    assert (dec_c.cpu() - dec).abs().max() <= 1e-4 * dec.abs().max()
+    assert (torch.stack(steps, 1) - full).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_training_step(on_gpu, dtype: torch.dtype) -> None:
+    """Mixed precision (the recipes' --precision bf16/fp16) trains and decodes on both paths:
+    the loss is scaled as GradScaler does (2**16), and the gradients point the fp32 way."""
+    torch.manual_seed(14)
+    model = small_asr().train()
+    feats = torch.randn(2, 40, 24)
+    wav_len = torch.tensor([1.0, 0.55])
+    tokens = torch.randint(3, 40, (2, 5))
+    gpu = _cuda_copy(model)
+
+    def scaled_loss(enc: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+        return 2.0**16 * (enc.float().pow(2).mean() + dec.float().pow(2).mean())
+
+    ref_enc, ref_dec = model(feats, tokens, wav_len)
+    scaled_loss(ref_enc, ref_dec).backward()
+    with on_gpu(), torch.autocast("cuda", dtype=dtype):
+        enc, dec = gpu(feats.cuda(), tokens.cuda(), wav_len.cuda())
+        scaled_loss(enc, dec).backward()
+        state = gpu.init_decoder_state(enc, torch.tensor([40.0, 22.0], device="cuda"))
+        out, _ = gpu.decode_step(tokens[:, 0].cuda(), 0, state)
+    assert (enc.float().cpu() - ref_enc).abs().max() <= 5e-2 * ref_enc.abs().max()
+    assert torch.isfinite(out.float()).all()
+    grads = torch.cat([p.grad.flatten().cpu() for p in gpu.parameters()])
+    ref = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.isfinite(grads).all()
+    assert F.cosine_similarity(grads, ref, 0) >= 0.999
+    assert gpu.encoder.layers[0].mamba.A_b_log.grad.abs().sum() > 0

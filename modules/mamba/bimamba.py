@@ -219,7 +219,7 @@ class Mamba(nn.Module):
             # Zero step size on padding: exp(0 * A) = 1 and no input, so the final state is
             # the state after each item's last valid frame.
             delta = F.softplus(delta.float() + delta_bias.unsqueeze(-1))
-            delta = delta * valid.unsqueeze(1)
+            delta = (delta * valid.unsqueeze(1)).to(x.dtype)  # kernels want u's dtype
             delta_bias, softplus = None, False
         out = selective_scan_fn(
             x, delta, a, b, c, d_skip.float(), z=z, delta_bias=delta_bias,
