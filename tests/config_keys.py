@@ -51,9 +51,9 @@ def assert_every_key_used(folder: Path, names: list[str], scripts: Iterable[Path
 
 
 def keys_read(scripts: Iterable[Path]) -> set[str]:
-    """Keys the scripts read as ``hparams["key"]`` or ``hparams.key``."""
+    """Keys the scripts read as ``hparams["key"]``, ``hparams['key']`` or ``hparams.key``."""
     code = _code(scripts)
-    read = set(re.findall(r"hparams\[\"(\w+)\"\]", code))
+    read = set(re.findall(r"hparams\[[\"'](\w+)[\"']\]", code))
     return read | set(re.findall(r"hparams\.(\w+)", code)) - {"get"}
 
 

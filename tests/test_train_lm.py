@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from config_keys import assert_declared_keys_present, assert_every_key_used, keys_read
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.lobes.models.transformer.TransformerLM import TransformerLM
 from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.parameter_transfer import Pretrainer
-from speechbrain.utils.run_opts import RunOptions
 
 import train_LM
 from librispeech_prepare import prepare_librispeech
@@ -36,6 +36,9 @@ from mamba_asr.reports.curves import read_test_lines, read_train_log
 from mamba_asr.tokenizer import TokenizerError, load_tokenizer, prepare_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+LM = REPO / "hparams" / "LM"
+LM_CONFIGS = sorted(p.stem for p in LM.glob("*.yaml"))
+LM_SCRIPTS = [REPO / "train_LM.py", REPO / "mamba_asr" / "data.py"]
 HUB = "speechbrain/asr-transformer-transformerlm-librispeech"
 
 
@@ -247,21 +250,8 @@ def test_bucket_batch_sampler() -> None:
     assert list(sampler) == epoch0  # deterministic: an intra-epoch checkpoint resumes exactly
 
 
-@pytest.mark.parametrize("name", ["transformer.yaml", "demo.yaml"])
-def test_every_yaml_key_is_used(name: str) -> None:
-    text = (REPO / "hparams" / "LM" / name).read_text()
-    script = (REPO / "train_LM.py").read_text()
-    brain_options = set(RunOptions().as_dict())
-    for key in re.findall(r"^([A-Za-z]\w*):", text, flags=re.M):
-        used = (
-            f"<{key}>" in text
-            or f'"{key}"' in script
-            or f".{key}" in script
-            or key in brain_options
-            or key in train_LM.ARCH_KEYS
-            or key in data.PREP_KEYS  # read by data.prepare_manifests
-        )
-        assert used, f"{name}: key {key} is not used"
+def test_every_yaml_key_is_used() -> None:
+    assert_every_key_used(LM, LM_CONFIGS, LM_SCRIPTS)
 
 
 def test_transformer_yaml_builds_speechbrain_librispeech_lm(tmp_path: Path) -> None:
@@ -401,14 +391,10 @@ def test_demo_config_as_shipped(manifests: Path, tmp_path: Path) -> None:
     assert tokenizer.get_piece_size() == 256
 
 
-@pytest.mark.parametrize("name", ["transformer.yaml", "demo.yaml"])
-def test_declared_keys_are_read_and_present(name: str) -> None:
+def test_declared_keys_are_read_and_present() -> None:
     """train_LM.KEYS (checked up front by load_config) lists what the script reads."""
-    script = (REPO / "train_LM.py").read_text()
-    read = set(re.findall(r"hparams\[[\"'](\w+)[\"']\]", script))
-    read |= set(re.findall(r"hparams\.(\w+)", script)) - {"get"}
+    read = keys_read([REPO / "train_LM.py"])
     assert {"save_folder", "compute_cost", "export_folder"} <= read  # the regexes work
-    assert read | set(data.PREP_KEYS) <= set(train_LM.KEYS), sorted(read - set(train_LM.KEYS))
-    text = (REPO / "hparams" / "LM" / name).read_text()
-    yaml_keys = set(re.findall(r"^([A-Za-z]\w*):", text, flags=re.M))
-    assert set(train_LM.KEYS) <= yaml_keys, sorted(set(train_LM.KEYS) - yaml_keys)
+    declared = set(train_LM.KEYS)
+    assert read | set(data.PREP_KEYS) <= declared, sorted(read - declared)
+    assert_declared_keys_present(declared, LM, LM_CONFIGS)
