@@ -23,6 +23,7 @@ Implementations:
     mambapy   mambapy.pscan.pscan (Blelloch scan over the whole sequence) inside the same
               computation, as in mambapy's own selective_scan
     mamba-ssm selective_scan_fn(impl="cuda"): the fused CUDA kernel (``--device cuda``)
+    triton    selective_scan_fn(impl="triton"): our Triton kernels (``--device cuda``)
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def scan_function(impl: str) -> Callable[..., torch.Tensor]:
         return lambda *a: selective_scan_fn(*a, impl="torch")
     if impl == "mamba-ssm":
         return lambda *a: selective_scan_fn(*a, impl="cuda")
+    if impl == "triton":
+        return lambda *a: selective_scan_fn(*a, impl="triton")
     if impl == "mambapy":
         return mambapy_scan
     raise ValueError(impl)
@@ -301,6 +304,11 @@ def goal_report(results: dict) -> None:
         verdict = "met" if slowdown <= GOAL_KERNEL_SLOWDOWN else "NOT met"
         print(f"  <= {GOAL_KERNEL_SLOWDOWN:.0f}x the time of mamba-ssm's CUDA kernel: "
               f"{slowdown:.1f}x, {verdict}")
+        tri = results.get(("triton", GOAL_LENGTH))
+        if tri and tri["status"] == "ok":
+            slowdown = tri["fwd_bwd_s"] / kernel["fwd_bwd_s"]
+            verdict = "met" if slowdown <= GOAL_KERNEL_SLOWDOWN else "NOT met"
+            print(f"  the same for our Triton kernels: {slowdown:.1f}x, {verdict}")
     mp = results.get(("mambapy", GOAL_LENGTH))
     if mp and mp["status"] == "ok":
         faster = mp["fwd_bwd_s"] >= ours["fwd_bwd_s"]
@@ -321,8 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--nstate", type=int, default=16)
-    parser.add_argument("--impls", nargs="+", choices=["ref", "ours", "mambapy", "mamba-ssm"],
-                        help="default: ref ours mambapy (+ mamba-ssm on cuda when installed)")
+    parser.add_argument("--impls", nargs="+",
+                        choices=["ref", "ours", "mambapy", "mamba-ssm", "triton"],
+                        help="default: ref ours mambapy (+ mamba-ssm and triton on cuda when "
+                             "installed)")
     parser.add_argument("--ref-max-length", type=int, default=1000,
                         help="run the sequential reference only up to this L (default 1000)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -350,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     impls = args.impls or ["ref", "ours", "mambapy"]
     if args.impls is None and args.device == "cuda" and importlib.util.find_spec("mamba_ssm"):
         impls = ["mamba-ssm", *impls]
+    if args.impls is None and args.device == "cuda" and importlib.util.find_spec("triton"):
+        impls = [*impls, "triton"]
     if "mambapy" in impls and importlib.util.find_spec("mambapy") is None:
         print("mambapy is not installed (pip install -r requirements-bench.txt): skipped")
         impls.remove("mambapy")

@@ -11,8 +11,8 @@ CTC head, CTC loss, backward, gradient clipping and an AdamW step, on a fixed ba
 ``--batch`` random 16 kHz waveforms of ``--seconds`` seconds with 150 random characters each.
 Both models come from their YAML files, so the table follows the configurations. Times are
 the best of ``--repeats`` steps after one warm-up step, both models timed in the same run.
-On CUDA the ConMamba step runs twice: with mamba-ssm's kernels (if installed) and with our
-pure-PyTorch scan (``MAMBA_ASR_SCAN_IMPL=torch``).
+On CUDA the ConMamba step runs three times: with mamba-ssm's kernels (if installed), with our
+pure-PyTorch scan (``MAMBA_ASR_SCAN_IMPL=torch``) and with our Triton scan (``triton``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
     if args.device == "cuda":
         status = kernel_status(args.device)
         print(f"# kernels: {status}")
-        runs.append(("conmamba_small", "torch"))
+        runs += [("conmamba_small", "torch"), ("conmamba_small", "triton")]
     header = "| model | scan | params | step s | vs Conformer-S |"
     print(header)
     print("|---" * (header.count("|") - 1) + "|")

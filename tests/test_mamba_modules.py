@@ -459,14 +459,19 @@ def _cuda_kernels_missing() -> str | None:
     return "; ".join(reasons) or None
 
 
-@pytest.fixture(params=["torch", "cuda"])
+@pytest.fixture(params=["torch", "cuda", "triton"])
 def on_gpu(request, monkeypatch) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context forcing each CUDA path in turn: our PyTorch scan, then mamba-ssm's and
-    causal-conv1d's kernels (the CPU references run outside it, on the default path)."""
+    """A context forcing each CUDA path in turn: our PyTorch scan, mamba-ssm's and
+    causal-conv1d's kernels, our Triton scan (the CPU references run outside it, on the
+    default path)."""
+    from modules.mamba import selective_scan_interface as ssi
+
     if not torch.cuda.is_available():
         pytest.skip("CUDA not available")
     if request.param == "cuda" and (why := _cuda_kernels_missing()):
         pytest.skip(f"CUDA kernels unavailable: {why}")
+    if request.param == "triton" and ssi._load_triton_scan()[0] is None:
+        pytest.skip(f"triton unavailable: {ssi._load_triton_scan()[1]}")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 convolutions
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 

@@ -485,7 +485,7 @@ def test_env_var_and_argument_choose_the_path(no_env):
         selective_scan_fn(**inputs)
     assert kernel_status("cpu")["scan"].startswith("error:")
     with pytest.raises(ValueError, match="impl"):
-        selective_scan_fn(**inputs, impl="triton")
+        selective_scan_fn(**inputs, impl="jax")
 
 
 def test_path_is_logged_once(no_env, caplog):

@@ -9,18 +9,23 @@ Shapes follow ``mamba_ssm.ops.selective_scan_interface``: ``u``, ``delta``, ``z`
     h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
     y_t   = <h_t, C_t> + D * u_t                  # then y_t *= silu(z_t) when z is given
 
-Three implementations, chosen in one place (:func:`resolve_scan_impl`):
+Four implementations, chosen in one place (:func:`resolve_scan_impl`):
 
 * ``cuda``: mamba-ssm's fused CUDA kernel, used when ``mamba_ssm`` imports and the tensors
   are on a CUDA device;
 * ``torch``: :func:`selective_scan_chunked`, a pure-PyTorch chunked parallel scan that runs
   on CPU, Apple MPS and CUDA;
-* ``ref``: :func:`selective_scan_ref`, a plain loop over time steps (the test oracle).
+* ``ref``: :func:`selective_scan_ref`, a plain loop over time steps (the test oracle);
+* ``triton``: opt-in, Triton kernels that keep the state in registers
+  (:mod:`selective_scan_triton`), for GPUs without mamba-ssm; float32 inside. Checked against
+  the oracle through Triton's CPU interpreter (``TRITON_INTERPRET=1``), not yet timed on a GPU,
+  so ``auto`` does not pick it.
 
 ``auto`` (the default) picks ``cuda`` when possible and ``torch`` otherwise. The environment
-variable ``MAMBA_ASR_SCAN_IMPL`` (``auto``/``cuda``/``torch``/``ref``) or the ``impl=``
-argument forces a path; the same setting selects the causal convolution (``causal_conv1d``'s
-CUDA kernel, ``F.conv1d``, or a sequential reference). Which path runs is logged once.
+variable ``MAMBA_ASR_SCAN_IMPL`` (``auto``/``cuda``/``torch``/``ref``/``triton``) or the
+``impl=`` argument forces a path; the same setting selects the causal convolution
+(``causal_conv1d``'s CUDA kernel, ``F.conv1d`` (also for ``triton``), or a sequential
+reference). Which path runs is logged once.
 
 The chunked scan splits time into chunks of ``T`` steps (a power of two picked per device,
 :func:`_chunk_size`) and keeps a chunk batch-time-major as (batch, T, groups, N, dim/groups),
@@ -69,16 +74,18 @@ __all__ = [
     "selective_scan_chunked",
     "selective_scan_fn",
     "selective_scan_ref",
+    "selective_scan_triton",
 ]
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "MAMBA_ASR_SCAN_IMPL"
-IMPLS = ("auto", "cuda", "torch", "ref")
+IMPLS = ("auto", "cuda", "torch", "ref", "triton")
 SCAN_PATHS = {
     "cuda": "mamba-ssm CUDA kernel",
     "torch": "PyTorch chunked parallel scan",
     "ref": "PyTorch sequential reference",
+    "triton": "Triton selective-scan kernels",
 }
 CONV_PATHS = {
     "cuda": "causal-conv1d CUDA kernel",
@@ -122,6 +129,21 @@ def _load_mamba_ssm() -> tuple[Callable[..., Any] | None, str]:
 
 
 @functools.cache
+def _load_triton_scan() -> tuple[Callable[..., Any] | None, str]:
+    """Our Triton ``selective_scan_core`` and "ok", or None and why it is unavailable."""
+    try:
+        from modules.mamba.selective_scan_triton import selective_scan_core as fn
+    except Exception as exc:  # ImportError (no triton, e.g. on macOS), or a broken install
+        return None, f"{type(exc).__name__}: {exc}"
+    return fn, "ok"
+
+
+def _triton_interpreted() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
 def _load_causal_conv1d() -> tuple[Callable[..., Any] | None, str]:
     """causal-conv1d's CUDA ``causal_conv1d_fn`` and "ok", or None and why it is unavailable."""
     try:
@@ -149,6 +171,20 @@ def _resolve(
     device_type = torch.device(device).type
     if choice == "auto":
         return "cuda" if device_type == "cuda" and loader()[0] is not None else "torch"
+    if choice == "triton":
+        if kind == "conv":
+            return "torch"
+        fn, reason = _load_triton_scan()
+        if fn is None:
+            raise RuntimeError(f"{ENV_VAR}/impl='triton' needs triton, which does not import "
+                               f"({reason}). Use impl 'auto' or 'torch'.")
+        if device_type != "cuda" and not _triton_interpreted():
+            raise RuntimeError(
+                f"{ENV_VAR}/impl='triton' compiles GPU kernels, which need CUDA tensors; got "
+                f"tensors on {device_type} (TRITON_INTERPRET=1 runs them on CPU, slowly). "
+                f"Use impl 'auto' or 'torch'."
+            )
+        return choice
     if choice == "cuda":
         package = "mamba-ssm" if kind == "scan" else "causal-conv1d"
         fn, reason = loader()
@@ -167,7 +203,7 @@ def _resolve(
 
 
 def resolve_scan_impl(device: torch.device | str, impl: str | None = None) -> str:
-    """Selective-scan path for tensors on ``device``: "cuda", "torch" or "ref"."""
+    """Selective-scan path for tensors on ``device``: "cuda", "torch", "ref" or "triton"."""
     return _resolve("scan", device, impl, _load_mamba_ssm)
 
 
@@ -799,6 +835,32 @@ def selective_scan_chunked(
     return (out, last) if return_last_state else out
 
 
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """(b, d, L) -> y (b, d, L) [, last_state (b, d, N)] through the Triton kernels.
+
+    Arguments as :func:`selective_scan_fn`; computes in float32 (also for float64 inputs).
+    """
+    core, reason = _load_triton_scan()
+    if core is None:
+        raise RuntimeError(f"the Triton scan needs triton, which does not import ({reason})")
+    dtype_in = u.dtype
+    u_c, delta_c, A_c, B_c, C_c = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    y, last = core(u_c, delta_c, A_c, B_c, C_c)
+    out = _finish(y.to(u_c.dtype), u_c, D, z, dtype_in)
+    return (out, last) if return_last_state else out
+
+
 def selective_scan_ref(
     u: Tensor,
     delta: Tensor,
@@ -865,6 +927,8 @@ def selective_scan_fn(
         return _load_mamba_ssm()[0](*args)
     if path == "ref":
         return selective_scan_ref(*args)
+    if path == "triton":
+        return selective_scan_triton(*args)
     return selective_scan_chunked(*args)
 
 

@@ -1,0 +1,107 @@
+"""The Triton selective scan (``impl="triton"``, opt-in) against the sequential oracle.
+
+Without a GPU the kernels run in Triton's CPU interpreter, in a subprocess (``TRITON_INTERPRET``
+must be set before the kernels are defined); with CUDA they are compiled and checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_selective_scan import as64, make_inputs, rel_err
+
+from modules.mamba import selective_scan_interface as ssi
+from modules.mamba.selective_scan_interface import selective_scan_fn, selective_scan_ref
+
+REPO = Path(__file__).resolve().parents[1]
+TRITON_MISSING = ssi._load_triton_scan()[1] if ssi._load_triton_scan()[0] is None else None
+needs_triton = pytest.mark.skipif(TRITON_MISSING is not None, reason=f"{TRITON_MISSING}")
+
+# (batch, dim, N, L, groups, dtype, softplus): a partial last chunk, exactly one chunk with
+# groups, L = 1 with channel blocks of 1 and N not a power of two, 3-D B and C over two channel
+# blocks, float64 inputs (computed in float32).
+CASES = [
+    (2, 8, 4, 37, 1, "float32", True),
+    (2, 8, 16, 16, 2, "float32", False),
+    (1, 6, 3, 1, 2, "float32", True),
+    (3, 32, 5, 50, None, "float32", True),
+    (2, 4, 4, 20, 1, "float64", True),
+]
+
+
+def check_cases(device: str) -> dict[str, dict[str, float]]:
+    """Relative errors of y, the last state and every gradient against the float64 oracle."""
+    results = {}
+    for i, (batch, dim, nstate, length, groups, dtype, softplus) in enumerate(CASES):
+        inputs = make_inputs(batch, dim, nstate, length, groups, getattr(torch, dtype),
+                             seed=20 + i, device=device)
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y, last = selective_scan_fn(**leaves, delta_softplus=softplus, return_last_state=True,
+                                    impl="triton")
+        g = torch.Generator().manual_seed(i)
+        g_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        g_last = torch.randn(last.shape, generator=g, dtype=torch.float64)
+        loss = (y.double() * g_y.to(device)).sum() + (last.double() * g_last.to(device)).sum()
+        loss.backward()
+        ref_leaves = {k: v.requires_grad_() for k, v in as64(inputs).items()}
+        y_ref, last_ref = selective_scan_ref(**ref_leaves, delta_softplus=softplus,
+                                             return_last_state=True)
+        ((y_ref * g_y).sum() + (last_ref * g_last).sum()).backward()
+        errors = {"y": rel_err(y, y_ref), "last": rel_err(last, last_ref)}
+        errors.update({k: rel_err(leaves[k].grad, ref_leaves[k].grad) for k in leaves})
+        results[f"{batch}x{dim}x{nstate}x{length} g{groups} {dtype}"] = errors
+    return results
+
+
+def assert_close(results: dict[str, dict[str, float]]) -> None:
+    assert len(results) == len(CASES)
+    for case, errors in results.items():
+        assert errors["y"] <= 1e-4 and errors["last"] <= 1e-4, (case, errors)
+        for name, err in errors.items():
+            assert err <= 1e-3, (case, name, err)
+
+
+@needs_triton
+@pytest.mark.slow
+def test_triton_kernels_match_the_oracle_in_the_interpreter() -> None:
+    code = ("import json, sys; from test_selective_scan_triton import check_cases; "
+            "print(json.dumps(check_cases('cpu')))")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+@needs_triton
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="impl='triton' compiles GPU kernels"):
+        selective_scan_fn(**make_inputs(), impl="triton")
+    assert ssi.resolve_conv_impl("cpu", impl="triton") == "torch"
+    monkeypatch.setenv(ssi.ENV_VAR, "triton")
+    assert ssi.kernel_status("cpu")["scan"].startswith("error:")
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_triton_matches_the_oracle_and_is_stable() -> None:
+    assert_close(check_cases("cuda"))
+    # Long and stiff: L = 16,000, softplus bias 5, A down to -16.
+    inputs = make_inputs(2, 64, 16, 16000, 1, torch.float32, seed=5, a_min=-16.0,
+                         device="cuda")
+    inputs["delta_bias"] = torch.full((64,), 5.0, device="cuda")
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y = selective_scan_fn(**leaves, delta_softplus=True, impl="triton")
+    y.sum().backward()
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(v.grad).all() for v in leaves.values())
+    ref = selective_scan_fn(**inputs, delta_softplus=True, impl="torch")
+    assert rel_err(y, ref) <= 1e-4
