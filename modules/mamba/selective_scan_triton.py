@@ -36,6 +36,18 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _program(A_ptr, dim, nstate, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch element, channel/state offsets and masks, and its block of A."""
+    b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d, mask_n = offs_d < dim, offs_n < nstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * nstate + offs_n[None, :], mask=mask_dn, other=0.0)
+    return b, offs_d, offs_n, mask_d, mask_n, mask_dn, A
+
+
+@triton.jit
 def _chunk(
     u_ptr, delta_ptr, A, B_ptr, C_ptr, b, offs_d, mask_d, offs_n, mask_n, t0, length,
     stride_ub, stride_ud, stride_bb, stride_bg, stride_bn, heads,
@@ -66,12 +78,7 @@ def _fwd_kernel(
     stride_ub, stride_ud, stride_bb, stride_bg, stride_bn,
     SAVE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < dim, offs_n < nstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * nstate + offs_n[None, :], mask=mask_dn, other=0.0)
+    b, offs_d, offs_n, mask_d, mask_n, mask_dn, A = _program(A_ptr, dim, nstate, BLOCK_D, BLOCK_N)
     lane = tl.arange(0, BLOCK_T)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     n_chunks = (length + BLOCK_T - 1) // BLOCK_T
@@ -103,12 +110,7 @@ def _bwd_kernel(
     stride_ub, stride_ud, stride_bb, stride_bg, stride_bn,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = offs_d < dim, offs_n < nstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * nstate + offs_n[None, :], mask=mask_dn, other=0.0)
+    b, offs_d, offs_n, mask_d, mask_n, mask_dn, A = _program(A_ptr, dim, nstate, BLOCK_D, BLOCK_N)
     lane = tl.arange(0, BLOCK_T)
     n_chunks = (length + BLOCK_T - 1) // BLOCK_T
     state_off = (b * dim + offs_d[:, None]) * nstate + offs_n[None, :]
