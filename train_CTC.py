@@ -85,7 +85,6 @@ class ASR(RecipeBrain):
         return loss
 
 
-
 def dataio_prepare(
     hparams: dict[str, Any], tokenizer: CTCTextEncoder
 ) -> tuple[Any, Any, dict[str, Any]]:

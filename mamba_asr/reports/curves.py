@@ -38,6 +38,8 @@ def _rate(df: pd.DataFrame, column: str) -> pd.Series:
     """``column`` as numbers in %, epochs without a value dropped."""
     values = pd.to_numeric(df.get(column, pd.Series(dtype=float)), errors="coerce").dropna()
     return values * 100 if is_accuracy(column) else values
+
+
 _LOG_FORMAT = (
     "SpeechBrain FileTrainLogger lines like "
     "'epoch: 1, lr: 1.00e-03 - train loss: 2.91 - valid loss: 2.55, valid WER: 99.10'"
@@ -154,9 +156,10 @@ def plot_curves(
             for j, column in enumerate(columns):
                 if column not in df.columns:
                     continue
-                values = pd.to_numeric(df[column], errors="coerce").dropna()
                 if ax is ax_rate:
                     values = _rate(df, column)
+                else:
+                    values = pd.to_numeric(df[column], errors="coerce").dropna()
                 if values.empty:
                     continue
                 name = column if len(logs) == 1 else f"{label}: {column}"
