@@ -36,39 +36,40 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _program(A_ptr, dim, nstate, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's batch element, channel/state offsets and masks, and its block of A."""
+def _program(A_ptr, dim, nstate, heads, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch element, channel/state offsets and masks, its block of A and the
+    group of its channels (BLOCK_D divides the channels per group)."""
     b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d0 = tl.program_id(1) * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d, mask_n = offs_d < dim, offs_n < nstate
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * nstate + offs_n[None, :], mask=mask_dn, other=0.0)
-    return b, offs_d, offs_n, mask_d, mask_n, mask_dn, A
+    return b, d0 // heads, offs_d, offs_n, mask_d, mask_n, mask_dn, A
 
 
 @triton.jit
 def _chunk(
-    u_ptr, delta_ptr, A, B_ptr, C_ptr, b, offs_d, mask_d, offs_n, mask_n, t0, length,
-    stride_ub, stride_ud, stride_bb, stride_bg, stride_bn, heads,
+    u_ptr, delta_ptr, A, B_ptr, C_ptr, b, g, offs_d, mask_d, offs_n, mask_n, t0, length,
+    stride_ub, stride_ud, stride_bb, stride_bg, stride_bn,
     BLOCK_T: tl.constexpr,
 ):
-    """Loads of one chunk: delta, u (D, T), B, C (D, N, T), decays a and inputs x (D, N, T)."""
+    """One chunk: offsets and masks of its (D, T) and (N, T) elements; delta, u (D, T); the
+    group's B, C (N, T); decays a and inputs x (D, N, T)."""
     offs_t = t0 + tl.arange(0, BLOCK_T)
     mask_t = offs_t < length
     m2 = mask_d[:, None] & mask_t[None, :]
     du_off = b * stride_ub + offs_d[:, None] * stride_ud + offs_t[None, :]
     dl = tl.load(delta_ptr + du_off, mask=m2, other=0.0).to(tl.float32)
     uu = tl.load(u_ptr + du_off, mask=m2, other=0.0).to(tl.float32)
-    g = offs_d // heads
-    bc_off = (b * stride_bb + g[:, None, None] * stride_bg + offs_n[None, :, None] * stride_bn
-              + offs_t[None, None, :])
-    m3 = m2[:, None, :] & mask_n[None, :, None]
-    Bt = tl.load(B_ptr + bc_off, mask=m3, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + bc_off, mask=m3, other=0.0).to(tl.float32)
+    bc_off = b * stride_bb + g * stride_bg + offs_n[:, None] * stride_bn + offs_t[None, :]
+    m_nt = mask_n[:, None] & mask_t[None, :]
+    Bt = tl.load(B_ptr + bc_off, mask=m_nt, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bc_off, mask=m_nt, other=0.0).to(tl.float32)
     a = tl.exp(dl[:, None, :] * A[:, :, None])
-    x = (dl * uu)[:, None, :] * Bt
-    return offs_t, m2, dl, uu, Bt, Ct, a, x
+    x = (dl * uu)[:, None, :] * Bt[None, :, :]
+    return offs_t, du_off, m2, bc_off, m_nt, dl, uu, Bt, Ct, a, x
 
 
 @triton.jit
@@ -78,7 +79,8 @@ def _fwd_kernel(
     stride_ub, stride_ud, stride_bb, stride_bg, stride_bn,
     SAVE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    b, offs_d, offs_n, mask_d, mask_n, mask_dn, A = _program(A_ptr, dim, nstate, BLOCK_D, BLOCK_N)
+    b, g, offs_d, offs_n, mask_d, mask_n, mask_dn, A = _program(
+        A_ptr, dim, nstate, heads, BLOCK_D, BLOCK_N)
     lane = tl.arange(0, BLOCK_T)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     n_chunks = (length + BLOCK_T - 1) // BLOCK_T
@@ -87,16 +89,13 @@ def _fwd_kernel(
     while c < n_chunks:  # (a while loop: Triton's interpreter cannot range over a runtime value)
         if SAVE:
             tl.store(saved_ptr + state_off * n_chunks + c, h, mask=mask_dn)
-        offs_t, m2, dl, uu, Bt, Ct, a, x = _chunk(
-            u_ptr, delta_ptr, A, B_ptr, C_ptr, b, offs_d, mask_d, offs_n, mask_n,
-            c * BLOCK_T, length, stride_ub, stride_ud, stride_bb, stride_bg, stride_bn, heads,
-            BLOCK_T,
+        _, du_off, m2, _, _, _, _, _, Ct, a, x = _chunk(
+            u_ptr, delta_ptr, A, B_ptr, C_ptr, b, g, offs_d, mask_d, offs_n, mask_n,
+            c * BLOCK_T, length, stride_ub, stride_ud, stride_bb, stride_bg, stride_bn, BLOCK_T,
         )
         a_s, x_s = tl.associative_scan((a, x), 2, _combine)
         hs = x_s + a_s * h[:, :, None]
-        y = tl.sum(hs * Ct, axis=1)
-        tl.store(y_ptr + b * stride_ub + offs_d[:, None] * stride_ud + offs_t[None, :], y,
-                 mask=m2)
+        tl.store(y_ptr + du_off, tl.sum(hs * Ct[None, :, :], axis=1), mask=m2)
         h = tl.sum(tl.where((lane == BLOCK_T - 1)[None, None, :], hs, 0.0), axis=2)
         c += 1
     tl.store(last_ptr + state_off, h, mask=mask_dn)
@@ -110,24 +109,23 @@ def _bwd_kernel(
     stride_ub, stride_ud, stride_bb, stride_bg, stride_bn,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    b, offs_d, offs_n, mask_d, mask_n, mask_dn, A = _program(A_ptr, dim, nstate, BLOCK_D, BLOCK_N)
+    b, g, offs_d, offs_n, mask_d, mask_n, mask_dn, A = _program(
+        A_ptr, dim, nstate, heads, BLOCK_D, BLOCK_N)
     lane = tl.arange(0, BLOCK_T)
     n_chunks = (length + BLOCK_T - 1) // BLOCK_T
     state_off = (b * dim + offs_d[:, None]) * nstate + offs_n[None, :]
     carry = tl.load(glast_ptr + state_off, mask=mask_dn, other=0.0)  # dL/dh after the chunk
     d_A = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    g0 = (tl.program_id(1) * BLOCK_D) // heads  # the block's group (BLOCK_D divides heads)
     c = n_chunks - 1
     while c >= 0:
         t0 = c * BLOCK_T
-        offs_t, m2, dl, uu, Bt, Ct, a, x = _chunk(
-            u_ptr, delta_ptr, A, B_ptr, C_ptr, b, offs_d, mask_d, offs_n, mask_n,
-            t0, length, stride_ub, stride_ud, stride_bb, stride_bg, stride_bn, heads, BLOCK_T,
+        offs_t, du_off, m2, bc_off, m_nt, dl, uu, Bt, Ct, a, x = _chunk(
+            u_ptr, delta_ptr, A, B_ptr, C_ptr, b, g, offs_d, mask_d, offs_n, mask_n,
+            t0, length, stride_ub, stride_ud, stride_bb, stride_bg, stride_bn, BLOCK_T,
         )
         h0 = tl.load(saved_ptr + state_off * n_chunks + c, mask=mask_dn, other=0.0)
         a_s, x_s = tl.associative_scan((a, x), 2, _combine)
         hs = x_s + a_s * h0[:, :, None]  # h_t
-        du_off = b * stride_ub + offs_d[:, None] * stride_ud + offs_t[None, :]
         gy = tl.load(gy_ptr + du_off, mask=m2, other=0.0).to(tl.float32)
         # Adjoint states lam_t = C_t gy_t + a_{t+1} lam_{t+1}; the decay of the next step
         # (1 past the end: padding), and the carry entering at the chunk's last lane.
@@ -137,16 +135,14 @@ def _bwd_kernel(
                          mask=m_nxt, other=0.0).to(tl.float32)
         last_lane = (lane == BLOCK_T - 1)[None, None, :]
         alpha = tl.where(last_lane, 0.0, tl.exp(dl_nxt[:, None, :] * A[:, :, None]))
-        beta = Ct * gy[:, None, :] + tl.where(last_lane, carry[:, :, None], 0.0)
+        beta = Ct[None, :, :] * gy[:, None, :] + tl.where(last_lane, carry[:, :, None], 0.0)
         _, lam = tl.associative_scan((alpha, beta), 2, _combine, reverse=True)
         carry = tl.sum(tl.where((lane == 0)[None, None, :], a * lam, 0.0), axis=2)
         # y_t = <C_t, h_t>: dC sums h gy over a group's channels; x_t = delta_t u_t B_t gives
         # dB (lam delta u) and r = <B_t, lam_t> for du and ddelta. Padded channels add zeros.
-        bc_off = b * stride_bb + g0 * stride_bg + offs_n[:, None] * stride_bn + offs_t[None, :]
-        m_nt = mask_n[:, None] & (offs_t < length)[None, :]
         tl.atomic_add(dC_ptr + bc_off, tl.sum(hs * gy[:, None, :], axis=0), mask=m_nt)
         tl.atomic_add(dB_ptr + bc_off, tl.sum(lam * (dl * uu)[:, None, :], axis=0), mask=m_nt)
-        r = tl.sum(Bt * lam, axis=1)
+        r = tl.sum(Bt[None, :, :] * lam, axis=1)
         # w = lam_t a_t h_{t-1} = lam_t (h_t - x_t) = dL/d(delta_t A).
         w = lam * (hs - x)
         tl.store(du_ptr + du_off, r * dl, mask=m2)
