@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
 
@@ -19,6 +20,7 @@ from modules.Conmamba import (
     MambaDecoder,
     MambaDecoderLayer,
 )
+from modules.mamba import selective_scan_interface as ssi
 from modules.mamba.bimamba import Mamba, flip_valid
 from modules.mamba.selective_scan_interface import selective_scan_ref
 from modules.TransformerASR import TransformerASR
@@ -451,8 +453,6 @@ def test_conmamba_training_step_gradients() -> None:
 
 def _cuda_kernels_missing() -> str | None:
     """Why impl='cuda' cannot run here, or None when both CUDA kernels import."""
-    from modules.mamba import selective_scan_interface as ssi
-
     if not torch.cuda.is_available():
         return "CUDA not available"
     reasons = [r for r in (ssi._load_mamba_ssm()[1], ssi._load_causal_conv1d()[1]) if r != "ok"]
@@ -464,14 +464,13 @@ def on_gpu(request, monkeypatch) -> Callable[[], contextlib.AbstractContextManag
     """A context forcing each CUDA path in turn: our PyTorch scan, mamba-ssm's and
     causal-conv1d's kernels, our Triton scan (the CPU references run outside it, on the
     default path)."""
-    from modules.mamba import selective_scan_interface as ssi
-
     if not torch.cuda.is_available():
         pytest.skip("CUDA not available")
     if request.param == "cuda" and (why := _cuda_kernels_missing()):
         pytest.skip(f"CUDA kernels unavailable: {why}")
-    if request.param == "triton" and ssi._load_triton_scan()[0] is None:
-        pytest.skip(f"triton unavailable: {ssi._load_triton_scan()[1]}")
+    triton_scan, triton_why = ssi._load_triton_scan()
+    if request.param == "triton" and triton_scan is None:
+        pytest.skip(f"triton unavailable: {triton_why}")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 convolutions
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
@@ -485,8 +484,6 @@ def on_gpu(request, monkeypatch) -> Callable[[], contextlib.AbstractContextManag
 
 
 def _cuda_copy(module: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(module).cuda()
 
 
@@ -538,7 +535,7 @@ def test_cuda_encoder_decoder_match_cpu(on_gpu) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_autocast_training_step(on_gpu, dtype: torch.dtype) -> None:
-    """Mixed precision (the recipes' --precision bf16/fp16) trains and decodes on both paths:
+    """Mixed precision (the recipes' --precision bf16/fp16) trains and decodes on each path:
     the loss is scaled as GradScaler does (2**16), and the gradients point the fp32 way."""
     torch.manual_seed(14)
     model = small_asr().train()

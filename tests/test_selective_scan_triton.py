@@ -20,8 +20,8 @@ from modules.mamba import selective_scan_interface as ssi
 from modules.mamba.selective_scan_interface import selective_scan_fn, selective_scan_ref
 
 REPO = Path(__file__).resolve().parents[1]
-TRITON_MISSING = ssi._load_triton_scan()[1] if ssi._load_triton_scan()[0] is None else None
-needs_triton = pytest.mark.skipif(TRITON_MISSING is not None, reason=f"{TRITON_MISSING}")
+_TRITON_SCAN, _TRITON_WHY = ssi._load_triton_scan()
+needs_triton = pytest.mark.skipif(_TRITON_SCAN is None, reason=f"triton unavailable: {_TRITON_WHY}")
 
 # (batch, dim, N, L, groups, dtype, softplus): a partial last chunk, exactly one chunk with
 # groups, L = 1 with channel blocks of 1 and N not a power of two, 3-D B and C over two channel
