@@ -1,13 +1,15 @@
 """The Triton selective scan (``impl="triton"``, opt-in) against the sequential oracle.
 
 Without a GPU the kernels run in Triton's CPU interpreter, in a subprocess (``TRITON_INTERPRET``
-must be set before the kernels are defined); with CUDA they are compiled and checked here.
+must be set before the kernels are defined), and are compiled ahead of time for NVIDIA GPUs
+(no device needed); with CUDA they are compiled and checked here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +107,41 @@ def test_cuda_triton_matches_the_oracle_and_is_stable() -> None:
     assert all(torch.isfinite(v.grad).all() for v in leaves.values())
     ref = selective_scan_fn(**inputs, delta_softplus=True, impl="torch")
     assert rel_err(y, ref) <= 1e-4
+
+
+@needs_triton
+@pytest.mark.parametrize("capability", [80, 90])
+def test_triton_kernels_compile_for_nvidia_gpus_without_spilling(capability, tmp_path) -> None:
+    """The interpreter runs the kernels as Python; this compiles them as a GPU would (Triton to
+    PTX, then ptxas, for an A100 / H100 target, no device needed) with the block sizes of a
+    Mamba layer (d_inner 1024, N 16), so type and layout errors show without a GPU, and a
+    change that makes them spill registers to local memory fails."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    from modules.mamba import selective_scan_triton as kernels
+
+    u, B, A = torch.empty(2, 1024, 100), torch.empty(2, 1, 16, 100), torch.empty(1024, 16)
+    _, blocks, _ = kernels._launch_args(u, B, A)
+    assert blocks == {"BLOCK_D": 8, "BLOCK_N": 16, "BLOCK_T": 16}
+    for kernel, extra in ((kernels._fwd_kernel, {"SAVE": True}),
+                          (kernels._fwd_kernel, {"SAVE": False}), (kernels._bwd_kernel, {})):
+        consts = {**extra, **blocks}
+        signature = {name: "constexpr" if name in consts else "*fp32" if name.endswith("_ptr")
+                     else "i32" for name in kernel.arg_names}
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": kernels.NUM_WARPS})
+        assert len(compiled.asm["cubin"]) > 10_000
+        ptx = tmp_path / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        arch = re.search(r"\.target (sm_\w+)", compiled.asm["ptx"]).group(1)
+        assert arch.startswith(f"sm_{capability}")
+        info = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", str(ptx),
+                               "-o", str(tmp_path / "kernel.cubin")],
+                              capture_output=True, text=True, check=True).stderr
+        spilled = int(re.search(r"(\d+) bytes spill stores", info).group(1))
+        registers = int(re.search(r"Used (\d+) registers", info).group(1))
+        name = f"{kernel.fn.__name__} {extra}"
+        assert spilled <= 64 and registers <= 255, (name, info)

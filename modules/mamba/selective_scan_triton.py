@@ -25,8 +25,12 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
+# Tile sizes and warps of a program, fixed before the first launch (bench/bench_scan.py
+# --triton-blocks sweeps them on a GPU): (8, 16, 16) float32 tiles are 16 registers a thread
+# each at 4 warps.
 BLOCK_T = 16
-MAX_BLOCK_D = 8  # (8, 16, 16) float32 tiles: 16 registers a thread each at 4 warps
+MAX_BLOCK_D = 8
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -140,8 +144,10 @@ def _bwd_kernel(
         carry = tl.sum(tl.where((lane == 0)[None, None, :], a * lam, 0.0), axis=2)
         # y_t = <C_t, h_t>: dC sums h gy over a group's channels; x_t = delta_t u_t B_t gives
         # dB (lam delta u) and r = <B_t, lam_t> for du and ddelta. Padded channels add zeros.
-        tl.atomic_add(dC_ptr + bc_off, tl.sum(hs * gy[:, None, :], axis=0), mask=m_nt)
-        tl.atomic_add(dB_ptr + bc_off, tl.sum(lam * (dl * uu)[:, None, :], axis=0), mask=m_nt)
+        tl.atomic_add(dC_ptr + bc_off, tl.sum(hs * gy[:, None, :], axis=0), mask=m_nt,
+                      sem="relaxed")
+        tl.atomic_add(dB_ptr + bc_off, tl.sum(lam * (dl * uu)[:, None, :], axis=0), mask=m_nt,
+                      sem="relaxed")
         r = tl.sum(Bt[None, :, :] * lam, axis=1)
         # w = lam_t a_t h_{t-1} = lam_t (h_t - x_t) = dL/d(delta_t A).
         w = lam * (hs - x)
@@ -149,7 +155,8 @@ def _bwd_kernel(
         tl.store(ddelta_ptr + du_off, r * uu + tl.sum(w * A[:, :, None], axis=1), mask=m2)
         d_A += tl.sum(w * dl[:, None, :], axis=2)
         c -= 1
-    tl.atomic_add(dA_ptr + offs_d[:, None] * nstate + offs_n[None, :], d_A, mask=mask_dn)
+    tl.atomic_add(dA_ptr + offs_d[:, None] * nstate + offs_n[None, :], d_A, mask=mask_dn,
+                  sem="relaxed")
 
 
 def _launch_args(u: Tensor, B: Tensor, A: Tensor) -> tuple[tuple, dict[str, int], tuple]:
@@ -182,7 +189,8 @@ class SelectiveScanTriton(torch.autograd.Function):
         keep = any(ctx.needs_input_grad)
         n_chunks = triton.cdiv(length, BLOCK_T)
         saved = u.new_empty(batch, dim, A.shape[1], n_chunks if keep else 1)
-        _fwd_kernel[grid](u, delta, A, B, C, y, last, saved, *sizes, SAVE=keep, **blocks)
+        _fwd_kernel[grid](u, delta, A, B, C, y, last, saved, *sizes, SAVE=keep,
+                          num_warps=NUM_WARPS, **blocks)
         if keep:
             ctx.save_for_backward(u, delta, A, B, C, saved)
         ctx.set_materialize_grads(False)
@@ -198,7 +206,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         d_u, d_delta = torch.empty_like(u), torch.empty_like(delta)
         d_A, d_B, d_C = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
         _bwd_kernel[grid](u, delta, A, B, C, g_y, g_last, saved, d_u, d_delta, d_A, d_B, d_C,
-                          *sizes, **blocks)
+                          *sizes, num_warps=NUM_WARPS, **blocks)
         return d_u, d_delta, d_A, d_B, d_C
 
 
