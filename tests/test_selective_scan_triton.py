@@ -93,6 +93,29 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch) -> 
 
 
 @needs_triton
+def test_triton_rejects_inputs_past_32_bit_offsets() -> None:
+    """The kernels index with int32: past 2^31 - 1 elements they fail clearly instead of
+    overflowing (shapes only, on the meta device)."""
+    from modules.mamba import selective_scan_triton as kernels
+
+    def scan(batch: int, dim: int, nstate: int, length: int) -> None:
+        u = torch.empty(batch, dim, length, device="meta")
+        bc = torch.empty(batch, 1, nstate, length, device="meta")
+        kernels.selective_scan_core(u, u, torch.empty(dim, nstate, device="meta"), bc, bc)
+
+    with pytest.raises(ValueError, match=r"u \(batch, dim, L\) = \(64, 2048, 16384\) has "
+                                         r"2,147,483,648 elements"):
+        scan(64, 2048, 16384, 16384)
+    with pytest.raises(ValueError, match="saved chunk states 4,294,967,296"):
+        scan(1, 1024, 64, 2**20)  # u is small enough; its N x L/16 chunk states are not
+    # Within the limits (u 2^30 elements, states 2^30): launch arguments are made.
+    grid, _, _ = kernels._launch_args(torch.empty(1, 1024, 2**20, device="meta"),
+                                      torch.empty(1, 1, 16, 2**20, device="meta"),
+                                      torch.empty(1024, 16, device="meta"))
+    assert grid == (1, 128)
+
+
+@needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 def test_cuda_triton_matches_the_oracle_and_is_stable() -> None:
     assert_close(check_cases("cuda"))

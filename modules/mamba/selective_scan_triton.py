@@ -159,10 +159,21 @@ def _bwd_kernel(
                   sem="relaxed")
 
 
+_MAX_OFFSET = 2**31 - 1  # the kernels index with 32-bit offsets
+
+
 def _launch_args(u: Tensor, B: Tensor, A: Tensor) -> tuple[tuple, dict[str, int], tuple]:
     """Grid, block sizes and the shared size/stride arguments."""
     batch, dim, length = u.shape
     groups, nstate = B.shape[1], A.shape[1]
+    n_saved = batch * dim * nstate * triton.cdiv(length, BLOCK_T)
+    if max(u.numel(), B.numel(), n_saved) > _MAX_OFFSET:
+        raise ValueError(
+            f"the Triton scan indexes with 32-bit offsets: u (batch, dim, L) = "
+            f"{tuple(u.shape)} has {u.numel():,} elements, B {B.numel():,} and the saved "
+            f"chunk states {n_saved:,}, over the limit of {_MAX_OFFSET:,}. Split the batch "
+            f"or use impl 'torch'."
+        )
     heads = dim // groups
     block_d = 1
     while block_d < MAX_BLOCK_D and heads % (2 * block_d) == 0:
