@@ -37,6 +37,7 @@ import train_CTC
 from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr import data
 from mamba_asr.checkpoints import KILL_ENV, AtomicCheckpointer
+from mamba_asr.losses import ctc_loss
 from mamba_asr.recipe import (
     RECIPE_KEYS,
     ConfigError,
@@ -82,6 +83,7 @@ def test_config_loads_with_only_data_folder(name: str, tmp_path: Path, monkeypat
     hparams = _load(name, tmp_path)
     assert hparams["output_folder"].startswith("results/")
     assert hparams["output_neurons"] == 3 + len(hparams["characters"]) == 31
+    assert hparams["ctc_cost"].func is ctc_loss  # runs on Apple MPS too
     x = torch.randn(2, 16000)
     feats = hparams["compute_features"](x)
     src = hparams["CNN"](feats)

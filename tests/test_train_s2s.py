@@ -8,6 +8,7 @@ its second checkpoint save, then finished by the same command. The tests that de
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -29,10 +30,12 @@ from config_keys import (
     keys_read,
 )
 from hyperpyyaml import load_hyperpyyaml
+from mps_kernels import assert_mps_ready
 
 import train_S2S
 from mamba_asr import data
 from mamba_asr.checkpoints import KILL_ENV
+from mamba_asr.losses import ctc_loss
 from mamba_asr.pretrained import write_lm_folder
 from mamba_asr.recipe import RECIPE_KEYS, ConfigError, cli, load_config
 from mamba_asr.reports.curves import read_test_lines, read_train_log
@@ -92,6 +95,7 @@ def test_config_loads_offline_with_upstream_totals(name: str, tmp_path: Path, mo
     mamba = decoder == "mamba"
     searcher = train_S2S.S2SMambaBeamSearcher if mamba else train_S2S.S2STransformerBeamSearcher
     assert hparams["valid_search"].func is hparams["test_search"].func is searcher
+    assert hparams["ctc_cost"].func is ctc_loss  # runs on Apple MPS too
     feats = hparams["compute_features"](torch.randn(2, 16000))
     src = hparams["CNN"](feats)
     tokens = torch.tensor([[1, 5, 7], [1, 9, 0]])
@@ -280,6 +284,28 @@ def run(demo_corpus: Path, lm_folder: Path, tmp_path_factory: pytest.TempPathFac
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"out": out, "args": args, "after_kill": after_kill, "lm": lm_folder}
+
+
+@pytest.mark.slow
+def test_recipe_batches_run_only_operators_mps_has(
+    demo_corpus: Path, lm_folder: Path, tmp_path: Path
+) -> None:
+    """One epoch of the S2S demo recipe on a few utterances under the operator recorder
+    (training, validation and test batches: the joint CTC/attention loss, the Mamba-decoder
+    beam search with the CTC and LM scorers): every operator has an MPS kernel or runs on
+    the CPU there, no float64 tensor (tests/test_mps_support.py)."""
+    out = tmp_path / "ops.json"
+    cmd = [sys.executable, str(REPO / "tests" / "record_ops.py"), str(out), "train_S2S.py",
+           str(S2S / "demo.yaml"), "--data_folder", str(demo_corpus), "--output_folder",
+           str(tmp_path / "run"), "--select_n_sentences", "[16, 4, 4, 4]",
+           "--number_of_epochs", "1", "--valid_search_interval", "1",
+           "--pretrained_lm_path", str(lm_folder), "--noprogressbar", *TINY[:4],
+           "--valid_beam_size", "2", "--test_beam_size", "2"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = json.loads(out.read_text())
+    assert "aten::topk" in recorded["ops"]  # the beam search ran
+    assert_mps_ready(recorded)
 
 
 @pytest.mark.slow
