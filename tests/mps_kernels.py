@@ -4,7 +4,8 @@
 :func:`mps_kernel` looks an operator up in torch's own operator registry
 (``native_functions.yaml``, shipped with torch in ``torchgen``): an operator runs on MPS when
 its dispatch table names MPS or a device-generic composite, directly or through the
-operator it delegates to.
+operator it delegates to. A composite's own inner calls are not recorded (they run below the
+recorder), so those are trusted to be device-generic as torch declares them.
 """
 
 from __future__ import annotations
