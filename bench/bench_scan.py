@@ -14,7 +14,8 @@ on CPU the peak resident set size (``ru_maxrss``, which includes the ~0.5 GiB of
 of address space, and one that runs out of memory (or is killed) is reported as OOM.
 "forward" runs under ``torch.no_grad()`` (inference); "fwd+bwd" runs the forward with
 gradients and backpropagates a fixed random gradient into u, delta, A, B and C. Times are the
-best of ``--repeats`` runs. Each subprocess first checks its implementation against
+best of ``--repeats`` runs. Each subprocess first checks its implementation (y and the
+gradients of u, delta, A, B, C: the largest relative error is the "check" column) against
 ``selective_scan_ref`` on a small problem.
 
 Implementations:
@@ -138,15 +139,19 @@ def child(args: argparse.Namespace) -> dict:
     device = args.device
     fn = scan_function(args.impl)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    # Correctness first, on a small problem.
+    # Correctness first, on a small problem: y and the gradient of every input.
     from modules.mamba.selective_scan_interface import selective_scan_ref
 
-    small = make_inputs(2, 16, args.nstate, 96, device, seed=1)
-    with torch.no_grad():
-        got = fn(*small).double().cpu()
-        ref = selective_scan_ref(*[t.double().cpu() for t in small])
-    check = ((got - ref).abs().max() / ref.abs().max()).item()
-    del small, got, ref
+    small = [t.requires_grad_() for t in make_inputs(2, 16, args.nstate, 96, device, seed=1)]
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in small]
+    got, ref = fn(*small), selective_scan_ref(*ref_leaves)
+    g_y = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=ref.dtype)
+    got.backward(g_y.to(device=device, dtype=got.dtype))
+    ref.backward(g_y)
+    pairs = [(got, ref)] + [(t.grad, r.grad) for t, r in zip(small, ref_leaves, strict=True)]
+    check = max(((a.detach().double().cpu() - b).abs().max() / b.abs().max()).item()
+                for a, b in pairs)
+    del small, ref_leaves, got, ref, pairs
 
     inputs = make_inputs(args.batch, args.dim, args.nstate, args.length, device)
     grad_y = torch.randn(args.batch, args.dim, args.length,
