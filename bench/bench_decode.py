@@ -111,10 +111,14 @@ def main() -> None:
     parser.add_argument("--hyps", type=int, default=10, help="batch x beam for part 1")
     parser.add_argument("--frames", type=int, default=250, help="encoder frames (10 s)")
     parser.add_argument("--beam", type=int, default=10)
-    parser.add_argument("--search-tokens", type=int, default=100)
+    parser.add_argument("--search-tokens", type=int, default=100,
+                        help="tokens of the whole beam search (0: skip it)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.search_tokens < 0 or min(args.positions) < 1:
+        parser.error(f"--search-tokens must be >= 0 and --positions >= 1; got "
+                     f"{args.search_tokens} and {args.positions}")
     warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,6 +137,8 @@ def main() -> None:
     memory = torch.randn(args.hyps, args.frames, d_model, device=args.device)
     print(f"\n## one decoding step, {args.hyps} hypotheses\n")
     decoder_steps(model, memory, args.positions, args.device)
+    if args.search_tokens == 0:
+        return
     print(f"\n## whole beam search, 1 utterance, beam {args.beam}\n")
     whole_search(model, seq_lin, memory[:1], args.beam, args.search_tokens, args.device)
 
