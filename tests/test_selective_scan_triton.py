@@ -134,7 +134,9 @@ def test_cuda_triton_matches_the_oracle_and_is_stable() -> None:
 
 @needs_triton
 @pytest.mark.parametrize("capability", [80, 90])
-def test_triton_kernels_compile_for_nvidia_gpus_without_spilling(capability, tmp_path) -> None:
+def test_triton_kernels_compile_for_nvidia_gpus_without_spilling(
+    capability, tmp_path, monkeypatch
+) -> None:
     """The interpreter runs the kernels as Python; this compiles them as a GPU would (Triton to
     PTX, then ptxas, for an A100 / H100 target, no device needed) with the block sizes of a
     Mamba layer (d_inner 1024, N 16), so type and layout errors show without a GPU, and a
@@ -145,6 +147,7 @@ def test_triton_kernels_compile_for_nvidia_gpus_without_spilling(capability, tmp
 
     from modules.mamba import selective_scan_triton as kernels
 
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))  # compiled here
     u, B, A = torch.empty(2, 1024, 100), torch.empty(2, 1, 16, 100), torch.empty(1024, 16)
     _, blocks, _ = kernels._launch_args(u, B, A)
     assert blocks == {"BLOCK_D": 8, "BLOCK_N": 16, "BLOCK_T": 16}
