@@ -133,10 +133,8 @@ def _bwd_kernel(
         gy = tl.load(gy_ptr + du_off, mask=m2, other=0.0).to(tl.float32)
         # Adjoint states lam_t = C_t gy_t + a_{t+1} lam_{t+1}; the decay of the next step
         # (1 past the end: padding), and the carry entering at the chunk's last lane.
-        nxt = offs_t + 1
-        m_nxt = mask_d[:, None] & (nxt < length)[None, :]
-        dl_nxt = tl.load(delta_ptr + b * stride_ub + offs_d[:, None] * stride_ud + nxt[None, :],
-                         mask=m_nxt, other=0.0).to(tl.float32)
+        m_nxt = mask_d[:, None] & (offs_t + 1 < length)[None, :]
+        dl_nxt = tl.load(delta_ptr + du_off + 1, mask=m_nxt, other=0.0).to(tl.float32)
         last_lane = (lane == BLOCK_T - 1)[None, None, :]
         alpha = tl.where(last_lane, 0.0, tl.exp(dl_nxt[:, None, :] * A[:, :, None]))
         beta = Ct[None, :, :] * gy[:, None, :] + tl.where(last_lane, carry[:, :, None], 0.0)
