@@ -11,7 +11,10 @@ recorder), so those are trusted to be device-generic as torch declares them.
 from __future__ import annotations
 
 import functools
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 import torchgen
 from torch.utils._python_dispatch import TorchDispatchMode
 
+REPO = Path(__file__).resolve().parents[1]
 GENERIC = {"CompositeExplicitAutograd", "CompositeImplicitAutograd",
            "CompositeExplicitAutogradNonFunctional"}
 # Operators the recipes run on the CPU for tensors on MPS (mamba_asr.losses.ctc_loss).
@@ -98,3 +102,13 @@ def assert_mps_ready(recorded: dict) -> None:
     assert ON_CPU_FOR_MPS <= ops and "aten::addcmul_" in ops and len(ops) > 80
     assert without_mps(ops - ON_CPU_FOR_MPS) == {}
     assert "float64" not in recorded["dtypes"], recorded["dtypes"]
+
+
+def record_recipe(script: str, args: list[str], folder: Path) -> dict:
+    """Run the recipe ``script`` (e.g. "train_CTC.py") with ``args`` under ``record_ops.py``;
+    its recorded {"ops", "dtypes"}."""
+    out = folder / "ops.json"
+    cmd = [sys.executable, str(REPO / "tests" / "record_ops.py"), str(out), script, *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())

@@ -4,22 +4,25 @@ loss, which MPS lacks, runs on the CPU there. On a Mac the MPS tests run the rea
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import speechbrain as sb
 import torch
-from mps_kernels import MPS_DTYPES, OpRecorder, assert_mps_ready, mps_kernel, without_mps
+from mps_kernels import (
+    MPS_DTYPES,
+    OpRecorder,
+    assert_mps_ready,
+    mps_kernel,
+    record_recipe,
+    without_mps,
+)
 from test_mamba_modules import small_asr
 from test_selective_scan import make_inputs
 
 from mamba_asr.losses import ctc_device, ctc_loss
 from modules.mamba.selective_scan_interface import selective_scan_fn
 
-REPO = Path(__file__).resolve().parents[1]
 needs_mps = pytest.mark.skipif(not torch.backends.mps.is_available(),
                                reason="Apple MPS not available")
 
@@ -60,14 +63,11 @@ def test_mamba_layers_run_only_operators_mps_has() -> None:
 def test_ctc_recipe_batches_run_only_operators_mps_has(demo_corpus: Path, tmp_path: Path) -> None:
     """One epoch of the CTC demo recipe on a few utterances (training, validation and test
     batches: features, augmentation, model, loss, optimizer, beam search)."""
-    out = tmp_path / "ops.json"
-    cmd = [sys.executable, str(REPO / "tests" / "record_ops.py"), str(out), "train_CTC.py",
-           "hparams/CTC/demo.yaml", "--data_folder", str(demo_corpus), "--output_folder",
-           str(tmp_path / "run"), "--select_n_sentences", "[16, 8, 8, 8]",
-           "--number_of_epochs", "1", "--noprogressbar"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_mps_ready(json.loads(out.read_text()))
+    recorded = record_recipe("train_CTC.py", [
+        "hparams/CTC/demo.yaml", "--data_folder", str(demo_corpus), "--output_folder",
+        str(tmp_path / "run"), "--select_n_sentences", "[16, 8, 8, 8]",
+        "--number_of_epochs", "1", "--noprogressbar"], tmp_path)
+    assert_mps_ready(recorded)
 
 
 def test_ctc_loss_is_speechbrains_where_the_device_has_a_kernel() -> None:

@@ -8,7 +8,6 @@ its second checkpoint save, then finished by the same command. The tests that de
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ from config_keys import (
     keys_read,
 )
 from hyperpyyaml import load_hyperpyyaml
-from mps_kernels import assert_mps_ready
+from mps_kernels import assert_mps_ready, record_recipe
 
 import train_S2S
 from mamba_asr import data
@@ -294,16 +293,12 @@ def test_recipe_batches_run_only_operators_mps_has(
     (training, validation and test batches: the joint CTC/attention loss, the Mamba-decoder
     beam search with the CTC and LM scorers): every operator has an MPS kernel or runs on
     the CPU there, no float64 tensor (tests/test_mps_support.py)."""
-    out = tmp_path / "ops.json"
-    cmd = [sys.executable, str(REPO / "tests" / "record_ops.py"), str(out), "train_S2S.py",
-           str(S2S / "demo.yaml"), "--data_folder", str(demo_corpus), "--output_folder",
-           str(tmp_path / "run"), "--select_n_sentences", "[16, 4, 4, 4]",
-           "--number_of_epochs", "1", "--valid_search_interval", "1",
-           "--pretrained_lm_path", str(lm_folder), "--noprogressbar", *TINY[:4],
-           "--valid_beam_size", "2", "--test_beam_size", "2"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    recorded = json.loads(out.read_text())
+    recorded = record_recipe("train_S2S.py", [
+        str(S2S / "demo.yaml"), "--data_folder", str(demo_corpus), "--output_folder",
+        str(tmp_path / "run"), "--select_n_sentences", "[16, 4, 4, 4]",
+        "--number_of_epochs", "1", "--valid_search_interval", "1",
+        "--pretrained_lm_path", str(lm_folder), "--noprogressbar", *TINY[:4],
+        "--valid_beam_size", "2", "--test_beam_size", "2"], tmp_path)
     assert "aten::topk" in recorded["ops"]  # the beam search ran
     assert_mps_ready(recorded)
 
