@@ -14,7 +14,9 @@ on CPU the peak resident set size (``ru_maxrss``, which includes the ~0.5 GiB of
 of address space, and one that runs out of memory (or is killed) is reported as OOM.
 "forward" runs under ``torch.no_grad()`` (inference); "fwd+bwd" runs the forward with
 gradients and backpropagates a fixed random gradient into u, delta, A, B and C. Times are the
-best of ``--repeats`` runs. Each subprocess first checks its implementation (y and the
+best of ``--repeats`` runs; on CPU the system time and page faults of each best fwd+bwd run
+are printed too (much of the reference's time is the operating system mapping and zeroing the
+memory its autograd graph allocates). Each subprocess first checks its implementation (y and the
 gradients of u, delta, A, B, C: the largest relative error is the "check" column) against
 ``selective_scan_ref`` on a small problem.
 
@@ -175,22 +177,27 @@ def child(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
 
     leaves = [t.clone().requires_grad_() for t in inputs]
-    fwd_bwd = []
+    fwd_bwd = []  # (seconds, system seconds, page faults) per run
     for _ in range(args.repeats):
         for t in leaves:
             t.grad = None
         sync()
-        t0 = time.perf_counter()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         y = fn(*leaves)
         y.backward(grad_y)
         sync()
-        fwd_bwd.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        fwd_bwd.append((time.perf_counter() - t0, r1.ru_stime - r0.ru_stime,
+                        r1.ru_minflt - r0.ru_minflt + r1.ru_majflt - r0.ru_majflt))
         del y
+    best = min(fwd_bwd)
     return {
         "status": "ok",
         "check": check,
         "fwd_s": min(fwd),
-        "fwd_bwd_s": min(fwd_bwd),
+        "fwd_bwd_s": best[0],
+        "fwd_bwd_sys_s": best[1],
+        "fwd_bwd_faults": best[2],
         "base_bytes": base,
         "fwd_peak_bytes": fwd_peak,
         "fwd_bwd_peak_bytes": peak_bytes(device),
@@ -293,6 +300,8 @@ def print_table(args: argparse.Namespace, results: dict, impls: list[str]) -> No
             print(f"{impl:<{w}} {dev} {length:>5} {scale * res['fwd_s']:9.3f} "
                   f"{fmt_mem(res, 'fwd_peak_bytes'):>16} {scale * res['fwd_bwd_s']:10.3f} "
                   f"{fmt_mem(res, 'fwd_bwd_peak_bytes'):>16} {res['check']:8.1e}")
+    if args.device == "cpu":
+        system_time_report(args, results, impls)
     print("\nratios (other / ours: time, and peak memory above the inputs):")
     for length in args.lengths:
         ours = results.get(("ours", length))
@@ -310,6 +319,19 @@ def print_table(args: argparse.Namespace, results: dict, impls: list[str]) -> No
                   f"fwd+bwd {other['fwd_bwd_s'] / ours['fwd_bwd_s']:7.1f}x   "
                   f"fwd+bwd memory {extra[0] / max(extra[1], 1):6.1f}x")
     goal_report(results)
+
+
+def system_time_report(args: argparse.Namespace, results: dict, impls: list[str]) -> None:
+    """CPU: the system time of each best fwd+bwd run, and its page faults."""
+    print("\nsystem time of the best fwd+bwd run (page faults: on first touch the operating "
+          "system maps and\nzeroes each page of newly allocated memory):")
+    w = max(10, *(len(i) for i in impls))
+    for length in args.lengths:
+        for impl in impls:
+            res = results.get((impl, length))
+            if res and res["status"] == "ok":
+                print(f"  L={length:<5} {impl:<{w}} {res['fwd_bwd_sys_s']:6.2f} s of "
+                      f"{res['fwd_bwd_s']:6.2f} s, {res['fwd_bwd_faults'] / 1e3:7.1f} k faults")
 
 
 def goal_report(results: dict) -> None:
