@@ -93,6 +93,33 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch) -> 
 
 
 @needs_triton
+def test_triton_forward_saves_chunk_states_only_when_gradients_are_wanted(monkeypatch) -> None:
+    """Inference (no_grad, or inputs without requires_grad) launches the forward kernel
+    without saving the state entering each chunk; a training forward saves them all. The
+    launch is recorded by a stand-in, so no kernel runs."""
+    from modules.mamba import selective_scan_triton as kernels
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, SAVE, **kwargs):
+                launches.append((SAVE, tuple(args[7].shape)))
+            return launch
+
+    monkeypatch.setattr(kernels, "_fwd_kernel", Recorder())
+    inputs = make_inputs(2, 8, 4, 40, 1, torch.float32)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    leaves = [t.clone().requires_grad_() for t in args]
+    with torch.no_grad():
+        kernels.selective_scan_core(*leaves)
+    kernels.selective_scan_core(*args)
+    kernels.selective_scan_core(*leaves)
+    saved = (2, 8, 4, 3)  # (batch, dim, N, chunks of 16 steps)
+    assert launches == [(False, (2, 8, 4, 1)), (False, (2, 8, 4, 1)), (True, saved)]
+
+
+@needs_triton
 def test_triton_rejects_inputs_past_32_bit_offsets() -> None:
     """The kernels index with int32: past 2^31 - 1 elements they fail clearly instead of
     overflowing (shapes only, on the meta device)."""

@@ -186,16 +186,17 @@ def _launch_args(u: Tensor, B: Tensor, A: Tensor) -> tuple[tuple, dict[str, int]
 
 class SelectiveScanTriton(torch.autograd.Function):
     """u, delta (b, d, L), A (d, N), B, C (b, g, N, L), all float32 and contiguous ->
-    y (b, d, L), last state (b, d, N)."""
+    y (b, d, L), last state (b, d, N). ``grad_enabled`` is the grad mode outside ``apply``
+    (``needs_input_grad`` ignores it): without it no chunk states are saved."""
 
     @staticmethod
-    def forward(ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
-                ) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                grad_enabled: bool) -> tuple[Tensor, Tensor]:
         batch, dim, length = u.shape
         grid, blocks, sizes = _launch_args(u, B, A)
         y = torch.empty_like(u)
         last = u.new_empty(batch, dim, A.shape[1])
-        keep = any(ctx.needs_input_grad)
+        keep = grad_enabled and any(ctx.needs_input_grad[:5])
         n_chunks = triton.cdiv(length, BLOCK_T)
         saved = u.new_empty(batch, dim, A.shape[1], n_chunks if keep else 1)
         _fwd_kernel[grid](u, delta, A, B, C, y, last, saved, *sizes, SAVE=keep,
@@ -216,11 +217,11 @@ class SelectiveScanTriton(torch.autograd.Function):
         d_A, d_B, d_C = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
         _bwd_kernel[grid](u, delta, A, B, C, g_y, g_last, saved, d_u, d_delta, d_A, d_B, d_C,
                           *sizes, num_warps=NUM_WARPS, **blocks)
-        return d_u, d_delta, d_A, d_B, d_C
+        return d_u, d_delta, d_A, d_B, d_C, None
 
 
 def selective_scan_core(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                         ) -> tuple[Tensor, Tensor]:
     """(b, d, L) x2, (d, N), (b, g, N, L) x2, float32 -> y (b, d, L), last state (b, d, N)."""
     args = [t.float().contiguous() for t in (u, delta, A, B, C)]
-    return SelectiveScanTriton.apply(*args)
+    return SelectiveScanTriton.apply(*args, torch.is_grad_enabled())
