@@ -301,7 +301,7 @@ def print_table(args: argparse.Namespace, results: dict, impls: list[str]) -> No
                   f"{fmt_mem(res, 'fwd_peak_bytes'):>16} {scale * res['fwd_bwd_s']:10.3f} "
                   f"{fmt_mem(res, 'fwd_bwd_peak_bytes'):>16} {res['check']:8.1e}")
     if args.device == "cpu":
-        system_time_report(args, results, impls)
+        system_time_report(args, results, impls, w)
     print("\nratios (other / ours: time, and peak memory above the inputs):")
     for length in args.lengths:
         ours = results.get(("ours", length))
@@ -321,11 +321,13 @@ def print_table(args: argparse.Namespace, results: dict, impls: list[str]) -> No
     goal_report(results)
 
 
-def system_time_report(args: argparse.Namespace, results: dict, impls: list[str]) -> None:
-    """CPU: the system time of each best fwd+bwd run, and its page faults."""
+def system_time_report(
+    args: argparse.Namespace, results: dict, impls: list[str], w: int
+) -> None:
+    """CPU: the system time of each best fwd+bwd run, and its page faults (``w``: the
+    width of the implementation column)."""
     print("\nsystem time of the best fwd+bwd run (page faults: on first touch the operating "
           "system maps and\nzeroes each page of newly allocated memory):")
-    w = max(10, *(len(i) for i in impls))
     for length in args.lengths:
         for impl in impls:
             res = results.get((impl, length))
