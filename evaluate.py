@@ -23,6 +23,9 @@ Writes ``<out_dir>/wer_<csv name>.txt`` (default out_dir: ``eval/`` beside the s
 
 from __future__ import annotations
 
+import mamba_asr  # noqa: F401  (before speechbrain: drops its import-time torchvision notice)
+
+# isort: split
 import argparse
 import importlib
 import re
