@@ -1,11 +1,14 @@
 """Run-time set-up and Brain behaviour the recipes share (``train_CTC.py``, ``evaluate.py``).
 
 * :func:`load_config`: command line -> (hparams, run options), every problem a
-  :class:`ConfigError` naming the file/key/value: unknown override, unset placeholder, a key
-  the recipe needs missing from the YAML, unwritable ``output_folder``, CUDA or fp16 asked
-  for without CUDA. :func:`cli` turns those errors into one ``error:`` line and exit code 2.
+  :class:`ConfigError` naming the file/key/value: an option given twice, unknown override,
+  unset placeholder, a key the recipe needs missing from the YAML, ``--resume_from`` without
+  a checkpoint, unwritable ``output_folder``, CUDA or fp16 asked for without CUDA.
+  ``--resume PATTERN...`` picks the newest complete checkpoint matched as ``resume_from``.
 * :func:`start_run`: the start every recipe shares (config, threads, DDP group, experiment
-  folder, manifests).
+  folder, manifests). Both check before they create: an error before the run starts leaves
+  no output folder behind that was not there before. :func:`cli` turns those errors into
+  one ``error:`` line and exit code 2.
 * :func:`resolve_run_opts`: device-dependent run options, checked before anything runs
   (gloo for ``torchrun`` without CUDA, a clear error for fp16 without CUDA).
 * :class:`RecipeBrain`: a SpeechBrain ``Brain`` that
@@ -28,32 +31,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import json
 import logging
 import math
 import os
+import shutil
 import sys
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import speechbrain as sb
 import torch
 import yaml
-from hyperpyyaml import load_hyperpyyaml
+from hyperpyyaml import load_hyperpyyaml, resolve_references
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import DuplicateKeyError
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.checkpoints import (
+    CKPT_PREFIX,
     METAFNAME,
     PARAMFILE_EXT,
     Checkpoint,
     average_checkpoints,
 )
-from speechbrain.utils.distributed import ddp_barrier, if_main_process, infer_device
+from speechbrain.utils.distributed import ddp_barrier, get_rank, if_main_process, infer_device
 from speechbrain.utils.metric_stats import ErrorRateStats
 from speechbrain.utils.run_opts import RunOptions
 
-from librispeech_prepare import LibriSpeechPrepError
+from librispeech_prepare import LibriSpeechPrepError, librispeech_root
 from mamba_asr.atomic import atomic_open
 from mamba_asr.checkpoints import AtomicCheckpointer
 from mamba_asr.data import prepare_manifests
@@ -104,6 +114,9 @@ def _load_yaml(hparams_file: str, overrides: str) -> dict[str, Any]:
             raise
         key = str(exc).split("'")[1]
         raise ConfigError(f"{hparams_file}: {key} must be given, e.g. --{key} <value>") from exc
+    except DuplicateKeyError as exc:  # in the file: the command line's are found before
+        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
+        raise ConfigError(f"{hparams_file} line {line}: {exc.problem}") from exc
 
 
 def check_keys(hparams: dict[str, Any], required: Iterable[str], hparams_file: str) -> None:
@@ -136,18 +149,17 @@ def load_config(
 ) -> tuple[str, dict[str, Any], RunOptions, str]:
     """``(hparams_file, hparams, run_opts, overrides)`` from a recipe's command line.
 
-    Checks, before anything is prepared or written: overrides name existing keys, no
-    ``!PLACEHOLDER`` is left, the keys ``required`` (the recipe's ``KEYS``) are present,
-    the device and precisions can run here (:func:`resolve_run_opts`), ``output_folder`` is
-    writable (unless not ``write_output``). Raises :class:`ConfigError`.
+    Checks, before anything is prepared or written: no option is given twice, overrides name
+    existing keys, no ``!PLACEHOLDER`` is left, the keys ``required`` (the recipe's ``KEYS``)
+    are present, the device and precisions can run here (:func:`resolve_run_opts`),
+    ``resume_from`` is a complete checkpoint, ``output_folder`` is writable (unless not
+    ``write_output``). ``--resume PATTERN...`` sets ``resume_from`` to the newest complete
+    checkpoint matched (:func:`newest_checkpoint`). Raises :class:`ConfigError`, after
+    removing the output folders that loading created.
     """
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    hparams = _load_yaml(hparams_file, overrides)
-    check_keys(hparams, required, hparams_file)
-    run_opts = resolve_run_opts(run_opts, hparams)
-    if write_output:
-        check_writable(hparams["output_folder"])
-    return hparams_file, hparams, run_opts, overrides
+    with _checked_config(argv, required, write_output) as loaded:
+        hparams_file, hparams, run_opts, overrides, _ = loaded
+        return hparams_file, hparams, run_opts, overrides
 
 
 def start_run(
@@ -156,24 +168,31 @@ def start_run(
     check: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], RunOptions]:
     """``(hparams, run_opts)`` of a recipe run that is ready to train: :func:`load_config`,
-    then ``check(hparams)`` (the recipe's own value checks, before anything is written),
-    ``cpu_threads`` torch threads when the YAML sets it, the DDP process group, the
-    experiment folder (hyperparams.yaml, log) and the manifests (main process)."""
-    hparams_file, hparams, run_opts, overrides = load_config(argv, keys)
-    if check is not None:
-        check(hparams)
-    threads = hparams.get("cpu_threads")  # optional key
-    if threads is not None and (type(threads) is not int or threads < 1):
-        raise ConfigError(f"cpu_threads must be null or an integer >= 1, not {threads!r}")
-    if threads:
-        torch.set_num_threads(threads)
-    sb.utils.distributed.ddp_init_group(run_opts)
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=hparams_file,
-        overrides=overrides,
-    )
-    prepare_manifests(hparams)
+    then ``check(hparams)`` (the recipe's own value checks) and that ``data_folder`` exists,
+    before anything is written; then ``cpu_threads`` torch threads when the YAML sets it, the
+    DDP process group, the experiment folder (hyperparams.yaml, log) and the manifests (main
+    process). An error on the way removes the output folders it created."""
+    with _checked_config(argv, keys) as (hparams_file, hparams, run_opts, overrides, resume):
+        if check is not None:
+            check(hparams)
+        threads = hparams.get("cpu_threads")  # optional key
+        if threads is not None and (type(threads) is not int or threads < 1):
+            raise ConfigError(f"cpu_threads must be null or an integer >= 1, not {threads!r}")
+        if not hparams.get("skip_prep") and "data_folder" in hparams:
+            librispeech_root(hparams["data_folder"])  # LibriSpeechPrepError if missing
+        if threads:
+            torch.set_num_threads(threads)
+        sb.utils.distributed.ddp_init_group(run_opts)
+        sb.create_experiment_directory(
+            experiment_directory=hparams["output_folder"],
+            hyperparams_to_save=hparams_file,
+            overrides=overrides,
+        )
+        if resume is not None and _first_process():
+            logger.info(
+                "--resume: the newest complete checkpoint matched is %s", hparams["resume_from"]
+            )
+        prepare_manifests(hparams)
     return hparams, run_opts
 
 
@@ -185,6 +204,187 @@ def cli(main: Callable[[list[str]], Any]) -> None:
     except (ConfigError, LibriSpeechPrepError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def split_command_line(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``(argv without --resume and its patterns, those patterns or None)``.
+
+    ``--resume`` takes every following argument up to the next ``--option`` (a shell expands
+    an unquoted glob into several paths). ConfigError for an option given twice, for
+    ``--resume_from`` without a value (it would silently start a fresh run), for ``--resume``
+    without a pattern, and for ``--resume`` together with ``--resume_from``.
+    """
+    rest: list[str] = []
+    patterns: list[str] | None = None
+    seen: dict[str, str | None] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not token.startswith("--"):
+            rest.append(token)
+            continue
+        name, has_value, inline = token[2:].partition("=")
+        if name == "resume":
+            if has_value:
+                given = [inline]
+            else:
+                given = list(_values_from(argv, i))
+                i += len(given)
+            if patterns is not None:
+                raise ConfigError("--resume is given twice on the command line: give it once")
+            patterns = [p for p in given if p]
+            if not patterns:
+                raise ConfigError(
+                    "--resume needs a checkpoint folder or a pattern, e.g. --resume "
+                    "'results/<run>/save/CKPT+*' (the newest complete one it matches)"
+                )
+            continue
+        value = inline if has_value else next(_values_from(argv, i), None)
+        if name in seen:
+            values = "" if value is None else f" ({seen[name]}, then {value})"
+            raise ConfigError(f"--{name} is given twice on the command line{values}: give it once")
+        seen[name] = value
+        if name == "resume_from" and not value:
+            raise ConfigError(
+                "--resume_from needs a checkpoint folder (<save_folder>/CKPT+...); without it "
+                "the run would start afresh. Rerun without it to continue from this run's "
+                "latest checkpoint"
+            )
+        rest.append(token)
+    if patterns is not None and "resume_from" in seen:
+        raise ConfigError("--resume and --resume_from both name where to resume: give one")
+    return rest, patterns
+
+
+def _values_from(argv: list[str], start: int) -> Iterator[str]:
+    """The arguments of ``argv`` from ``start`` up to the next ``--option``."""
+    for token in argv[start:]:
+        if token.startswith("--"):
+            return
+        yield token
+
+
+def newest_checkpoint(patterns: list[str], checkpointer: Any = None) -> Path:
+    """The newest (CKPT.yaml ``unixtime``, SpeechBrain's recency) complete checkpoint among
+    the folders ``patterns`` match: ``CKPT+...`` folders, folders holding them (a save
+    folder), or globs of either. Complete: :func:`checkpoint_from_dir` accepts it for
+    ``checkpointer``. ConfigError naming the patterns and what they matched otherwise."""
+    matched: list[Path] = []
+    for pattern in patterns:
+        for path in map(Path, sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]):
+            inside = sorted(path.glob(f"{CKPT_PREFIX}+*")) if path.is_dir() else []
+            matched += inside if inside and not (path / METAFNAME).exists() else [path]
+    complete: list[Checkpoint] = []
+    problems: list[str] = []
+    for folder in dict.fromkeys(matched):
+        try:
+            complete.append(checkpoint_from_dir(folder, checkpointer))
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(str(exc))
+    if complete:
+        return Path(max(complete, key=lambda c: c.meta["unixtime"]).path)
+    found = f"it matched {len(problems)}, none complete: {problems[0]}" if problems else (
+        "it matched nothing"
+    )
+    raise ConfigError(
+        f"--resume {' '.join(patterns)}: no complete checkpoint ({found}); expected "
+        "<save_folder>/CKPT+<date>+<time>+<nn> folders"
+    )
+
+
+def pending_resume(path: str | os.PathLike | None, checkpointer: Any) -> Path | None:
+    """``resume_from`` (``path``) when this run has still to start from it: given, and not
+    both recorded as started from (its marker in the save folder) and followed by a
+    checkpoint of this run (a run stopped before its first save starts from it again)."""
+    if not path:
+        return None
+    if checkpointer is None:
+        return Path(path)
+    try:
+        recorded = _resume_marker(checkpointer).read_text(encoding="utf-8").strip()
+        started = recorded == str(Path(path).resolve())
+        saved = started and checkpointer.find_checkpoint() is not None
+    except OSError:  # no save folder (yet)
+        saved = False
+    return None if saved else Path(path)
+
+
+def _resume_marker(checkpointer: Any) -> Path:
+    """The file in the save folder naming the ``resume_from`` this run started from."""
+    return Path(checkpointer.checkpoints_dir) / RESUME_MARKER
+
+
+@contextlib.contextmanager
+def _removed_on_error(folders: Iterable[Path]) -> Iterator[None]:
+    """Runs the block; if it raises, removes those of ``folders`` that did not exist on entry
+    and their parents made since (when empty): a run stopped by an error before it started
+    leaves nothing behind. Main process only."""
+    made = {}
+    for folder in folders:
+        new = [p for p in (folder, *folder.parents) if not p.exists()]
+        if new:
+            made[folder] = new
+    try:
+        yield
+    except BaseException:
+        if _first_process():
+            for folder, new in made.items():
+                shutil.rmtree(folder, ignore_errors=True)
+                for parent in new[1:]:
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()  # only if empty: another run may be writing there
+        raise
+
+
+def _output_folders(hparams_file: str, overrides: str) -> list[Path]:
+    """The ``*_folder`` values but ``data_folder`` (the folders a run writes), read with
+    references and overrides resolved, without building any object."""
+    try:
+        with open(hparams_file, encoding="utf-8") as f:
+            config = YAML().load(resolve_references(f, overrides))
+    except Exception:  # unreadable: loading reports it, before anything is created
+        return []
+    return [
+        Path(value) for key, value in config.items()
+        if key.endswith("_folder") and key != "data_folder" and isinstance(value, str)
+    ]
+
+
+@contextlib.contextmanager
+def _checked_config(
+    argv: list[str], required: Iterable[str], write_output: bool = True
+) -> Iterator[tuple[str, dict[str, Any], RunOptions, str, list[str] | None]]:
+    """Loads and checks the configuration of ``argv`` (see :func:`load_config`), then runs
+    the block; an error in either removes the output folders made meanwhile. Yields
+    ``(hparams_file, hparams, run_opts, overrides, --resume patterns or None)``."""
+    argv, resume = split_command_line(argv)
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with _removed_on_error(_output_folders(hparams_file, overrides)):
+        hparams = _load_yaml(hparams_file, overrides)
+        check_keys(hparams, required, hparams_file)
+        checkpointer = hparams.get("checkpointer")
+        if resume is not None:
+            check_keys(hparams, ["resume_from"], hparams_file)
+            path = str(newest_checkpoint(resume, checkpointer))
+            hparams["resume_from"] = path
+            overrides = f"{overrides}\nresume_from: {json.dumps(path)}"  # in hyperparams.yaml
+        pending = pending_resume(hparams.get("resume_from"), checkpointer)
+        if pending is not None:
+            try:
+                checkpoint_from_dir(pending, checkpointer)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(f"resume_from: {exc}") from exc
+        run_opts = resolve_run_opts(run_opts, hparams)
+        if write_output:
+            check_writable(hparams["output_folder"])
+        yield hparams_file, hparams, run_opts, overrides, resume
+
+
+def _first_process() -> bool:
+    """Rank 0 by the launcher's environment (SpeechBrain's ``if_main_process`` holds on every
+    process until the DDP group exists)."""
+    return get_rank() in (None, 0)
 
 
 def resolve_run_opts(run_opts: RunOptions, hparams: dict[str, Any]) -> RunOptions:
@@ -238,7 +438,12 @@ def checkpoint_from_dir(path: str | os.PathLike, checkpointer: Any = None) -> Ch
         problem = checkpointer.check_checkpoint_dir(folder)
         if problem is not None:
             raise ValueError(f"checkpoint {folder} is incomplete: {problem}")
-    meta = yaml.safe_load(meta_file.read_text(encoding="utf-8"))
+    try:
+        meta = yaml.safe_load(meta_file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"checkpoint {folder} is incomplete: {METAFNAME} is unreadable") from exc
+    if not isinstance(meta, dict) or "unixtime" not in meta:
+        raise ValueError(f"checkpoint {folder} is incomplete: {METAFNAME} is not checkpoint meta")
     params = {f.stem: f for f in folder.iterdir() if f.suffix == PARAMFILE_EXT}
     return Checkpoint(folder, meta, params)
 
@@ -372,21 +577,20 @@ class RecipeBrain(sb.Brain):
         self.checkpointer.load_checkpoint(ckpt)
 
     def _explicit_resume(self) -> Checkpoint | None:
-        """The ``resume_from`` checkpoint unless this run already started from it."""
+        """The ``resume_from`` checkpoint unless this run already started from it and saved
+        a checkpoint since (:func:`pending_resume`)."""
         path = self.hparams.resume_from
         if not path or self.checkpointer is None:
             return None
-        marker = Path(self.checkpointer.checkpoints_dir) / RESUME_MARKER
-        target = str(Path(path).resolve())
-        done = marker.is_file() and marker.read_text(encoding="utf-8").strip() == target
+        pending = pending_resume(path, self.checkpointer)
         ddp_barrier()  # every process has decided before the marker changes
-        if done:  # (the named checkpoint may since have been deleted as not among the best)
+        if pending is None:  # (the named checkpoint may since have been deleted as not the best)
             logger.info("this run already started from %s: resuming from its latest", path)
             return None
-        ckpt = checkpoint_from_dir(path, self.checkpointer)
+        ckpt = checkpoint_from_dir(pending, self.checkpointer)
         if if_main_process():
-            with atomic_open(marker, "w", encoding="utf-8") as f:
-                f.write(target + "\n")
+            with atomic_open(_resume_marker(self.checkpointer), "w", encoding="utf-8") as f:
+                f.write(f"{pending.resolve()}\n")
         return ckpt
 
     # ------------------------------------------------------------------ non-finite steps

@@ -1,4 +1,5 @@
-"""The commands users type: ``python -m mamba_asr.ddp_run``, SpeechBrain's torchvision notice.
+"""The commands users type: ``--resume``, ``python -m mamba_asr.ddp_run``, errors found before
+a run starts (nothing left behind), an option given twice, SpeechBrain's torchvision notice.
 
 The end-to-end tests run the CTC demo configuration on a few utterances of the demo corpus.
 """
@@ -8,15 +9,32 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from hyperpyyaml import load_hyperpyyaml
+from ruamel.yaml import YAML
 
+import train_CTC
+import train_S2S
+from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr import TORCHVISION_NOTICE, data
+from mamba_asr.checkpoints import AtomicCheckpointer
 from mamba_asr.ddp_run import torchrun_argv
+from mamba_asr.recipe import (
+    RESUME_MARKER,
+    ConfigError,
+    PrecisionError,
+    newest_checkpoint,
+    pending_resume,
+    split_command_line,
+)
 from mamba_asr.reports.curves import read_test_lines, read_train_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +57,82 @@ def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
     )
 
 
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    """The last line of stderr, after checking: exit status 2, no traceback, no torchvision
+    notice."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output and TORCHVISION_NOTICE not in output
+    return proc.stderr.strip().splitlines()[-1]
+
+
 # --------------------------------------------------------------------------- command line
+
+
+def test_split_command_line_resume_and_repeated_options() -> None:
+    argv = ["h.yaml", "--resume", "a/CKPT+1", "a/CKPT+2", "--number_of_epochs", "3"]
+    rest, patterns = split_command_line(argv)
+    assert rest == ["h.yaml", "--number_of_epochs", "3"]
+    assert patterns == ["a/CKPT+1", "a/CKPT+2"]
+    assert split_command_line(["h.yaml", "--resume=s/CKPT+*"]) == (["h.yaml"], ["s/CKPT+*"])
+    assert split_command_line(["h.yaml", "--resume_from", "c"]) == (
+        ["h.yaml", "--resume_from", "c"], None
+    )
+    errors = {
+        "--batch_size is given twice on the command line (8, then 4): give it once":
+            ["h.yaml", "--batch_size", "8", "--batch_size=4"],
+        "--noprogressbar is given twice on the command line: give it once":
+            ["h.yaml", "--noprogressbar", "--noprogressbar"],
+        "--resume_from needs a checkpoint folder": ["h.yaml", "--resume_from", "--seed", "1"],
+        "--resume needs a checkpoint folder or a pattern": ["h.yaml", "--resume", "--seed", "1"],
+        "--resume and --resume_from both": ["h.yaml", "--resume", "a", "--resume_from", "b"],
+        "--resume is given twice": ["h.yaml", "--resume", "a", "--resume", "b"],
+    }
+    for message, argv in errors.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            split_command_line(argv)
+    for argv in (["h.yaml", "--resume_from"], ["h.yaml", "--resume_from="]):
+        with pytest.raises(ConfigError, match="would start afresh"):
+            split_command_line(argv)
+
+
+def test_newest_complete_checkpoint(tmp_path: Path) -> None:
+    """By CKPT.yaml unixtime among the folders matched, skipping incomplete ones; a folder of
+    checkpoints counts as its CKPT+ folders."""
+    save = tmp_path / "save"
+    ckpter = AtomicCheckpointer(save, recoverables={"model": torch.nn.Linear(2, 1)})
+    first, second, third = (ckpter.save_checkpoint(meta={"n": n}).path for n in range(3))
+    (third / "model.ckpt").unlink()  # incomplete (e.g. damaged by hand)
+    broken = save / "CKPT+9999-12-31+23-59-59+00"
+    broken.mkdir()
+    (broken / "CKPT.yaml").write_text("unixtime: [")
+    pattern = str(save / "CKPT+*")
+    assert newest_checkpoint([pattern], ckpter) == second
+    assert newest_checkpoint([str(save)], ckpter) == second
+    assert newest_checkpoint([str(first), str(third)], ckpter) == first  # shell-expanded glob
+    # Newest by unixtime, as SpeechBrain ranks recency, not by name.
+    meta = yaml.safe_load((first / "CKPT.yaml").read_text())
+    (first / "CKPT.yaml").write_text(yaml.dump({**meta, "unixtime": meta["unixtime"] + 60}))
+    assert newest_checkpoint([pattern], ckpter) == first
+    with pytest.raises(ConfigError, match=re.escape(f"--resume {tmp_path}/x*: no complete "
+                                                    "checkpoint (it matched nothing)")):
+        newest_checkpoint([f"{tmp_path}/x*"], ckpter)
+    with pytest.raises(ConfigError, match="it matched 1, none complete: .*model.ckpt is missing"):
+        newest_checkpoint([str(third)], ckpter)
+
+
+def test_resume_from_is_pending_until_the_run_saved(tmp_path: Path) -> None:
+    """A run stopped after starting from ``resume_from`` but before its first checkpoint
+    starts from it again; once it saved one, it continues from its own."""
+    source = AtomicCheckpointer(tmp_path / "a", recoverables={"model": torch.nn.Linear(2, 1)})
+    named = source.save_checkpoint().path
+    run = AtomicCheckpointer(tmp_path / "b", recoverables={"model": torch.nn.Linear(2, 1)})
+    assert pending_resume(None, run) is None
+    assert pending_resume(str(named), run) == named  # not started from yet
+    (tmp_path / "b" / RESUME_MARKER).write_text(f"{named.resolve()}\n")
+    assert pending_resume(str(named), run) == named  # started, but nothing saved since
+    run.save_checkpoint()
+    assert pending_resume(str(named), run) is None
 
 
 def test_ddp_run_passes_torchrun_options() -> None:
@@ -75,7 +168,85 @@ def test_torchvision_notice_is_silenced(caplog: pytest.LogCaptureFixture) -> Non
     assert TORCHVISION_NOTICE not in proc.stderr + proc.stdout
 
 
-# --------------------------------------------------------------------------- ddp_run
+# --------------------------------------------------------------------------- early errors
+
+
+def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+EARLY_ERRORS = {  # case -> (recipe, extra arguments, error type, message pattern)
+    "missing data folder": (train_CTC, ["--data_folder", "{tmp}/nothere"], LibriSpeechPrepError,
+                            "data folder .*nothere does not exist"),
+    "cuda without CUDA": (train_CTC, ["--device", "cuda"], ConfigError, "asks for CUDA"),
+    "fp16 without CUDA": (train_CTC, ["--precision", "fp16"], PrecisionError, "needs a CUDA"),
+    "unknown override": (train_CTC, ["--batch_sise", "8"], ConfigError, "no key 'batch_sise'"),
+    "option twice": (train_CTC, ["--seed", "1", "--seed", "2"], ConfigError, "given twice"),
+    "resume_from without value": (train_CTC, ["--resume_from"], ConfigError, "start afresh"),
+    "resume_from not a checkpoint": (train_CTC, ["--resume_from", "{tmp}"], ConfigError,
+                                     "resume_from: .* is not a SpeechBrain checkpoint folder"),
+    "resume matching nothing": (train_CTC, ["--resume", "{tmp}/CKPT+*"], ConfigError,
+                                "no complete checkpoint"),
+    "missing LM": (train_S2S, ["--pretrained_lm_path", "{tmp}/nolm"], ConfigError,
+                   "lm file .*nolm/lm.ckpt not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EARLY_ERRORS))
+def test_early_errors_leave_nothing_behind(
+    case: str, demo_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error found before the run starts leaves no folder it created: not the output
+    folder, nor its parent made for it."""
+    recipe, extra, error, message = EARLY_ERRORS[case]
+    _no_cuda(monkeypatch)
+    family = "CTC" if recipe is train_CTC else "S2S"
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    data_folder = [] if "--data_folder" in extra else ["--data_folder", str(demo_corpus)]
+    argv = [
+        str(REPO / "hparams" / family / "demo.yaml"), *data_folder,
+        "--output_folder", str(tmp_path / "new" / "run"), *extra,
+    ]
+    with pytest.raises(error, match=message):
+        recipe.main(argv)
+    assert not (tmp_path / "new").exists()
+
+
+def test_early_error_keeps_an_existing_run(demo_corpus: Path, tmp_path: Path) -> None:
+    """A rerun with a mistake removes nothing that was there before."""
+    out = tmp_path / "run"
+    (out / "save").mkdir(parents=True)
+    (out / "train_log.txt").write_text("epoch: 1\n")
+    argv = [str(DEMO), "--data_folder", str(demo_corpus), "--output_folder", str(out)]
+    with pytest.raises(ConfigError):
+        train_CTC.main([*argv, "--batch_sise", "8"])
+    assert sorted(p.name for p in out.iterdir()) == ["save", "train_log.txt"]
+
+
+def test_prep_error_removes_the_new_experiment_folder(tmp_path: Path) -> None:
+    """A data folder without the splits fails in the manifest preparation, after the
+    experiment folder was written: one error line, exit status 2, no folder left."""
+    empty = tmp_path / "LibriSpeech"
+    empty.mkdir()
+    out = tmp_path / "new" / "run"
+    proc = _run([sys.executable, "train_CTC.py", *_ctc_argv(empty, out)])
+    missing = empty / "train-clean-100"
+    assert _error_line(proc).startswith(f"error: split folder {missing} does not exist")
+    assert "Experiment folder" in proc.stdout + proc.stderr  # it was made, then removed
+    assert not (tmp_path / "new").exists()
+
+
+def test_option_given_twice_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = _ctc_argv(tmp_path, out, "--batch_size", "8", "--batch_size", "4")
+    proc = _run([sys.executable, "train_CTC.py", *argv])
+    assert _error_line(proc) == (
+        "error: --batch_size is given twice on the command line (8, then 4): give it once"
+    )
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- ddp_run, --resume
 
 
 def _n_batches(out: Path, demo_corpus: Path) -> int:
@@ -115,3 +286,34 @@ def test_ddp_run_trains_on_two_processes(ddp_run: Path, demo_corpus: Path) -> No
     tests = read_test_lines(ddp_run / "train_log.txt")
     assert list(tests["test set"]) == ["test-clean", "test-other"]
     assert (tests["test utterances"] == N_TEST).all()
+
+
+@pytest.mark.slow
+def test_resume_takes_the_newest_complete_checkpoint(
+    ddp_run: Path, demo_corpus: Path, tmp_path: Path
+) -> None:
+    """``--resume <paths the shell expanded>`` into a new output folder: a newer but
+    incomplete checkpoint is skipped, the run continues from the DDP run's checkpoint."""
+    save = tmp_path / "save"
+    shutil.copytree(ddp_run / "save", save)
+    (real,) = save.glob("CKPT+*")
+    newer = save / "CKPT+9999-12-31+23-59-59+00"
+    shutil.copytree(real, newer)
+    meta = yaml.safe_load((real / "CKPT.yaml").read_text())
+    (newer / "CKPT.yaml").write_text(yaml.dump({**meta, "unixtime": meta["unixtime"] + 60}))
+    (newer / "model.ckpt").write_bytes((newer / "model.ckpt").read_bytes()[:100])  # truncated
+    out = tmp_path / "new"
+    matched = sorted(str(p) for p in save.glob("CKPT+*"))
+    argv = _ctc_argv(demo_corpus, out, "--number_of_epochs", "2", "--resume", *matched,
+                     select="[16, 4, 4, 4]")
+    proc = _run([sys.executable, "train_CTC.py", *argv])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert f"--resume: the newest complete checkpoint matched is {real}" in output
+    assert f"resuming from {real} (resume_from)" in output
+    saved = YAML().load(out / "hyperparams.yaml")  # (HyperPyYAML tags: not for yaml.safe_load)
+    assert saved["resume_from"] == str(real)
+    log = read_train_log(out / "train_log.txt")
+    assert list(log.index) == [2]  # epoch 1 came from the checkpoint
+    before = read_train_log(ddp_run / "train_log.txt").loc[1, "steps"]
+    assert log.loc[2, "steps"] == before + _n_batches(out, demo_corpus)  # the count went on

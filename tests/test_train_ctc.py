@@ -154,8 +154,7 @@ def test_configuration_errors_name_the_key(tmp_path: Path, monkeypatch) -> None:
         with pytest.raises(ConfigError, match=f"cpu_threads must be null or an integer >= 1, "
                                                f"not {bad}"):
             train_CTC.main([*base, "--cpu_threads", bad])
-    written = {p.name for p in (tmp_path / "out").iterdir()}
-    assert not written & {"hyperparams.yaml", "log.txt", "train_log.txt", "prepared"}, written
+    assert not (tmp_path / "out").exists()  # the errors leave no output folder behind
 
 
 def test_data_errors_name_the_file(tmp_path: Path) -> None:
