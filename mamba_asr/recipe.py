@@ -7,8 +7,10 @@
   ``--resume PATTERN...`` picks the newest complete checkpoint matched as ``resume_from``.
 * :func:`start_run`: the start every recipe shares (config, threads, DDP group, experiment
   folder, manifests). Both check before they create: an error before the run starts leaves
-  no output folder behind that was not there before. :func:`cli` turns those errors into
-  one ``error:`` line and exit code 2.
+  no output folder behind that was not there before.
+* :func:`cli`: a recipe's ``__main__``: those errors become one ``error:`` line and exit
+  status 2; Ctrl-C one ``interrupted:`` line naming the checkpoint the same command resumes
+  from, and exit status 130.
 * :func:`resolve_run_opts`: device-dependent run options, checked before anything runs
   (gloo for ``torchrun`` without CUDA, a clear error for fp16 without CUDA).
 * :class:`RecipeBrain`: a SpeechBrain ``Brain`` that
@@ -39,6 +41,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -66,6 +69,7 @@ from speechbrain.utils.run_opts import RunOptions
 from librispeech_prepare import LibriSpeechPrepError, librispeech_root
 from mamba_asr.atomic import atomic_open
 from mamba_asr.checkpoints import AtomicCheckpointer
+from mamba_asr.commands import rerun_command
 from mamba_asr.data import prepare_manifests
 
 logger = logging.getLogger(__name__)
@@ -162,6 +166,10 @@ def load_config(
         return hparams_file, hparams, run_opts, overrides
 
 
+# The hparams of the run start_run started in this process, for cli's Ctrl-C line.
+_started_run: dict[str, Any] | None = None
+
+
 def start_run(
     argv: list[str],
     keys: Iterable[str],
@@ -172,7 +180,9 @@ def start_run(
     before anything is written; then ``cpu_threads`` torch threads when the YAML sets it, the
     DDP process group, the experiment folder (hyperparams.yaml, log) and the manifests (main
     process). An error on the way removes the output folders it created."""
+    global _started_run
     with _checked_config(argv, keys) as (hparams_file, hparams, run_opts, overrides, resume):
+        _started_run = hparams
         if check is not None:
             check(hparams)
         threads = hparams.get("cpu_threads")  # optional key
@@ -197,13 +207,25 @@ def start_run(
 
 
 def cli(main: Callable[[list[str]], Any]) -> None:
-    """Runs ``main(sys.argv[1:])``; a configuration or data-folder error becomes one
-    ``error: ...`` line on stderr and exit status 2 (other exceptions keep their traceback)."""
+    """Runs ``main(sys.argv[1:])``. A configuration or data-folder error becomes one
+    ``error: ...`` line on stderr and exit status 2; Ctrl-C (KeyboardInterrupt) one line on
+    where the same command resumes from (:func:`interrupt_message`; the main process only,
+    as under torchrun every process gets the signal) and exit status 130. Other exceptions
+    keep their traceback."""
     try:
         main(sys.argv[1:])
     except (ConfigError, LibriSpeechPrepError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or torchrun passing the signal on) must not cut the line short, nor
+        # objects interrupted half-built print their finalizers' errors (a DataLoader iterator
+        # interrupted while starting its workers does).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.unraisablehook = lambda unraisable: None
+        if _first_process():
+            print(interrupt_message(_started_run), file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def split_command_line(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -385,6 +407,34 @@ def _first_process() -> bool:
     """Rank 0 by the launcher's environment (SpeechBrain's ``if_main_process`` holds on every
     process until the DDP group exists)."""
     return get_rank() in (None, 0)
+
+
+def interrupt_message(hparams: dict[str, Any] | None) -> str:
+    """The line printed on Ctrl-C: where a rerun of the same command starts from, and that
+    command (:func:`mamba_asr.commands.rerun_command`)."""
+    command = rerun_command()
+    if hparams is None:
+        return f"interrupted before the run started: rerun the same command to start it: {command}"
+    checkpointer = hparams.get("checkpointer")
+    pending = pending_resume(hparams.get("resume_from"), checkpointer)
+    if pending is not None:
+        return (
+            f"interrupted: rerun the same command to start again from {pending} "
+            f"(resume_from): {command}"
+        )
+    try:
+        latest = checkpointer.find_checkpoint() if checkpointer is not None else None
+    except OSError:  # the save folder is gone (removed as new after an error) or unreadable
+        latest = None
+    if latest is None:
+        return (
+            "interrupted before the first checkpoint was saved: rerun the same command to "
+            f"start the run again: {command}"
+        )
+    return (
+        f"interrupted: rerun the same command to resume from {latest.path} (the latest "
+        f"complete checkpoint): {command}"
+    )
 
 
 def resolve_run_opts(run_opts: RunOptions, hparams: dict[str, Any]) -> RunOptions:

@@ -1,5 +1,6 @@
-"""The commands users type: ``--resume``, ``python -m mamba_asr.ddp_run``, errors found before
-a run starts (nothing left behind), an option given twice, SpeechBrain's torchvision notice.
+"""The commands users type: ``--resume``, ``python -m mamba_asr.ddp_run``, Ctrl-C, errors found
+before a run starts (nothing left behind), an option given twice, SpeechBrain's torchvision
+notice.
 
 The end-to-end tests run the CTC demo configuration on a few utterances of the demo corpus.
 """
@@ -10,9 +11,13 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +31,7 @@ import train_S2S
 from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr import TORCHVISION_NOTICE, data
 from mamba_asr.checkpoints import AtomicCheckpointer
+from mamba_asr.commands import LAUNCH_ENV, python_command, rerun_command
 from mamba_asr.ddp_run import torchrun_argv
 from mamba_asr.recipe import (
     RESUME_MARKER,
@@ -133,6 +139,29 @@ def test_resume_from_is_pending_until_the_run_saved(tmp_path: Path) -> None:
     assert pending_resume(str(named), run) == named  # started, but nothing saved since
     run.save_checkpoint()
     assert pending_resume(str(named), run) is None
+
+
+def test_rerun_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``python`` when that is this interpreter on PATH, its full path otherwise; the
+    launcher's command under ddp_run; torchrun's options are not seen by its workers."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    python = bindir / "python"
+    python.write_text("")
+    python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(python))
+    monkeypatch.setenv("PATH", str(bindir))
+    assert python_command() == "python"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert python_command() == str(python)
+    monkeypatch.delenv(LAUNCH_ENV, raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    argv = ["train_CTC.py", "h.yaml", "--select_n_sentences", "[8, 8]"]
+    assert rerun_command(argv) == f"{python} train_CTC.py h.yaml --select_n_sentences '[8, 8]'"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert rerun_command(argv) == "torchrun ... train_CTC.py h.yaml --select_n_sentences '[8, 8]'"
+    monkeypatch.setenv(LAUNCH_ENV, "python -m mamba_asr.ddp_run --nproc_per_node=2 t.py")
+    assert rerun_command(argv) == "python -m mamba_asr.ddp_run --nproc_per_node=2 t.py"
 
 
 def test_ddp_run_passes_torchrun_options() -> None:
@@ -317,3 +346,91 @@ def test_resume_takes_the_newest_complete_checkpoint(
     assert list(log.index) == [2]  # epoch 1 came from the checkpoint
     before = read_train_log(ddp_run / "train_log.txt").loc[1, "steps"]
     assert log.loc[2, "steps"] == before + _n_batches(out, demo_corpus)  # the count went on
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def _interrupt(
+    cmd: list[str], ready: Callable[[], bool], **env: str
+) -> subprocess.CompletedProcess:
+    """Starts ``cmd`` in its own process group, waits until ``ready()``, then sends SIGINT to
+    the group, as Ctrl-C in a terminal does; returns the finished process."""
+    child = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **env}, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert child.poll() is None, child.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never got ready"
+        time.sleep(0.1)
+    os.killpg(child.pid, signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+
+
+def _newest_complete(save: Path) -> Path:
+    ckpts = [(yaml.safe_load((d / "CKPT.yaml").read_text())["unixtime"], d)
+             for d in save.glob("CKPT+*")]
+    return max(ckpts)[1]
+
+
+def _assert_interrupted(proc: subprocess.CompletedProcess, expected: str) -> None:
+    """Exit status 130, exactly one ``interrupted`` line on stderr and no traceback."""
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("interrupted")]
+    assert lines == [expected], proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+
+
+def _command(argv: list[str]) -> str:
+    return f"{python_command()} {shlex.join(argv)}"
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_the_checkpoint_to_resume_from(demo_corpus: Path, tmp_path: Path) -> None:
+    """After an intra-epoch checkpoint, and before any: one line with the same command."""
+    out = tmp_path / "run"
+    argv = ["train_CTC.py", *_ctc_argv(demo_corpus, out, "--ckpt_interval_steps", "1")]
+    proc = _interrupt([sys.executable, *argv], lambda: any((out / "save").glob("CKPT+*")))
+    latest = _newest_complete(out / "save")
+    _assert_interrupted(
+        proc,
+        f"interrupted: rerun the same command to resume from {latest} (the latest complete "
+        f"checkpoint): {_command(argv)}",
+    )
+
+    # As the epoch starts: without loader worker processes, as a signal that arrives while
+    # the process forks one is lost to CPython's fork hooks (the run goes on).
+    out = tmp_path / "early"
+    argv = ["train_CTC.py", *_ctc_argv(demo_corpus, out, "--num_workers", "0")]
+    log = out / "log.txt"
+    proc = _interrupt(
+        [sys.executable, *argv], lambda: log.is_file() and "Going into epoch" in log.read_text()
+    )
+    assert not list((out / "save").glob("CKPT+*"))
+    _assert_interrupted(
+        proc,
+        "interrupted before the first checkpoint was saved: rerun the same command to start "
+        f"the run again: {_command(argv)}",
+    )
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_ddp_run_prints_once(demo_corpus: Path, tmp_path: Path) -> None:
+    """Every process gets the signal; the main one prints the launcher's command."""
+    out = tmp_path / "run"
+    launcher = ["-m", "mamba_asr.ddp_run", "--nproc_per_node=2"]
+    argv = [*launcher, "train_CTC.py", *_ctc_argv(demo_corpus, out, "--ckpt_interval_steps", "1")]
+    proc = _interrupt(
+        [sys.executable, *argv], lambda: any((out / "save").glob("CKPT+*")), OMP_NUM_THREADS="1"
+    )
+    latest = _newest_complete(out / "save")
+    _assert_interrupted(
+        proc,
+        f"interrupted: rerun the same command to resume from {latest} (the latest complete "
+        f"checkpoint): {_command(argv)}",
+    )
+    assert "closing signal" not in proc.stderr  # the launcher adds nothing
