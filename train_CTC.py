@@ -5,11 +5,16 @@ Usage:
     python train_CTC.py hparams/CTC/conmamba_large.yaml --data_folder /data/LibriSpeech
     python train_CTC.py hparams/CTC/demo.yaml --data_folder data/demo        # 2-core CPU demo
     torchrun --nproc_per_node=2 train_CTC.py hparams/CTC/conformer_large.yaml --data_folder ...
+    python -m mamba_asr.ddp_run --nproc_per_node=2 train_CTC.py hparams/CTC/conformer_large.yaml \
+        --data_folder ...                                       # the same, as guides write it
     python train_CTC.py hparams/CTC/demo.yaml --data_folder data/demo --resume_from <CKPT dir>
+    python train_CTC.py hparams/CTC/demo.yaml --data_folder data/demo --output_folder more \
+        --resume 'results/demo/demo_CTC/3402/save/CKPT+*'      # the newest complete one
 
-Rerunning the same command resumes from the latest checkpoint. After training, the best
-``avg_checkpoints`` checkpoints by valid WER are averaged and every ``test_csv`` is evaluated
-(``<output_folder>/wer_<test-set>.txt`` and a summary line in ``train_log.txt``).
+Rerunning the same command resumes from the latest checkpoint (Ctrl-C prints which, and the
+command). After training, the best ``avg_checkpoints`` checkpoints by valid WER are averaged
+and every ``test_csv`` is evaluated (``<output_folder>/wer_<test-set>.txt`` and a summary line
+in ``train_log.txt``).
 """
 
 from __future__ import annotations

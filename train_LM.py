@@ -6,6 +6,7 @@ Usage:
     python train_LM.py hparams/LM/transformer.yaml --data_folder /data/LibriSpeech \
         --lm_corpus_files "[/data/librispeech-lm-norm.txt]"
     torchrun --nproc_per_node=4 train_LM.py hparams/LM/transformer.yaml --data_folder ...
+    python -m mamba_asr.ddp_run --nproc_per_node=4 train_LM.py ...   # the same as torchrun
     python -m mamba_asr.pretrained results/LM/demo/2223/export     # check the exported folder
 
 Text: the ``wrd`` column of the training manifest (``use_train_transcripts``) plus any

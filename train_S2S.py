@@ -8,6 +8,9 @@ Usage:
     python train_S2S.py hparams/S2S/conformer_small.yaml --data_folder ... \
         --pretrained_lm_path /models/asr-transformer-transformerlm-librispeech
     python train_S2S.py hparams/S2S/demo.yaml --data_folder data/demo    # 2-core CPU demo
+    python -m mamba_asr.ddp_run --nproc_per_node=2 train_S2S.py hparams/S2S/conmamba_large.yaml \
+        --data_folder ...                                    # or torchrun, with the same options
+    python train_S2S.py hparams/S2S/demo.yaml --data_folder data/demo --resume <CKPT dir or glob>
 
 Training minimises ``ctc_weight`` x CTC + (1 - ``ctc_weight``) x label-smoothed NLL of the
 decoder; every epoch logs the valid loss and teacher-forced token accuracy (ACC), and every
