@@ -30,6 +30,7 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.distributed import run_on_main
 
 from librispeech_prepare import librispeech_root, prepare_librispeech
+from mamba_asr.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +197,8 @@ def char_encoder(
         encoder.insert_blank(index=blank_index)
         encoder.insert_bos_eos(bos_index=bos_index, eos_index=eos_index)
         encoder.update_from_iterable(characters, sequence_input=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        encoder.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            encoder.save(tmp)
 
     run_on_main(create)
     encoder = CTCTextEncoder()
