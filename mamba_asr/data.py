@@ -29,8 +29,8 @@ from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.distributed import run_on_main
 
-from librispeech_prepare import librispeech_root, prepare_librispeech
 from mamba_asr.atomic import atomic_path
+from mamba_asr.librispeech import librispeech_root, prepare_librispeech
 
 logger = logging.getLogger(__name__)
 

@@ -53,10 +53,10 @@ from speechbrain.utils.distributed import ddp_barrier, if_main_process, infer_de
 from speechbrain.utils.metric_stats import ErrorRateStats
 from speechbrain.utils.run_opts import RunOptions
 
-from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr.atomic import atomic_open
 from mamba_asr.checkpoints import AtomicCheckpointer
 from mamba_asr.data import prepare_manifests
+from mamba_asr.librispeech import LibriSpeechPrepError
 
 logger = logging.getLogger(__name__)
 
