@@ -22,7 +22,7 @@ from modules.Conmamba import (
 )
 from modules.mamba import selective_scan_interface as ssi
 from modules.mamba.bimamba import Mamba, flip_valid
-from modules.mamba.selective_scan_interface import selective_scan_ref
+from modules.mamba.selective_scan_ref import selective_scan_ref
 from modules.TransformerASR import TransformerASR
 
 MAMBA_CONFIG = {"d_state": 16, "expand": 2, "d_conv": 4, "bidirectional": True}

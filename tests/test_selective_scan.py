@@ -10,17 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from modules.mamba import selective_scan_chunked as chunked
 from modules.mamba import selective_scan_interface as ssi
+from modules.mamba.selective_scan_chunked import selective_scan_chunked
 from modules.mamba.selective_scan_interface import (
     causal_conv1d_fn,
-    causal_conv1d_ref,
     kernel_status,
     resolve_conv_impl,
     resolve_scan_impl,
-    selective_scan_chunked,
     selective_scan_fn,
-    selective_scan_ref,
 )
+from modules.mamba.selective_scan_ref import causal_conv1d_ref, selective_scan_ref
 
 
 def make_inputs(
@@ -185,7 +185,7 @@ def test_float32_reference_agrees_too():
 def test_default_chunking_many_chunks():
     # Large enough rows for the automatic chunk length to split L = 300 into several chunks.
     inputs = make_inputs(2, 256, 16, 300, 4, torch.float64, seed=9)
-    assert ssi._chunk_size(2 * 256 * 16, 300, torch.device("cpu")) < 300
+    assert chunked._chunk_size(2 * 256 * 16, 300, torch.device("cpu")) < 300
     ours = selective_scan_fn(**inputs, delta_softplus=True)
     ref = selective_scan_ref(**inputs, delta_softplus=True)
     assert rel_err(ours, ref) <= 1e-10
@@ -199,8 +199,8 @@ def test_batch_tiles_and_blocks(monkeypatch, tile):
     batch, dim, nstate, length = 5, 6, 4, 150
     inputs = make_inputs(batch, dim, nstate, length, 3, seed=12)
     per_thread = -(-tile * 8 * dim * nstate * 8 // torch.get_num_threads())  # T 8, float64
-    monkeypatch.setattr(ssi, "_CPU_TILE_BYTES", per_thread)
-    assert ssi._batch_tile(batch, dim * nstate, 8, inputs["u"]) == tile
+    monkeypatch.setattr(chunked, "_CPU_TILE_BYTES", per_thread)
+    assert chunked._batch_tile(batch, dim * nstate, 8, inputs["u"]) == tile
     kw = {"delta_softplus": True, "return_last_state": True}
     results = {}
     for name, fn in (("ours", selective_scan_chunked), ("ref", selective_scan_ref)):
@@ -232,11 +232,11 @@ def test_blelloch_scan_rows(n):
             expect[i] += a[i] * expect[i + 1 if reverse else i - 1]
         got, work = b.clone(), torch.full_like(a, float("nan"))
         a_in = a.clone()
-        ssi._scan_(a_in, got, reverse=reverse, work=work)
+        chunked._scan_(a_in, got, reverse=reverse, work=work)
         assert torch.equal(a_in, a)  # with a work buffer the decays are left alone
         assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
         got = b.clone()
-        ssi._scan_(a.clone(), got, reverse=reverse)
+        chunked._scan_(a.clone(), got, reverse=reverse)
         assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
 
 
@@ -253,18 +253,18 @@ def test_blelloch_scan_blocks(block):
             for i in order:
                 expect[i] += a[i] * expect[i + 1 if reverse else i - 1]
             got, work, a_in = b.clone(), torch.full_like(a, float("nan")), a.clone()
-            ssi._scan_(a_in, got, reverse=reverse, work=work, block=block)
+            chunked._scan_(a_in, got, reverse=reverse, work=work, block=block)
             assert torch.equal(a_in, a)
             assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
             got = b.clone()
-            ssi._scan_(a.clone(), got, reverse=reverse, block=block)
+            chunked._scan_(a.clone(), got, reverse=reverse, block=block)
             assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("scan_block", [0, 2])
 def test_scan_blocks_in_chunks(monkeypatch, scan_block):
     # Chunks scanned as one Blelloch block (what GPUs run) or in blocks of 2 match the oracle.
-    monkeypatch.setattr(ssi, "_SCAN_BLOCK", scan_block)
+    monkeypatch.setattr(chunked, "_SCAN_BLOCK", scan_block)
     inputs = make_inputs(2, 4, 3, 70, 2, seed=13)
     kw = {"delta_softplus": True, "return_last_state": True}
     grads = {}
@@ -434,6 +434,18 @@ def no_env(monkeypatch):
                         lambda: (None, "ImportError: no causal_conv1d"))
     monkeypatch.setattr(ssi, "_announced", set())
     return monkeypatch
+
+
+def test_interface_keeps_the_upstream_names():
+    # Code written against mamba-ssm / causal-conv1d imports these names from the interface;
+    # the implementations live in their own modules.
+    assert ssi.selective_scan_ref is selective_scan_ref
+    assert ssi.causal_conv1d_ref is causal_conv1d_ref
+    assert ssi.selective_scan_chunked is selective_scan_chunked
+    for name in ssi.__all__:
+        assert getattr(ssi, name) is not None, name
+    assert {"selective_scan_fn", "selective_scan_ref", "causal_conv1d_fn",
+            "causal_conv1d_ref"} <= set(ssi.__all__)
 
 
 def test_auto_falls_back_to_torch_without_mamba_ssm(no_env):

@@ -19,7 +19,8 @@ import torch
 from test_selective_scan import as64, make_inputs, rel_err
 
 from modules.mamba import selective_scan_interface as ssi
-from modules.mamba.selective_scan_interface import selective_scan_fn, selective_scan_ref
+from modules.mamba.selective_scan_interface import selective_scan_fn
+from modules.mamba.selective_scan_ref import selective_scan_ref
 
 REPO = Path(__file__).resolve().parents[1]
 _TRITON_SCAN, _TRITON_WHY = ssi._load_triton_scan()
