@@ -455,7 +455,7 @@ def _cuda_kernels_missing() -> str | None:
     """Why impl='cuda' cannot run here, or None when both CUDA kernels import."""
     if not torch.cuda.is_available():
         return "CUDA not available"
-    reasons = [r for r in (ssi._load_mamba_ssm()[1], ssi._load_causal_conv1d()[1]) if r != "ok"]
+    reasons = [k.reason for k in (ssi._load_mamba_ssm(), ssi._load_causal_conv1d()) if k.fn is None]
     return "; ".join(reasons) or None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -429,11 +430,31 @@ def test_shape_errors(bad):
 def no_env(monkeypatch):
     """Dispatch as on a machine without the override variable and without mamba-ssm."""
     monkeypatch.delenv(ssi.ENV_VAR, raising=False)
-    monkeypatch.setattr(ssi, "_load_mamba_ssm", lambda: (None, "ImportError: no mamba_ssm"))
-    monkeypatch.setattr(ssi, "_load_causal_conv1d",
-                        lambda: (None, "ImportError: no causal_conv1d"))
+    not_installed = ssi.KernelImport(None, ssi.NOT_INSTALLED)
+    monkeypatch.setattr(ssi, "_load_mamba_ssm", lambda: not_installed)
+    monkeypatch.setattr(ssi, "_load_causal_conv1d", lambda: not_installed)
     monkeypatch.setattr(ssi, "_announced", set())
     return monkeypatch
+
+
+UNDEFINED_SYMBOL = ("selective_scan_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: "
+                    "_ZN3c104cuda9SetDeviceEi")
+NO_CUDART = "libcudart.so.12: cannot open shared object file: No such file or directory"
+
+
+def broken_kernel_packages(monkeypatch: pytest.MonkeyPatch, folder) -> None:
+    """Install stand-ins for mamba-ssm and causal-conv1d builds that no longer load (built for
+    another torch or CUDA): packages on ``sys.path`` whose import raises. The loaders' caches
+    are replaced by fresh ones for the test, and the dispatch forgets what it has logged."""
+    for package, error in (("mamba_ssm", f"ImportError({UNDEFINED_SYMBOL!r})"),
+                           ("causal_conv1d", f"OSError({NO_CUDART!r})")):
+        (folder / package).mkdir()
+        (folder / package / "__init__.py").write_text(f"raise {error}\n")
+    monkeypatch.syspath_prepend(str(folder))
+    for name in ("_load_mamba_ssm", "_load_causal_conv1d"):
+        monkeypatch.setattr(ssi, name, functools.cache(getattr(ssi, name).__wrapped__))
+    monkeypatch.delenv(ssi.ENV_VAR, raising=False)
+    monkeypatch.setattr(ssi, "_announced", set())
 
 
 def test_interface_keeps_the_upstream_names():
@@ -455,12 +476,13 @@ def test_auto_falls_back_to_torch_without_mamba_ssm(no_env):
     status = kernel_status("cuda")
     assert status["scan"] == ssi.SCAN_PATHS["torch"]
     assert status["conv"] == ssi.CONV_PATHS["torch"]
-    assert "no mamba_ssm" in status["mamba_ssm"] and status["requested"] == "auto"
+    assert status["mamba_ssm"] == ssi.NOT_INSTALLED and status["requested"] == "auto"
+    assert status["scan_warning"] == status["conv_warning"] == ""
 
 
 def test_auto_uses_cuda_kernels_only_for_cuda_tensors(no_env):
-    no_env.setattr(ssi, "_load_mamba_ssm", lambda: (object(), "ok"))
-    no_env.setattr(ssi, "_load_causal_conv1d", lambda: (object(), "ok"))
+    no_env.setattr(ssi, "_load_mamba_ssm", lambda: ssi.KernelImport(object(), "ok"))
+    no_env.setattr(ssi, "_load_causal_conv1d", lambda: ssi.KernelImport(object(), "ok"))
     assert resolve_scan_impl("cuda") == "cuda" and resolve_conv_impl("cuda") == "cuda"
     assert resolve_scan_impl("cpu") == "torch" and resolve_conv_impl("mps") == "torch"
     with pytest.raises(RuntimeError, match="CUDA tensors"):
@@ -506,9 +528,75 @@ def test_path_is_logged_once(no_env, caplog):
         for _ in range(3):
             selective_scan_fn(**inputs)
             causal_conv1d_fn(inputs["u"], torch.ones(4, 3, dtype=torch.float64))
+        # Kernels that are not installed are the expected CPU/MPS setup: no warning on CUDA.
+        assert ssi._dispatch("scan", "cuda", None) == "torch"
+        assert ssi._dispatch("conv", "cuda", None) == "torch"
     messages = [r.getMessage() for r in caplog.records]
     assert sum(ssi.SCAN_PATHS["torch"] in m for m in messages) == 1
     assert sum(ssi.CONV_PATHS["torch"] in m for m in messages) == 1
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_kernel_import_tells_not_installed_from_broken(monkeypatch, tmp_path):
+    assert ssi._import_kernel("no_such_kernels", "no_such_kernels", "fn") == (
+        None, ssi.NOT_INSTALLED)
+    assert not ssi._import_kernel("no_such_kernels", "no_such_kernels", "fn").broken
+    # Found, but a module it needs is missing: broken, not "not installed".
+    (tmp_path / "half_built").mkdir()
+    (tmp_path / "half_built" / "__init__.py").write_text("import half_built_cuda\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = ssi._import_kernel("half_built", "half_built.ops", "fn")
+    assert loaded.broken and loaded.fn is None
+    assert loaded.reason == "ModuleNotFoundError: No module named 'half_built_cuda'"
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "__init__.py").write_text("def fn():\n    return 7\n")
+    loaded = ssi._import_kernel("whole", "whole", "fn")
+    assert loaded.fn() == 7 and loaded.reason == "ok" and not loaded.broken
+
+
+def test_broken_kernel_install_warns_once_where_the_kernels_would_run(
+    monkeypatch, tmp_path, caplog
+):
+    """An installed mamba-ssm / causal-conv1d whose import raises: ``auto`` runs PyTorch, and
+    says so once, at WARNING, where the kernels would have run (CUDA, ``auto``). CUDA is a
+    device name here: the decision needs no CUDA tensor."""
+    broken_kernel_packages(monkeypatch, tmp_path)
+    assert ssi._load_mamba_ssm() == (None, f"ImportError: {UNDEFINED_SYMBOL}")
+    assert ssi._load_causal_conv1d() == (None, f"OSError: {NO_CUDART}")
+    inputs = make_inputs()
+    with caplog.at_level(logging.INFO, logger=ssi.__name__):
+        # Where the kernels would not run: CPU tensors, or a forced PyTorch path on CUDA.
+        selective_scan_fn(**inputs)
+        causal_conv1d_fn(inputs["u"], torch.ones(4, 3, dtype=torch.float64))
+        assert ssi._dispatch("scan", "cuda", "torch") == "torch"
+        monkeypatch.setenv(ssi.ENV_VAR, "torch")
+        assert ssi._dispatch("conv", "cuda", None) == "torch"
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+        monkeypatch.delenv(ssi.ENV_VAR)
+        for _ in range(2):
+            assert ssi._dispatch("scan", "cuda", None) == "torch"
+            assert ssi._dispatch("conv", torch.device("cuda", 0), None) == "torch"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    scan, conv = warnings
+    assert scan.startswith(f"mamba-ssm is installed but fails to import (ImportError: "
+                           f"{UNDEFINED_SYMBOL}), so CUDA tensors run the PyTorch chunked "
+                           f"parallel scan, 11-15x slower")
+    assert conv.startswith(f"causal-conv1d is installed but fails to import (OSError: "
+                           f"{NO_CUDART}), so CUDA tensors run the PyTorch conv1d.")
+    for message in warnings:
+        assert f"Reinstall it against this torch ({torch.__version__})" in message
+        assert "pip install -r requirements-cuda.txt --no-build-isolation" in message
+        assert "MAMBA_ASR_SCAN_IMPL=torch" in message
+    status = kernel_status("cuda")
+    assert (status["scan_warning"], status["conv_warning"]) == (scan, conv)
+    assert status["scan"] == ssi.SCAN_PATHS["torch"]
+    broken = f"installed, but its import fails (ImportError: {UNDEFINED_SYMBOL})"
+    assert status["mamba_ssm"] == broken
+    assert kernel_status("cpu")["scan_warning"] == kernel_status("cpu")["conv_warning"] == ""
+    # Forcing the kernels names the import error.
+    with pytest.raises(RuntimeError, match="undefined symbol"):
+        resolve_scan_impl("cuda", impl="cuda")
 
 
 # --------------------------------------------------------------------------- causal conv

@@ -28,16 +28,21 @@ Four implementations, chosen in one place (:func:`resolve_scan_impl`):
 variable ``MAMBA_ASR_SCAN_IMPL`` (``auto``/``cuda``/``torch``/``ref``/``triton``) or the
 ``impl=`` argument forces a path; the same setting selects the causal convolution
 (``causal_conv1d``'s CUDA kernel, ``F.conv1d`` (also for ``triton``), or a sequential
-reference). Which path runs is logged once.
+reference). Which path runs is logged once (INFO). A kernel package that is installed but
+fails to import (built for another torch, a missing symbol) would make ``auto`` run PyTorch on
+CUDA without a word, so that fallback is logged once at WARNING with the import error and the
+fix; a package that is not installed at all is the expected CPU/MPS setup and stays silent.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +61,7 @@ __all__ = [
     "IMPLS",
     "causal_conv1d_fn",
     "causal_conv1d_ref",
+    "fallback_warning",
     "kernel_status",
     "resolve_conv_impl",
     "resolve_scan_impl",
@@ -80,7 +86,10 @@ CONV_PATHS = {
     "torch": "PyTorch conv1d",
     "ref": "PyTorch sequential reference",
 }
-_announced: set[tuple[str, str]] = set()
+_PATH_NAMES = {"scan": SCAN_PATHS, "conv": CONV_PATHS}
+PACKAGES = {"scan": "mamba-ssm", "conv": "causal-conv1d"}  # the CUDA kernels of each kind
+NOT_INSTALLED = "not installed"
+_announced: set[tuple[str, str]] = set()  # (kind, path or "fallback") already logged
 
 Tensor = torch.Tensor
 
@@ -88,39 +97,64 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------- dispatch
 
 
-@functools.cache
-def _load_mamba_ssm() -> tuple[Callable[..., Any] | None, str]:
-    """mamba-ssm's CUDA ``selective_scan_fn`` and "ok", or None and why it is unavailable."""
+class KernelImport(NamedTuple):
+    """A kernel package's entry point, or None and why it is unavailable."""
+
+    fn: Callable[..., Any] | None
+    reason: str  # "ok", NOT_INSTALLED, or the import's exception as "Type: message"
+
+    @property
+    def broken(self) -> bool:
+        """Installed, but importing it raises (e.g. a build for another torch)."""
+        return self.fn is None and self.reason != NOT_INSTALLED
+
+
+def _import_kernel(package: str, module: str, name: str) -> KernelImport:
+    """``module.name`` if it imports; "not installed" when ``package`` is not found at all.
+
+    Any exception of an installed package's import is caught: an ImportError, or an
+    OSError/RuntimeError from a build against another torch or CUDA (a missing symbol).
+    """
     try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
-    except Exception as exc:  # ImportError, or OSError/RuntimeError from a mismatched build
-        return None, f"{type(exc).__name__}: {exc}"
-    return fn, "ok"
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken parent, or a module without a spec
+        found = True
+    if not found:
+        return KernelImport(None, NOT_INSTALLED)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except Exception as exc:
+        return KernelImport(None, f"{type(exc).__name__}: {exc}")
+    return KernelImport(fn, "ok")
 
 
 @functools.cache
-def _load_triton_scan() -> tuple[Callable[..., Any] | None, str]:
-    """Our Triton ``selective_scan_core`` and "ok", or None and why it is unavailable."""
-    try:
-        from modules.mamba.selective_scan_triton import selective_scan_core as fn
-    except Exception as exc:  # ImportError (no triton, e.g. on macOS), or a broken install
-        return None, f"{type(exc).__name__}: {exc}"
-    return fn, "ok"
+def _load_mamba_ssm() -> KernelImport:
+    """mamba-ssm's CUDA ``selective_scan_fn``."""
+    return _import_kernel("mamba_ssm", "mamba_ssm.ops.selective_scan_interface",
+                          "selective_scan_fn")
+
+
+@functools.cache
+def _load_causal_conv1d() -> KernelImport:
+    """causal-conv1d's CUDA ``causal_conv1d_fn``."""
+    return _import_kernel("causal_conv1d", "causal_conv1d", "causal_conv1d_fn")
+
+
+@functools.cache
+def _load_triton_scan() -> KernelImport:
+    """Our Triton ``selective_scan_core`` (needs triton, which macOS lacks)."""
+    return _import_kernel("triton", "modules.mamba.selective_scan_triton", "selective_scan_core")
+
+
+def _load_kernel(kind: str) -> KernelImport:
+    """The CUDA kernel of ``kind``: "scan" (mamba-ssm) or "conv" (causal-conv1d)."""
+    return _load_mamba_ssm() if kind == "scan" else _load_causal_conv1d()
 
 
 def _triton_interpreted() -> bool:
     """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.cache
-def _load_causal_conv1d() -> tuple[Callable[..., Any] | None, str]:
-    """causal-conv1d's CUDA ``causal_conv1d_fn`` and "ok", or None and why it is unavailable."""
-    try:
-        from causal_conv1d import causal_conv1d_fn as fn
-    except Exception as exc:  # ImportError, or OSError/RuntimeError from a mismatched build
-        return None, f"{type(exc).__name__}: {exc}"
-    return fn, "ok"
 
 
 def requested_impl(impl: str | None = None) -> str:
@@ -133,20 +167,18 @@ def requested_impl(impl: str | None = None) -> str:
     return value
 
 
-def _resolve(
-    kind: str, device: torch.device | str, impl: str | None, loader: Callable[[], tuple]
-) -> str:
+def _resolve(kind: str, device: torch.device | str, impl: str | None) -> str:
     """Shared logic of :func:`resolve_scan_impl` and :func:`resolve_conv_impl`."""
     choice = requested_impl(impl)
     device_type = torch.device(device).type
     if choice == "auto":
-        return "cuda" if device_type == "cuda" and loader()[0] is not None else "torch"
+        return "cuda" if device_type == "cuda" and _load_kernel(kind).fn is not None else "torch"
     if choice == "triton":
         if kind == "conv":
             return "torch"
         fn, reason = _load_triton_scan()
         if fn is None:
-            raise RuntimeError(f"{ENV_VAR}/impl='triton' needs triton, which does not import "
+            raise RuntimeError(f"{ENV_VAR}/impl='triton' needs triton, which is unavailable "
                                f"({reason}). Use impl 'auto' or 'torch'.")
         if device_type != "cuda" and not _triton_interpreted():
             raise RuntimeError(
@@ -156,11 +188,11 @@ def _resolve(
             )
         return choice
     if choice == "cuda":
-        package = "mamba-ssm" if kind == "scan" else "causal-conv1d"
-        fn, reason = loader()
+        package = PACKAGES[kind]
+        fn, reason = _load_kernel(kind)
         if fn is None:
             raise RuntimeError(
-                f"{ENV_VAR}/impl='cuda' needs the {package} CUDA kernels, which do not import "
+                f"{ENV_VAR}/impl='cuda' needs the {package} CUDA kernels, which are unavailable "
                 f"({reason}). Install them (pip install -r requirements-cuda.txt "
                 f"--no-build-isolation) or use impl 'auto' or 'torch'."
             )
@@ -174,48 +206,79 @@ def _resolve(
 
 def resolve_scan_impl(device: torch.device | str, impl: str | None = None) -> str:
     """Selective-scan path for tensors on ``device``: "cuda", "torch", "ref" or "triton"."""
-    return _resolve("scan", device, impl, _load_mamba_ssm)
+    return _resolve("scan", device, impl)
 
 
 def resolve_conv_impl(device: torch.device | str, impl: str | None = None) -> str:
     """Causal-convolution path for tensors on ``device``: "cuda", "torch" or "ref"."""
-    return _resolve("conv", device, impl, _load_causal_conv1d)
+    return _resolve("conv", device, impl)
 
 
-def _announce(kind: str, path: str, device: torch.device) -> None:
-    """Log, once per (kind, path), which implementation runs."""
-    names = SCAN_PATHS if kind == "scan" else CONV_PATHS
+def fallback_warning(kind: str, device: torch.device | str, impl: str | None = None) -> str:
+    """Why ``auto`` runs PyTorch instead of an installed CUDA kernel for ``kind`` on ``device``.
+
+    ``kind`` is "scan" (mamba-ssm) or "conv" (causal-conv1d). Non-empty only where the kernels
+    would run (CUDA tensors, ``auto``) and their package is installed but fails to import;
+    empty when they import, are not installed, the tensors are elsewhere or a path is forced.
+    """
+    if torch.device(device).type != "cuda" or requested_impl(impl) != "auto":
+        return ""
+    loaded = _load_kernel(kind)
+    if not loaded.broken:
+        return ""
+    instead = _PATH_NAMES[kind]["torch"]
+    if kind == "scan":
+        instead += ", 11-15x slower (the scan alone, measured on an H100)"
+    return (f"{PACKAGES[kind]} is installed but fails to import ({loaded.reason}), so CUDA "
+            f"tensors run the {instead}. Reinstall it against this torch "
+            f"({torch.__version__}): pip install -r requirements-cuda.txt --no-build-isolation; "
+            f"or set {ENV_VAR}=torch to use PyTorch without this warning.")
+
+
+def _dispatch(kind: str, device: torch.device | str, impl: str | None) -> str:
+    """The path of a call on ``device`` (see :func:`resolve_scan_impl`), logged once per
+    process: which path runs (INFO), and why ``auto`` falls back from a broken CUDA kernel
+    install (WARNING, :func:`fallback_warning`)."""
+    device = torch.device(device)
+    path = _resolve(kind, device, impl)
     if (kind, path) not in _announced:
         _announced.add((kind, path))
-        logger.info("%s: using the %s (device %s)", kind, names[path], device.type)
+        logger.info("%s: using the %s (device %s)", kind, _PATH_NAMES[kind][path], device.type)
+    if path == "torch" and (kind, "fallback") not in _announced:
+        warning = fallback_warning(kind, device, impl)
+        if warning:
+            _announced.add((kind, "fallback"))
+            logger.warning("%s", warning)
+    return path
 
 
 def kernel_status(device: torch.device | str | None = None) -> dict[str, str]:
     """Which selective-scan and causal-conv paths run on ``device`` (default: cuda if present).
 
-    Returns ``{"requested", "scan", "conv", "mamba_ssm", "causal_conv1d"}`` as readable
-    strings; a forced path that cannot run is reported as ``"error: ..."`` instead of raising.
+    Returns ``{"requested", "scan", "conv", "scan_warning", "conv_warning", "mamba_ssm",
+    "causal_conv1d"}`` as readable strings: a package is "ok", "not installed" or
+    "installed, but its import fails (...)"; a forced path that cannot run is reported as
+    ``"error: ..."`` instead of raising; a warning is :func:`fallback_warning`'s, or empty.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    status = {
-        "mamba_ssm": _load_mamba_ssm()[1],
-        "causal_conv1d": _load_causal_conv1d()[1],
-    }
+    status = {"scan_warning": "", "conv_warning": ""}
+    for kind, key in (("scan", "mamba_ssm"), ("conv", "causal_conv1d")):
+        loaded = _load_kernel(kind)
+        broken = f"installed, but its import fails ({loaded.reason})"
+        status[key] = broken if loaded.broken else loaded.reason
     try:
         status["requested"] = requested_impl()
     except ValueError as exc:
         status["requested"] = f"error: {exc}"
         status["scan"] = status["conv"] = f"error: {exc}"
         return status
-    for kind, resolve, names in (
-        ("scan", resolve_scan_impl, SCAN_PATHS),
-        ("conv", resolve_conv_impl, CONV_PATHS),
-    ):
+    for kind, names in _PATH_NAMES.items():
         try:
-            status[kind] = names[resolve(device)]
+            status[kind] = names[_resolve(kind, device, None)]
         except RuntimeError as exc:
             status[kind] = f"error: {exc}"
+        status[f"{kind}_warning"] = fallback_warning(kind, device)
     return status
 
 
@@ -268,8 +331,7 @@ def selective_scan_fn(
     (batch, groups, N, L); ``D``, ``delta_bias`` (dim,). ``y`` has the dtype of ``u``. ``impl``
     ("auto", "cuda", "torch", "ref") overrides ``$MAMBA_ASR_SCAN_IMPL``; see the module doc.
     """
-    path = resolve_scan_impl(u.device, impl)
-    _announce("scan", path, u.device)
+    path = _dispatch("scan", u.device, impl)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if path == "cuda":
         return _load_mamba_ssm()[0](*args)
@@ -297,8 +359,7 @@ def causal_conv1d_fn(
     "silu" or "swish". ``impl`` as in :func:`selective_scan_fn`.
     """
     check_conv_args(x, weight, bias, activation)
-    path = resolve_conv_impl(x.device, impl)
-    _announce("conv", path, x.device)
+    path = _dispatch("conv", x.device, impl)
     if path == "cuda":
         return _load_causal_conv1d()[0](x, weight, bias, activation=activation)
     if path == "ref":
