@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO
 from test_selective_scan import NO_CUDART, UNDEFINED_SYMBOL, broken_kernel_packages
@@ -19,8 +20,22 @@ def test_passes_on_this_environment():
     assert res.returncode == 0, res.stderr
     assert f"torch            {torch.__version__.split('+')[0]}" in res.stdout
     assert "speechbrain      1.1.2" in res.stdout
-    assert f"device           {check_env.pick_device()}" in res.stdout
+    # What torch says about this machine, in the recipes' order of preference.
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name(0)})"
+    else:
+        device = "mps" if torch.backends.mps.is_available() else "cpu"
+    assert f"device           {device}" in res.stdout
     assert "selective scan" in res.stdout and "free disk" in res.stdout
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [
+    (True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu"),
+])
+def test_pick_device_prefers_cuda_then_mps(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert check_env.pick_device() == expected
 
 
 def test_kernel_lines_report_a_broken_kernel_install(monkeypatch, tmp_path):
