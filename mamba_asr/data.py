@@ -8,6 +8,7 @@ pipelines; everything here is driven by the keys of their YAML files:
   ``select_n_sentences``, ``skip_prep``); manifests hold ``$data_root`` paths.
 * :func:`load_manifest` reads a manifest with ``$data_root`` replaced by the LibriSpeech folder.
 * :func:`training_set` filters (``avoid_if_longer_than``) and sorts (``sorting``) the training set.
+* :func:`dataio_prepare` gives a recipe its train/valid/test sets with its pipelines.
 * :func:`loader_options` builds the train/valid loader arguments, with SpeechBrain's
   ``DynamicBatchSampler`` when ``dynamic_batching`` is on.
 * :func:`add_audio_pipelines` gives datasets their ``sig`` item (speed-perturbed for training).
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,21 @@ def test_sets(hparams: dict[str, Any]) -> dict[str, DynamicItemDataset]:
     """Every ``test_csv`` by name (the file stem, e.g. ``test-clean``)."""
     folder = hparams["data_folder"]
     return {Path(csv).stem: evaluation_set(csv, folder) for csv in hparams["test_csv"]}
+
+
+def dataio_prepare(
+    hparams: dict[str, Any],
+    tokenizer: Any,
+    add_pipelines: Callable[[dict[str, Any], Any, Any, list[Any]], None],
+) -> tuple[DynamicItemDataset, DynamicItemDataset, dict[str, DynamicItemDataset]]:
+    """``(train, valid, {test name: test set})`` of an ASR recipe: :func:`training_set`, the
+    ``valid_csv`` and :func:`test_sets` manifests, given their items (audio, tokens) by the
+    recipe's ``add_pipelines(hparams, tokenizer, train, evaluation_sets)``."""
+    train = training_set(hparams)
+    valid = evaluation_set(hparams["valid_csv"], hparams["data_folder"])
+    tests = test_sets(hparams)
+    add_pipelines(hparams, tokenizer, train, [valid, *tests.values()])
+    return train, valid, tests
 
 
 def dynamic_batch_sampler(data: DynamicItemDataset, options: dict[str, Any]) -> DynamicBatchSampler:
