@@ -24,7 +24,7 @@ from speechbrain.utils.parameter_transfer import Pretrainer
 
 import train_LM
 from librispeech_prepare import prepare_librispeech
-from mamba_asr import data
+from mamba_asr import data, text_data
 from mamba_asr.pretrained import (
     PretrainedError,
     load_lm_folder,
@@ -38,7 +38,9 @@ from mamba_asr.tokenizer import TokenizerError, load_tokenizer, prepare_tokenize
 REPO = Path(__file__).resolve().parents[1]
 LM = REPO / "hparams" / "LM"
 LM_CONFIGS = sorted(p.stem for p in LM.glob("*.yaml"))
-LM_SCRIPTS = [REPO / "train_LM.py", REPO / "mamba_asr" / "data.py"]
+LM_SCRIPTS = [
+    REPO / "train_LM.py", REPO / "mamba_asr" / "text_data.py", REPO / "mamba_asr" / "data.py",
+]
 HUB = "speechbrain/asr-transformer-transformerlm-librispeech"
 
 
@@ -223,7 +225,7 @@ def test_text_corpus_reads_lines_lazily(demo_tokenizer: Path, tmp_path: Path) ->
     text = tmp_path / "lm.txt"
     text.write_bytes(b"HELLO WORLD\n\nthe  cat sat\r\n" + b"X" * 50 + b"\nNO FINAL NEWLINE")
     sp = load_tokenizer(demo_tokenizer)
-    corpus = train_LM.TextCorpus(sp, ["A B", ""], [text], max_chars=40)
+    corpus = text_data.TextCorpus(sp, ["A B", ""], [text], max_chars=40)
     assert [corpus.text(i) for i in range(len(corpus))] == [
         "A B",
         "HELLO WORLD",
@@ -238,7 +240,7 @@ def test_text_corpus_reads_lines_lazily(demo_tokenizer: Path, tmp_path: Path) ->
 
 def test_bucket_batch_sampler() -> None:
     lengths = np.random.default_rng(0).integers(5, 200, size=1000)
-    sampler = train_LM.BucketBatchSampler(
+    sampler = text_data.BucketBatchSampler(
         lengths, max_batch_length=800, num_buckets=10, max_batch_ex=16, seed=3
     )
     epoch0 = list(sampler)
@@ -392,9 +394,10 @@ def test_demo_config_as_shipped(manifests: Path, tmp_path: Path) -> None:
 
 
 def test_declared_keys_are_read_and_present() -> None:
-    """train_LM.KEYS (checked up front by load_config) lists what the script reads."""
-    read = keys_read([REPO / "train_LM.py"])
-    assert {"save_folder", "compute_cost", "export_folder"} <= read  # the regexes work
+    """train_LM.KEYS (checked up front by load_config) lists what the script and its data
+    module read."""
+    read = keys_read([REPO / "train_LM.py", REPO / "mamba_asr" / "text_data.py"])
+    assert {"save_folder", "compute_cost", "export_folder", "max_chars"} <= read  # regexes work
     declared = set(train_LM.KEYS)
     assert read | set(data.PREP_KEYS) <= declared, sorted(read - declared)
     assert_declared_keys_present(declared, LM, LM_CONFIGS)
