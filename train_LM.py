@@ -14,11 +14,13 @@ lazily through a line index, so the 40 M-line corpus is never held in memory). T
 SentencePiece model of ``tokenizer_file``, or one trained once on the training manifest.
 Training: next-token NLL (optional label smoothing); validation logs the token and word
 perplexity of ``valid_csv`` each epoch in ``train_log.txt`` and keeps the best checkpoint;
-rerunning the same command resumes. Finally the best checkpoint is tested on every
-``test_csv`` and written to ``export_folder`` as ``lm.ckpt`` + ``tokenizer.ckpt`` +
-``hyperparams.yaml``: the layout of SpeechBrain's asr-transformer-transformerlm-librispeech, so
-an S2S config takes that folder as its pretrained LM/tokenizer path. The data classes are in
-``mamba_asr/text_data.py``.
+rerunning the same command resumes, ``--resume_from <save>/CKPT+...`` starts from a named
+checkpoint once; steps whose gradients are not finite are skipped and counted
+(``skipped_steps``), as in the ASR recipes (``mamba_asr.recipe.TrainingBrain``). Finally the
+best checkpoint is tested on every ``test_csv`` and written to ``export_folder`` as
+``lm.ckpt`` + ``tokenizer.ckpt`` + ``hyperparams.yaml``: the layout of SpeechBrain's
+asr-transformer-transformerlm-librispeech, so an S2S config takes that folder as its
+pretrained LM/tokenizer path. The data classes are in ``mamba_asr/text_data.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from speechbrain.utils.distributed import if_main_process
 
 from mamba_asr import data, text_data
 from mamba_asr.pretrained import write_lm_folder
-from mamba_asr.recipe import cli, start_run
+from mamba_asr.recipe import TRAINING_KEYS, TrainingBrain, cli, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -52,22 +54,23 @@ ARCH_KEYS = (
 )
 # The YAML keys this script reads (load_config checks a configuration has them all).
 KEYS = (
-    *data.PREP_KEYS, *ARCH_KEYS, "output_folder", "save_folder", "export_folder", "seed",
-    "cpu_threads", "train_csv", "valid_csv", "test_csv", "lm_corpus_files",
+    *TRAINING_KEYS, *data.PREP_KEYS, *ARCH_KEYS, "save_folder", "export_folder", "seed",
+    "train_csv", "valid_csv", "test_csv", "lm_corpus_files",
     "use_train_transcripts", "uppercase", "max_chars", "tokenizer", "output_neurons",
     "bos_index", "eos_index", "dynamic_batching", "dynamic_batch_sampler_train", "num_workers",
     "train_dataloader_opts", "valid_dataloader_opts", "test_dataloader_opts", "model",
-    "modules", "optimizer", "compute_cost", "log_softmax", "lr_annealing", "epoch_counter",
-    "keep_checkpoints", "checkpointer", "train_logger",
+    "modules", "optimizer", "compute_cost", "log_softmax", "lr_annealing", "keep_checkpoints",
 )
 
 
-class LM(sb.Brain):
-    """Tokens ``[bos, t1..tn]`` -> log-probabilities of ``[t1..tn, eos]``."""
+class LM(TrainingBrain):
+    """Tokens ``[bos, t1..tn]`` -> log-probabilities of ``[t1..tn, eos]``.
+
+    Training (non-finite step skipping, resuming, epoch log, per-epoch re-shuffle of the
+    bucketing sampler) is ``TrainingBrain``'s; checkpoints are ranked by valid loss.
+    """
 
     tokenizer: spm.SentencePieceProcessor
-    train_batch_sampler: text_data.BucketBatchSampler | None = None  # None with fixed-size batches
-    test_name: str = "test"  # the test set being evaluated, for the log
 
     def compute_forward(self, batch, stage):
         """Batch -> log-probabilities (B, L, vocab)."""
@@ -97,44 +100,23 @@ class LM(sb.Brain):
             self.hparams.lr_annealing(self.optimizer)
 
     def on_stage_start(self, stage, epoch=None):
-        """Reset the perplexity sums; the bucketing sampler reshuffles per epoch."""
+        """Reset the perplexity sums."""
+        super().on_stage_start(stage, epoch)
         self.nll_sum, self.n_tokens, self.n_words = 0.0, 0, 0
-        if stage == sb.Stage.TRAIN and self.train_batch_sampler is not None:
-            self.train_batch_sampler.set_epoch(epoch)
 
-    def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Log loss/perplexities; keep the checkpoint with the lowest validation NLL."""
-        if stage == sb.Stage.TRAIN:
-            self.train_stats = {"loss": stage_loss}
-            return
+    def eval_stats(self, stage_loss: float) -> dict[str, float]:
+        """Valid/test NLL per token (``loss``), token and word perplexity, token count."""
         loss = self.nll_sum / max(self.n_tokens, 1)
-        stats = {
+        return {
             "loss": loss,
             "ppl": math.exp(min(loss, 50.0)),
             "word ppl": math.exp(min(self.nll_sum / max(self.n_words, 1), 50.0)),
             "tokens": self.n_tokens,
         }
-        if stage == sb.Stage.VALID:
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.hparams.train_logger.log_stats(
-                stats_meta={"epoch": epoch, "lr": lr, "steps": self.optimizer_step},
-                train_stats=self.train_stats,
-                valid_stats=stats,
-            )
-            self.checkpointer.save_and_keep_only(
-                meta={"loss": loss, "ppl": stats["ppl"]},
-                min_keys=["loss"],
-                num_to_keep=self.hparams.keep_checkpoints,
-            )
-        else:
-            self.hparams.train_logger.log_stats(
-                stats_meta={
-                    "Epoch loaded": self.hparams.epoch_counter.current,
-                    "test set": self.test_name,
-                },
-                test_stats=stats,
-            )
-            self.test_stats = stats
+
+    def checkpoints_to_keep(self) -> int:
+        """``keep_checkpoints`` best by valid loss; the best one is tested and exported."""
+        return self.hparams.keep_checkpoints
 
 
 def lm_arch(hparams: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +138,6 @@ def main(argv: list[str]) -> None:
         checkpointer=hparams["checkpointer"],
     )
     lm_brain.tokenizer = tokenizer
-    lm_brain.train_batch_sampler = sets["sampler"]
     lm_brain.fit(
         lm_brain.hparams.epoch_counter,
         sets["train"],
@@ -165,7 +146,7 @@ def main(argv: list[str]) -> None:
         valid_loader_kwargs=sets["valid_opts"],
     )
     for name, test_set in sets["test"].items():
-        lm_brain.test_name = name
+        lm_brain.test_set_name = name
         lm_brain.evaluate(test_set, min_key="loss", test_loader_kwargs=sets["test_opts"])
 
     best = lm_brain.checkpointer.find_checkpoint(min_key="loss")

@@ -183,8 +183,7 @@ def dataio_prepare(hparams: dict[str, Any], tokenizer: spm.SentencePieceProcesso
     of ``train_csv`` with ``use_train_transcripts``, plus ``lm_corpus_files``), ``valid``
     (``valid_csv``), ``test`` ({file stem: corpus} of ``test_csv``) and ``train_opts``,
     ``valid_opts``, ``test_opts``; with ``dynamic_batching`` the train loader takes a
-    :class:`BucketBatchSampler` (``dynamic_batch_sampler_train``), also returned as
-    ``sampler`` (else None)."""
+    :class:`BucketBatchSampler` (``dynamic_batch_sampler_train``)."""
     common = {
         "bos_index": hparams["bos_index"],
         "eos_index": hparams["eos_index"],
@@ -208,7 +207,6 @@ def dataio_prepare(hparams: dict[str, Any], tokenizer: spm.SentencePieceProcesso
     }
 
     train_opts = {**hparams["train_dataloader_opts"], "collate_fn": PaddedBatch}
-    sampler = None
     if hparams["dynamic_batching"]:
         sampler = BucketBatchSampler(
             train.lengths, seed=hparams["seed"], **hparams["dynamic_batch_sampler_train"]
@@ -225,5 +223,4 @@ def dataio_prepare(hparams: dict[str, Any], tokenizer: spm.SentencePieceProcesso
         "train_opts": train_opts,
         "valid_opts": {**hparams["valid_dataloader_opts"], "collate_fn": PaddedBatch},
         "test_opts": {**hparams["test_dataloader_opts"], "collate_fn": PaddedBatch},
-        "sampler": sampler,
     }
