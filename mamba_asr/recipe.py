@@ -28,7 +28,7 @@
 * :class:`RecipeBrain`: the ``TrainingBrain`` of the ASR recipes, which adds WER/CER: it
   keeps the best ``avg_checkpoints`` by valid WER (the S2S recipe: ``keep_best_by``),
   evaluates their average (or that of ``eval_checkpoints``, set by ``evaluate.py``) and
-  writes ``wer_<test-set>.txt`` plus a one-line summary in the train log.
+  writes ``wer_<test-set>.txt`` / ``.json`` plus a one-line summary in the train log.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from mamba_asr.atomic import atomic_open
 from mamba_asr.checkpoints import AtomicCheckpointer
 from mamba_asr.data import prepare_manifests
 from mamba_asr.librispeech import LibriSpeechPrepError
+from mamba_asr.reports.scores import scores_path, write_scores
 
 logger = logging.getLogger(__name__)
 
@@ -536,7 +537,7 @@ class RecipeBrain(TrainingBrain):
         out_dir: str | os.PathLike,
     ) -> dict[str, dict[str, float]]:
         """``evaluate`` every test set (the best checkpoints by :meth:`best_key`, averaged);
-        writes ``<out_dir>/wer_<name>.txt``; returns the stats by set name."""
+        writes ``<out_dir>/wer_<name>.txt`` and ``.json``; returns the stats by set name."""
         results = {}
         for name, data in datasets.items():
             self.test_set_name = name
@@ -546,8 +547,10 @@ class RecipeBrain(TrainingBrain):
         return results
 
     def report_test(self, stats: dict[str, float], wer_metric: ErrorRateStats) -> None:
-        """Writes ``self.wer_file`` and logs ``Epoch loaded: N, test set: <name> - test loss:
-        ..., test CER: ..., test WER: ..., test utterances: N`` to the train log."""
+        """Writes ``self.wer_file`` (SpeechBrain's alignments, for reading), the per-utterance
+        WER and CER scores as JSON beside it (``wer_<name>.json``, what the report tools read)
+        and logs ``Epoch loaded: N, test set: <name> - test loss: ..., test CER: ..., test
+        WER: ..., test utterances: N`` to the train log."""
         self.log_test({**stats, "utterances": len(wer_metric.scores)})
         logger.info(
             "%s: WER %.2f %%, CER %.2f %% (%d utterances)",
@@ -556,3 +559,5 @@ class RecipeBrain(TrainingBrain):
         if self.wer_file is not None and if_main_process():
             with atomic_open(self.wer_file, "w", encoding="utf-8") as f:
                 wer_metric.write_stats(f)
+            metrics = {"WER": wer_metric, "CER": self.cer_metric}
+            write_scores(scores_path(self.wer_file), self.test_set_name, metrics)
