@@ -113,16 +113,19 @@ def trained_overrides(save_folder: Path, keys: tuple[str, ...], given: list[str]
     config = trained_config(save_folder)
     overrides = []
     for key in TRAINED_DEFAULTS:
-        if key not in keys or f"--{key}" in given:
+        option = f"--{key}"
+        if key not in keys or any(a == option or a.startswith(f"{option}=") for a in given):
             continue
-        value = config.get(key, ...)
-        if value is ... and key == "data_folder":
-            raise ConfigError(
-                f"--data_folder is required (no data_folder in a hyperparams.yaml beside "
-                f"{save_folder})"
-            )
+        if key not in config:
+            if key == "data_folder":
+                raise ConfigError(
+                    f"--data_folder is required (no data_folder in a hyperparams.yaml beside "
+                    f"{save_folder})"
+                )
+            continue
+        value = config[key]
         if value is None or isinstance(value, str | int | float):
-            overrides += [f"--{key}", json.dumps(value)]
+            overrides += [option, json.dumps(value)]
     return overrides
 
 

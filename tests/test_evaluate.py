@@ -70,15 +70,19 @@ def test_run_configuration_is_read_as_yaml_without_building(tmp_path: Path) -> N
     assert config["avg_checkpoints"] == 2 and config["keep_best_by"] == "ACC"
     assert config["unbuildable"].tag.value == "!new:no_such_module.Thing"
 
-    overrides = evaluate.trained_overrides(save, evaluate.TRAINED_DEFAULTS, ["--keep_best_by"])
-    assert overrides[::2] == ["--data_folder", "--pretrained_lm_path", "--avg_checkpoints"]
+    given = ["--keep_best_by", "WER", "--avg_checkpoints=2"]
+    overrides = evaluate.trained_overrides(save, evaluate.TRAINED_DEFAULTS, given)
+    assert overrides[::2] == ["--data_folder", "--pretrained_lm_path"]
     # the overrides load back as the same values
     _, hparams, _, _ = load_config(
-        [str(S2S_DEMO), *overrides, "--keep_best_by", "WER", "--output_folder",
-         str(tmp_path / "out")], write_output=False,
+        [str(S2S_DEMO), *overrides, *given, "--output_folder", str(tmp_path / "out")],
+        write_output=False,
     )
     assert hparams["data_folder"] == odd and hparams["pretrained_lm_path"] is None
     assert hparams["avg_checkpoints"] == 2 and hparams["keep_best_by"] == "WER"
+    assert evaluate.trained_overrides(save, ("avg_checkpoints",), []) == [
+        "--avg_checkpoints", "2"
+    ]
 
     with pytest.raises(ConfigError, match="--data_folder is required"):
         evaluate.trained_overrides(tmp_path / "elsewhere" / "save", ("data_folder",), [])
