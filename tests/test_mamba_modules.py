@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import n_params
 from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 from speechbrain.nnet.linear import Linear
 from torch import nn
@@ -33,10 +34,6 @@ TOL = 1e-5
 def padding_mask(lengths: list[int], max_len: int) -> torch.Tensor:
     """(B, L) True on padding, as SpeechBrain's key padding masks."""
     return torch.arange(max_len) >= torch.tensor(lengths).unsqueeze(1)
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 # --------------------------------------------------------------------------- Mamba block
