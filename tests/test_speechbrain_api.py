@@ -26,7 +26,7 @@ from conftest import REPO
 from speechbrain.utils.checkpoints import Checkpointer
 
 from mamba_asr.checkpoints import AtomicCheckpointer
-from mamba_asr.recipe import RecipeBrain
+from mamba_asr.recipe import TrainingBrain
 
 # SpeechBrain's private functions our code calls, with their signatures in SpeechBrain 1.1.2.
 PRIVATE = {
@@ -233,7 +233,7 @@ def test_private_speechbrain_functions_keep_their_signatures() -> None:
 
 
 def test_a_changed_speechbrain_fails_naming_what_relies_on_it(monkeypatch) -> None:
-    recipe, checkpoints = _file(RecipeBrain), _file(AtomicCheckpointer)
+    recipe, checkpoints = _file(TrainingBrain), _file(AtomicCheckpointer)
     monkeypatch.setattr(sb.Brain, "_compile", lambda self, mode="default": None)
     monkeypatch.delattr(Checkpointer, "_list_checkpoint_dirs")
 
@@ -243,7 +243,7 @@ def test_a_changed_speechbrain_fails_naming_what_relies_on_it(monkeypatch) -> No
     monkeypatch.setattr(Checkpointer, "save_checkpoint", save_checkpoint)
     assert set(private_problems()) == {
         f"SpeechBrain {sb.__version__} changed Brain._compile(self) -> "
-        f"Brain._compile(self, mode='default'): {recipe} RecipeBrain.on_fit_start relies on it",
+        f"Brain._compile(self, mode='default'): {recipe} TrainingBrain.on_fit_start relies on it",
         f"SpeechBrain {sb.__version__} has no Checkpointer._list_checkpoint_dirs any more: "
         f"{checkpoints} AtomicCheckpointer.list_checkpoints relies on it",
     }
