@@ -1,24 +1,30 @@
 #!/usr/bin/env python3
-"""Evaluate a trained checkpoint (or the average of several) on manifests, without training.
+"""Evaluate a trained run (its best checkpoints averaged, or given ones) on manifests.
 
 Usage:
-    python evaluate.py hparams/CTC/demo.yaml \
-        --ckpt results/CTC_char/demo_CTC/3402/save/CKPT+2025-01-01+10-00-00+00 \
-        --test_csv results/CTC_char/demo_CTC/3402/prepared/test-clean.csv
-    python evaluate.py hparams/CTC/conmamba_large.yaml --ckpt <CKPT A> <CKPT B> ... \
+    python evaluate.py hparams/CTC/demo.yaml --ckpt results/demo/demo_CTC/3402/save \
+        --test_csv results/demo/demo_CTC/3402/prepared/test-clean.csv
+    python evaluate.py hparams/CTC/conmamba_large.yaml --ckpt <run>/save \
         --test_csv test-clean.csv test-other.csv --data_folder /data/LibriSpeech --test_search beam
-    python evaluate.py hparams/S2S/demo.yaml --ckpt <CKPT> --test_csv test-clean.csv --no_lm True
+    python evaluate.py hparams/S2S/demo.yaml --ckpt <run>/save --test_csv test.csv --no_lm True
+    python evaluate.py hparams/CTC/demo.yaml --ckpt <run>/save/CKPT+<A> <run>/save/CKPT+<B> ...
 
-Several ``--ckpt`` folders are averaged (the first, normally the best, also provides the
-feature normaliser), as the training recipe does with its best ``avg_checkpoints``. The
-recipe is the configuration's family (``hparams/CTC`` or ``hparams/S2S``). The token map is
-read from the checkpoints' save folder (CTC ``label_encoder.txt``, S2S ``tokenizer.ckpt``); S2S
-decodes with the LM of ``pretrained_lm_path`` unless ``--no_lm True``;
-``--data_folder`` (for ``$data_root`` manifests) and ``--pretrained_lm_path`` default to the
-values the run was trained with.
-Other options are YAML overrides or SpeechBrain run options (``--device``, ``--test_search``).
-Writes ``<out_dir>/wer_<csv name>.txt`` (default out_dir: ``eval/`` beside the save folder) and
-``eval_log.txt`` there, and prints WER and CER per manifest.
+``--ckpt <run>/save`` (or ``<run>``) evaluates what the recipe evaluates at its test stage:
+the average of the best ``avg_checkpoints`` by the recipe's key (CTC: valid WER; S2S:
+``keep_best_by``). Several ``CKPT+...`` folders are averaged instead (the first also provides
+the feature normaliser). The recipe is the configuration's family (``hparams/CTC`` or
+``hparams/S2S``). The token map is read from the save folder (CTC ``label_encoder.txt``, S2S
+``tokenizer.ckpt``); S2S decodes with the LM of ``pretrained_lm_path`` unless ``--no_lm True``.
+``--data_folder`` (for ``$data_root`` manifests), ``--pretrained_lm_path``,
+``--avg_checkpoints`` and ``--keep_best_by`` default to the run's values (its
+``hyperparams.yaml``). Other options are YAML overrides or SpeechBrain run options
+(``--device``, ``--test_search``). Audio at another sample rate than the configuration's is
+resampled (one warning with the count).
+
+Writes ``<out_dir>/wer_<csv name>.txt`` and ``.json`` (default out_dir: ``eval/`` beside the
+save folder; S2S without LM: ``<out_dir>/no_lm/``, as training does, so that LM-fused results
+are never overwritten) and ``<out_dir>/eval_log.txt``; prints and logs the checkpoints and the
+search used, then WER and CER per manifest.
 """
 
 from __future__ import annotations
@@ -28,41 +34,144 @@ import mamba_asr  # noqa: F401  (before speechbrain: drops its import-time torch
 # isort: split
 import argparse
 import importlib
-import re
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
+import ruamel.yaml
+from speechbrain.utils.checkpoints import METAFNAME, Checkpoint
 from speechbrain.utils.train_logger import FileTrainLogger
 
 from mamba_asr import data
-from mamba_asr.recipe import checkpoint_from_dir, cli, load_config
+from mamba_asr.recipe import ConfigError, RecipeBrain, checkpoint_from_dir, cli, load_config
+
+logger = logging.getLogger(__name__)
 
 # Configuration family (the folder under hparams/) -> recipe module providing
 # KEYS (the YAML keys it reads), build_brain(hparams, run_opts, checkpointer) and
-# add_pipelines(hparams, tokenizer, train, sets).
+# add_pipelines(hparams, tokenizer, train, sets); S2S also results_folder(hparams).
 RECIPES = {"CTC": "train_CTC", "S2S": "train_S2S"}
+SAVE_FOLDER = "save"
+# Keys that default to the values the run was trained with (when the recipe reads them).
+TRAINED_DEFAULTS = ("data_folder", "pretrained_lm_path", "avg_checkpoints", "keep_best_by")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("hparams_file", help="the configuration the checkpoint was trained with")
-    p.add_argument("--ckpt", nargs="+", action="extend", required=True, help="CKPT+... folder(s)")
+    p.add_argument(
+        "--ckpt", nargs="+", action="extend", required=True,
+        help="a run's save folder (its best checkpoints) or CKPT+... folder(s)",
+    )
     p.add_argument("--test_csv", nargs="+", required=True, help="manifest CSV(s) to evaluate")
-    p.add_argument("--out_dir", default=None, help="where wer_<name>.txt goes")
+    p.add_argument("--out_dir", default=None, help="where wer_<name>.txt/.json go")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="default: the config's folder name")
     return p
 
 
-# Keys that default to the values the run was trained with (when the recipe reads them).
-TRAINED_DEFAULTS = ("data_folder", "pretrained_lm_path")
+def checkpoint_source(folders: list[str]) -> tuple[Path, list[Checkpoint] | None]:
+    """``(save folder, checkpoints)`` named by ``--ckpt``: a save folder (or the run folder
+    holding ``save/``) gives checkpoints None (the best ones are chosen later); CKPT+...
+    folders give themselves."""
+    paths = [Path(f) for f in folders]
+    if len(paths) == 1 and not (paths[0] / METAFNAME).is_file():
+        folder = paths[0]
+        if (folder / SAVE_FOLDER).is_dir() and not any(folder.glob("CKPT+*")):
+            folder = folder / SAVE_FOLDER
+        if not folder.is_dir():
+            raise ConfigError(f"--ckpt {paths[0]}: no such folder (expected <run>/save)")
+        return folder, None
+    for path in paths:
+        if not (path / METAFNAME).is_file():
+            raise ConfigError(
+                f"--ckpt {path} is not a CKPT+... checkpoint folder: give one save folder "
+                "(<run>/save: its best checkpoints) or CKPT+... folders"
+            )
+    ckpts = [checkpoint_from_dir(p) for p in paths]
+    return Path(ckpts[0].path).parent, ckpts
 
 
-def _trained_value(save_folder: Path, key: str) -> str | None:
-    """``key``'s value in the run that wrote ``save_folder`` (its ``hyperparams.yaml``)."""
-    saved = save_folder.parent / "hyperparams.yaml"
-    if not saved.is_file():
-        return None
-    match = re.search(rf"^{key}:\s*(.+?)\s*$", saved.read_text(encoding="utf-8"), re.M)
-    return match.group(1).strip("'\"") if match else None
+def trained_config(save_folder: Path) -> dict[str, Any]:
+    """The run's configuration, ``hyperparams.yaml`` beside ``save_folder`` (written by
+    SpeechBrain's ``create_experiment_directory``, references resolved), as plain YAML: the
+    HyperPyYAML tags (``!new:``, ``!name:``, ...) stay tags, nothing is built; {} without
+    one."""
+    path = save_folder.parent / "hyperparams.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        config = ruamel.yaml.YAML(typ="rt").load(path.read_text(encoding="utf-8"))
+    except ruamel.yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not a YAML file ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    return config
+
+
+def trained_overrides(save_folder: Path, keys: tuple[str, ...], given: list[str]) -> list[str]:
+    """``--key value`` for each of ``keys`` (the recipe's, among TRAINED_DEFAULTS) not on the
+    command line, with the run's value (a YAML scalar, JSON-quoted so that any path reads
+    back as the same string)."""
+    config = trained_config(save_folder)
+    overrides = []
+    for key in TRAINED_DEFAULTS:
+        option = f"--{key}"
+        if key not in keys or any(a == option or a.startswith(f"{option}=") for a in given):
+            continue
+        if key not in config:
+            if key == "data_folder":
+                raise ConfigError(
+                    f"--data_folder is required (no data_folder in a hyperparams.yaml beside "
+                    f"{save_folder})"
+                )
+            continue
+        value = config[key]
+        if value is None or isinstance(value, str | int | float):
+            overrides += [option, json.dumps(value)]
+    return overrides
+
+
+def best_checkpoints(brain: RecipeBrain, save_folder: Path) -> list[Checkpoint]:
+    """The best ``avg_checkpoints`` of the brain's checkpointer by its ``best_key``, best
+    first: the checkpoints the recipe averages at its test stage."""
+    key, higher = brain.best_key()
+    found = brain.checkpointer.find_checkpoints(
+        max_key=key if higher else None,
+        min_key=None if higher else key,
+        max_num_checkpoints=brain.hparams.avg_checkpoints,
+    )
+    if not found:
+        raise ConfigError(f"{save_folder} holds no checkpoint with a valid {key} to evaluate")
+    return found
+
+
+def describe_checkpoints(ckpts: list[Checkpoint], key: str | None) -> str:
+    """``N checkpoint(s) averaged: CKPT+... (epoch E, WER x), ...``."""
+    def one(ckpt: Checkpoint) -> str:
+        meta = [f"{k} {ckpt.meta[k]:.4g}" if k != "epoch" else f"epoch {ckpt.meta[k]}"
+                for k in ("epoch", key) if k in ckpt.meta]
+        return f"{Path(ckpt.path).name} ({', '.join(meta)})" if meta else Path(ckpt.path).name
+
+    return f"{len(ckpts)} checkpoint(s) averaged: " + ", ".join(map(one, ckpts))
+
+
+def describe_search(family: str, hparams: dict[str, Any], brain: RecipeBrain) -> str:
+    """The test search: CTC greedy or prefix beam search (beam size); S2S beam search (beam
+    size, CTC weight) with the LM and its weight, or without LM."""
+    if family == "CTC":
+        if hparams["test_search"] != "beam":
+            return "greedy CTC decoding"
+        return f"CTC prefix beam search, beam size {hparams['ctc_beam_search']['beam_size']}"
+    searcher = brain.test_searcher
+    lm = (
+        f"LM {hparams['pretrained_lm_path']} (lm_weight {hparams['lm_weight']})"
+        if brain.lm is not None else "no LM"
+    )
+    return (
+        f"{type(searcher).__name__}, beam size {searcher.beam_size}, ctc_weight_decode "
+        f"{hparams['ctc_weight_decode']}, {lm}"
+    )
 
 
 def main(argv: list[str]) -> dict[str, dict[str, float]]:
@@ -71,18 +180,10 @@ def main(argv: list[str]) -> dict[str, dict[str, float]]:
     family = args.recipe or Path(args.hparams_file).resolve().parent.name
     if family not in RECIPES:
         choices = " or ".join(RECIPES)
-        raise SystemExit(f"no recipe for configurations in {family}/: pass --recipe {choices}")
+        raise ConfigError(f"no recipe for configurations in {family}/: pass --recipe {choices}")
     recipe = importlib.import_module(RECIPES[family])
-    ckpts = [checkpoint_from_dir(d) for d in args.ckpt]
-    save_folder = Path(ckpts[0].path).parent
-    for key in TRAINED_DEFAULTS:
-        if key not in recipe.KEYS or f"--{key}" in rest:
-            continue
-        trained = _trained_value(save_folder, key)
-        if trained is None and key == "data_folder":
-            raise SystemExit("--data_folder is required (no hyperparams.yaml beside save/)")
-        if trained is not None:
-            rest += [f"--{key}", trained]
+    save_folder, ckpts = checkpoint_source(args.ckpt)
+    rest += trained_overrides(save_folder, recipe.KEYS, rest)
     if "--save_folder" not in rest:
         rest += ["--save_folder", str(save_folder)]
 
@@ -90,7 +191,7 @@ def main(argv: list[str]) -> dict[str, dict[str, float]]:
         [args.hparams_file, *rest], recipe.KEYS, write_output=False
     )
     if not Path(hparams["tokenizer_file"]).is_file():
-        raise SystemExit(
+        raise ConfigError(
             f"{hparams['tokenizer_file']} not found: the checkpoint's token map is needed "
             "(pass --tokenizer_file PATH)"
         )
@@ -99,15 +200,33 @@ def main(argv: list[str]) -> dict[str, dict[str, float]]:
     hparams["train_logger"] = FileTrainLogger(save_file=out_dir / "eval_log.txt")
 
     brain = recipe.build_brain(hparams, run_opts, hparams["checkpointer"])
-    brain.eval_checkpoints = [checkpoint_from_dir(c.path, brain.checkpointer) for c in ckpts]
+    key, higher = brain.best_key()
+    chosen = best_checkpoints(brain, save_folder) if ckpts is None else ckpts
+    brain.eval_checkpoints = [checkpoint_from_dir(c.path, brain.checkpointer) for c in chosen]
+    results_dir = out_dir
+    if hasattr(recipe, "results_folder"):  # S2S without LM: no_lm/, as training writes
+        results_dir = recipe.results_folder({**hparams, "output_folder": str(out_dir)})
+    used = {
+        "checkpoints": describe_checkpoints(brain.eval_checkpoints, key),
+        "search": describe_search(family, hparams, brain),
+    }
+    if ckpts is None:
+        order = "highest" if higher else "lowest"
+        used["checkpoints"] += f" (the best of {save_folder} by valid {key}, {order} first)"
+    hparams["train_logger"].log_stats(stats_meta=used)
+    for what, text in used.items():
+        logger.info("%s: %s", what, text)
+        print(f"{what}: {text}")
+
     folder = hparams["data_folder"]
     sets = {Path(csv).stem: data.evaluation_set(csv, folder) for csv in args.test_csv}
     recipe.add_pipelines(hparams, brain.tokenizer, None, list(sets.values()))
-    results = brain.evaluate_test_sets(sets, hparams["test_dataloader_opts"], out_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    results = brain.evaluate_test_sets(sets, hparams["test_dataloader_opts"], results_dir)
     for name, stats in results.items():
         print(
             f"{name}: WER {stats['WER']:.2f} %, CER {stats['CER']:.2f} % "
-            f"({stats['utterances']} utterances) -> {out_dir / f'wer_{name}.txt'}"
+            f"({stats['utterances']} utterances) -> {results_dir / f'wer_{name}'}.{{txt,json}}"
         )
     return results
 

@@ -90,18 +90,6 @@ class ASR(RecipeBrain):
         return loss
 
 
-def dataio_prepare(
-    hparams: dict[str, Any], tokenizer: CTCTextEncoder
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Train/valid/test datasets with audio (speed-perturbed for training) and character
-    tokens; returns (train, valid, {test name: test set})."""
-    train = data.training_set(hparams)
-    valid = data.evaluation_set(hparams["valid_csv"], hparams["data_folder"])
-    tests = data.test_sets(hparams)
-    add_pipelines(hparams, tokenizer, train, [valid, *tests.values()])
-    return train, valid, tests
-
-
 def add_pipelines(
     hparams: dict[str, Any], tokenizer: CTCTextEncoder, train: Any, evaluation: list[Any]
 ) -> None:
@@ -145,7 +133,7 @@ def main(argv: list[str]) -> None:
     """Prepare data, train, then test the averaged best checkpoints."""
     hparams, run_opts = start_run(argv, KEYS)
     brain = build_brain(hparams, run_opts, hparams["checkpointer"])
-    train, valid, tests = dataio_prepare(hparams, brain.tokenizer)
+    train, valid, tests = data.dataio_prepare(hparams, brain.tokenizer, add_pipelines)
     train_opts, valid_opts = data.loader_options(hparams, train, valid)
     brain.fit(
         hparams["epoch_counter"], train, valid,

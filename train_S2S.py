@@ -303,17 +303,6 @@ def add_pipelines(
     sb.dataio.dataset.set_output_keys(datasets, keys)
 
 
-def dataio_prepare(
-    hparams: dict[str, Any], tokenizer: spm.SentencePieceProcessor
-) -> tuple[Any, Any, dict[str, Any]]:
-    """(train, valid, {test name: test set}) with audio and token pipelines."""
-    train = data.training_set(hparams)
-    valid = data.evaluation_set(hparams["valid_csv"], hparams["data_folder"])
-    tests = data.test_sets(hparams)
-    add_pipelines(hparams, tokenizer, train, [valid, *tests.values()])
-    return train, valid, tests
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -348,7 +337,7 @@ def main(argv: list[str]) -> None:
     # check_config: fail on LM files and values before preparing anything
     hparams, run_opts = start_run(argv, KEYS, check_config)
     brain = build_brain(hparams, run_opts, hparams["checkpointer"])
-    train, valid, tests = dataio_prepare(hparams, brain.tokenizer)
+    train, valid, tests = data.dataio_prepare(hparams, brain.tokenizer, add_pipelines)
     train_opts, valid_opts = data.loader_options(hparams, train, valid)
     brain.fit(
         hparams["epoch_counter"], train, valid,

@@ -21,7 +21,7 @@ gradients of u, delta, A, B, C: the largest relative error is the "check" column
 ``selective_scan_ref`` on a small problem.
 
 Implementations:
-    ref       modules.mamba.selective_scan_interface.selective_scan_ref (loop over time)
+    ref       modules.mamba.selective_scan_ref.selective_scan_ref (loop over time)
     ours      selective_scan_fn(impl="torch"): the chunked parallel scan
     mambapy   mambapy.pscan.pscan (Blelloch scan over the whole sequence) inside the same
               computation, as in mambapy's own selective_scan
@@ -86,7 +86,8 @@ def parse_blocks(text: str) -> tuple[int, int, int]:
 
 def scan_function(impl: str) -> Callable[..., torch.Tensor]:
     """The implementation under test, as ``fn(u, delta, A, B, C) -> y``."""
-    from modules.mamba.selective_scan_interface import selective_scan_fn, selective_scan_ref
+    from modules.mamba.selective_scan_interface import selective_scan_fn
+    from modules.mamba.selective_scan_ref import selective_scan_ref
 
     if impl.startswith("triton:"):
         from modules.mamba import selective_scan_triton as kernels
@@ -142,7 +143,7 @@ def child(args: argparse.Namespace) -> dict:
     fn = scan_function(args.impl)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # Correctness first, on a small problem: y and the gradient of every input.
-    from modules.mamba.selective_scan_interface import selective_scan_ref
+    from modules.mamba.selective_scan_ref import selective_scan_ref
 
     small = [t.requires_grad_() for t in make_inputs(2, 16, args.nstate, 96, device, seed=1)]
     ref_leaves = [t.detach().double().cpu().requires_grad_() for t in small]

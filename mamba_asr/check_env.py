@@ -107,22 +107,25 @@ def report(requirements: Path) -> tuple[list[str], list[str]]:
 
 
 def _kernel_lines(device: str) -> list[str]:
-    """Whether the CUDA kernels import, and which scan / causal-conv path the layers run."""
-    from modules.mamba.selective_scan_interface import kernel_status
+    """Whether the CUDA kernels import, which scan / causal-conv path the layers run on
+    ``device``, and why ``auto`` falls back to PyTorch there if a kernel install is broken."""
+    from modules.mamba.selective_scan_interface import NOT_INSTALLED, kernel_status
 
     status = kernel_status(device)
 
     def shown(state: str) -> str:
-        if state.startswith("ModuleNotFoundError"):
+        if state == NOT_INSTALLED:
             return "not installed (optional, CUDA only: pip install -r requirements-cuda.txt)"
         return state
 
-    return [
+    lines = [
         f"mamba-ssm        {shown(status['mamba_ssm'])}",
         f"causal-conv1d    {shown(status['causal_conv1d'])}",
         f"selective scan   {status['scan']}",
         f"causal conv      {status['conv']}",
     ]
+    return lines + [f"WARNING          {status[k]}" for k in ("scan_warning", "conv_warning")
+                    if status[k]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,11 @@ pipelines; everything here is driven by the keys of their YAML files:
   ``select_n_sentences``, ``skip_prep``); manifests hold ``$data_root`` paths.
 * :func:`load_manifest` reads a manifest with ``$data_root`` replaced by the LibriSpeech folder.
 * :func:`training_set` filters (``avoid_if_longer_than``) and sorts (``sorting``) the training set.
+* :func:`dataio_prepare` gives a recipe its train/valid/test sets with its pipelines.
 * :func:`loader_options` builds the train/valid loader arguments, with SpeechBrain's
   ``DynamicBatchSampler`` when ``dynamic_batching`` is on.
-* :func:`add_audio_pipelines` gives datasets their ``sig`` item (speed-perturbed for training).
+* :func:`add_audio_pipelines` gives datasets their ``sig`` item (mono, at ``sample_rate``:
+  other rates resampled, with one warning; speed-perturbed for training).
 * :func:`char_encoder` creates once, then loads, the character map of the CTC recipe.
 """
 
@@ -18,18 +20,23 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import speechbrain as sb
 import torch
+from speechbrain.dataio import audio_io
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.encoder import CTCTextEncoder
+from speechbrain.dataio.preprocess import AudioNormalizer
 from speechbrain.dataio.sampler import DynamicBatchSampler
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from librispeech_prepare import librispeech_root, prepare_librispeech
+from mamba_asr.atomic import atomic_path
+from mamba_asr.audio_info import AudioHeaderError, read_audio_info
+from mamba_asr.librispeech import librispeech_root, prepare_librispeech
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ DATA_KEYS = (
     *PREP_KEYS, "train_csv", "valid_csv", "test_csv",
     "avoid_if_longer_than", "sorting", "dynamic_batching", "dynamic_batch_sampler_train",
     "dynamic_batch_sampler_val", "num_workers", "train_dataloader_opts", "valid_dataloader_opts",
-    "speed_perturb",
+    "speed_perturb", "sample_rate",
 )
 
 
@@ -124,6 +131,21 @@ def test_sets(hparams: dict[str, Any]) -> dict[str, DynamicItemDataset]:
     return {Path(csv).stem: evaluation_set(csv, folder) for csv in hparams["test_csv"]}
 
 
+def dataio_prepare(
+    hparams: dict[str, Any],
+    tokenizer: Any,
+    add_pipelines: Callable[[dict[str, Any], Any, Any, list[Any]], None],
+) -> tuple[DynamicItemDataset, DynamicItemDataset, dict[str, DynamicItemDataset]]:
+    """``(train, valid, {test name: test set})`` of an ASR recipe: :func:`training_set`, the
+    ``valid_csv`` and :func:`test_sets` manifests, given their items (audio, tokens) by the
+    recipe's ``add_pipelines(hparams, tokenizer, train, evaluation_sets)``."""
+    train = training_set(hparams)
+    valid = evaluation_set(hparams["valid_csv"], hparams["data_folder"])
+    tests = test_sets(hparams)
+    add_pipelines(hparams, tokenizer, train, [valid, *tests.values()])
+    return train, valid, tests
+
+
 def dynamic_batch_sampler(data: DynamicItemDataset, options: dict[str, Any]) -> DynamicBatchSampler:
     """SpeechBrain's ``DynamicBatchSampler`` over durations in seconds (``max_batch_length``)."""
     return DynamicBatchSampler(data, length_func=lambda x: x["duration"], **options)
@@ -152,19 +174,72 @@ def loader_options(
     return train, dict(hparams["valid_dataloader_opts"])
 
 
+def audio_format_warning(datasets: Sequence[Any], sample_rate: int) -> str | None:
+    """What a header scan of the datasets' ``wav`` files (no decoding) finds the audio
+    pipelines will change: the count of files at another sample rate (by rate) and of
+    multi-channel files, with an example of each; None when every file is ``sample_rate`` Hz
+    mono. Raises FileNotFoundError / AudioHeaderError naming a missing or unreadable file."""
+    files = {d.data[uid]["wav"]: uid for d in datasets for uid in d.data_ids}
+    rates: Counter[int] = Counter()
+    examples: dict[str, str] = {}
+    multichannel = 0
+    for wav, uid in files.items():
+        try:
+            info = read_audio_info(wav)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"audio file {wav} of utterance {uid} does not exist") from exc
+        except (OSError, AudioHeaderError) as exc:
+            raise AudioHeaderError(f"audio file {wav} of utterance {uid}: {exc}") from exc
+        if info.sample_rate != sample_rate:
+            rates[info.sample_rate] += 1
+            examples.setdefault("rate", f"{wav}: {info.sample_rate} Hz")
+        if info.channels > 1:
+            multichannel += 1
+            examples.setdefault("channels", f"{wav}: {info.channels} channels")
+    parts = []
+    if rates:
+        by_rate = ", ".join(f"{n} at {rate} Hz" for rate, n in sorted(rates.items()))
+        parts.append(
+            f"{rates.total()} of {len(files)} audio files are not at sample_rate {sample_rate} "
+            f"Hz ({by_rate}; e.g. {examples['rate']}): they are resampled to {sample_rate} Hz"
+        )
+    if multichannel:
+        parts.append(
+            f"{multichannel} of {len(files)} audio files have several channels (e.g. "
+            f"{examples['channels']}): they are averaged to mono"
+        )
+    return "; ".join(parts) + " on loading" if parts else None
+
+
 def add_audio_pipelines(hparams: dict[str, Any], train: Any, evaluation: Sequence[Any]) -> None:
-    """Adds ``sig`` (the waveform, (samples,)) to ``train`` (None: no training set), speed-
-    perturbed by the YAML's ``speed_perturb`` unless null, and to the ``evaluation`` sets."""
+    """Adds ``sig`` (the mono waveform at the YAML's ``sample_rate``, (samples,)) to ``train``
+    (None: no training set), speed-perturbed by the YAML's ``speed_perturb`` unless null, and
+    to the ``evaluation`` sets.
+
+    Files at another rate are resampled and multi-channel files averaged to mono
+    (SpeechBrain's ``AudioNormalizer``); the main process warns once, with their count
+    (:func:`audio_format_warning`), and fails naming a missing or unreadable file.
+    """
+    rate = hparams["sample_rate"]
+    if if_main_process():
+        warning = audio_format_warning([d for d in [train, *evaluation] if d is not None], rate)
+        if warning is not None:
+            logger.warning(warning)
+    normalizer = AudioNormalizer(sample_rate=rate, mix="avg-to-mono")
+
+    def read(wav: str) -> torch.Tensor:
+        sig, file_rate = audio_io.load(wav, channels_first=False)  # (samples, channels)
+        return normalizer(sig, file_rate)
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav: str) -> torch.Tensor:
-        return sb.dataio.dataio.read_audio(wav)
+        return read(wav)
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline_train(wav: str) -> torch.Tensor:
-        sig = sb.dataio.dataio.read_audio(wav)
+        sig = read(wav)
         if hparams["speed_perturb"] is not None:  # here, so that loader workers do it
             sig = hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
         return sig
@@ -196,10 +271,8 @@ def char_encoder(
         encoder.insert_blank(index=blank_index)
         encoder.insert_bos_eos(bos_index=bos_index, eos_index=eos_index)
         encoder.update_from_iterable(characters, sequence_input=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        encoder.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            encoder.save(tmp)
 
     run_on_main(create)
     encoder = CTCTextEncoder()

@@ -348,10 +348,6 @@ def write_lm_folder(
     ]
     with atomic_open(folder / HPARAMS_FILE, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in (LM_FILE, TOKENIZER_FILE, HPARAMS_FILE):  # temporaries are created 0600
-        os.chmod(folder / name, 0o666 & ~umask)
     rebuilt, _, _ = load_lm_folder(folder)
     if not _same_outputs(model, rebuilt, tokenizer.bos_id()):
         raise PretrainedError(

@@ -1,4 +1,5 @@
-"""Run-time set-up and Brain behaviour the recipes share (``train_CTC.py``, ``evaluate.py``).
+"""Run-time set-up and Brain behaviour the recipes share (``train_CTC.py``, ``train_S2S.py``,
+``train_LM.py``, ``evaluate.py``).
 
 * :func:`load_config`: command line -> (hparams, run options), every problem a
   :class:`ConfigError` naming the file/key/value: an option given twice, unknown override,
@@ -13,22 +14,26 @@
   from, and exit status 130.
 * :func:`resolve_run_opts`: device-dependent run options, checked before anything runs
   (gloo for ``torchrun`` without CUDA, a clear error for fp16 without CUDA).
-* :class:`RecipeBrain`: a SpeechBrain ``Brain`` that
+* :class:`TrainingBrain`: a SpeechBrain ``Brain`` with the training behaviour of every recipe
+  (the LM's included); it
 
   - steps the Noam scheduler (``noam_annealing``) once per optimizer step actually taken;
-  - keeps and averages the best checkpoints by :meth:`~RecipeBrain.best_key` (valid WER;
-    the S2S recipe: ``keep_best_by``);
   - skips optimizer steps whose gradients are not finite (non-finite loss included), counts
     them (``skipped_steps`` per epoch) and goes on; ``max_consecutive_nonfinite`` skipped
     steps in a row raise (the model has diverged);
-  - re-shuffles a ``DynamicBatchSampler`` every epoch in a single process (SpeechBrain calls
-    ``set_epoch`` only under DDP);
+  - re-shuffles its train batch sampler (one with ``set_epoch``: SpeechBrain's
+    ``DynamicBatchSampler``, the LM's bucketing sampler) every epoch in a single process
+    (SpeechBrain calls ``set_epoch`` only under DDP);
   - resumes from the latest checkpoint, or from ``resume_from`` (a ``CKPT+...`` folder) once;
-  - logs each epoch (:meth:`log_epoch`): lr, optimizer steps, skipped steps and, under DDP,
-    the number of batches every process trained (``process_batches``);
-  - evaluates the average of the best ``avg_checkpoints`` checkpoints (or of
-    ``eval_checkpoints``, set by ``evaluate.py``) and writes ``wer_<test-set>.txt`` plus a
-    one-line summary in the train log.
+  - logs each epoch (:meth:`~TrainingBrain.log_epoch`): lr, optimizer steps, skipped steps
+    and, under DDP, the number of batches every process trained (``process_batches``), and
+    each test (:meth:`~TrainingBrain.log_test`);
+  - keeps the best checkpoints by :meth:`~TrainingBrain.best_key` (valid loss unless a
+    recipe says otherwise).
+* :class:`RecipeBrain`: the ``TrainingBrain`` of the ASR recipes, which adds WER/CER: it
+  keeps the best ``avg_checkpoints`` by valid WER (the S2S recipe: ``keep_best_by``),
+  evaluates their average (or that of ``eval_checkpoints``, set by ``evaluate.py``) and
+  writes ``wer_<test-set>.txt`` / ``.json`` plus a one-line summary in the train log.
 """
 
 from __future__ import annotations
@@ -54,7 +59,6 @@ import yaml
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from ruamel.yaml import YAML
 from ruamel.yaml.constructor import DuplicateKeyError
-from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.checkpoints import (
     CKPT_PREFIX,
     METAFNAME,
@@ -66,20 +70,23 @@ from speechbrain.utils.distributed import ddp_barrier, get_rank, if_main_process
 from speechbrain.utils.metric_stats import ErrorRateStats
 from speechbrain.utils.run_opts import RunOptions
 
-from librispeech_prepare import LibriSpeechPrepError, librispeech_root
 from mamba_asr.atomic import atomic_open
 from mamba_asr.checkpoints import AtomicCheckpointer
 from mamba_asr.commands import rerun_command
 from mamba_asr.data import prepare_manifests
+from mamba_asr.librispeech import LibriSpeechPrepError, librispeech_root
+from mamba_asr.reports.scores import scores_path, write_scores
 
 logger = logging.getLogger(__name__)
 
 RESUME_MARKER = "resumed_from.txt"
-# Keys RecipeBrain reads (a recipe's KEYS add data.DATA_KEYS and its own).
-RECIPE_KEYS = (
-    "output_folder", "resume_from", "avg_checkpoints", "max_consecutive_nonfinite",
-    "epoch_counter", "train_logger", "model", "checkpointer", "cpu_threads",
+# Keys TrainingBrain and start_run read (a recipe's KEYS add its own).
+TRAINING_KEYS = (
+    "output_folder", "resume_from", "max_consecutive_nonfinite", "epoch_counter",
+    "train_logger", "checkpointer", "cpu_threads",
 )
+# Keys RecipeBrain reads (an ASR recipe's KEYS add data.DATA_KEYS and its own).
+RECIPE_KEYS = (*TRAINING_KEYS, "avg_checkpoints", "model")
 
 
 class ConfigError(ValueError):
@@ -498,12 +505,13 @@ def checkpoint_from_dir(path: str | os.PathLike, checkpointer: Any = None) -> Ch
     return Checkpoint(folder, meta, params)
 
 
-class RecipeBrain(sb.Brain):
-    """``sb.Brain`` with the behaviour the recipes share (see the module docstring).
+class TrainingBrain(sb.Brain):
+    """``sb.Brain`` with the training behaviour every recipe shares (see the module docstring).
 
-    Subclasses fill ``wer_metric``/``cer_metric`` in ``compute_objectives`` outside training;
-    overriding ``on_stage_start``/``on_stage_end`` they call ``super()`` first; other
-    validation/test stats come from overriding :meth:`eval_stats`.
+    Subclasses give their validation/test stats by overriding :meth:`eval_stats` (default: the
+    loss), the checkpoint ranking by :meth:`best_key` and how many to keep by
+    :meth:`checkpoints_to_keep`; overriding ``on_stage_start``/``on_stage_end`` they call
+    ``super()``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -511,32 +519,28 @@ class RecipeBrain(sb.Brain):
         self.optimizer_stepped = False
         self.skipped_steps = 0
         self.nonfinite_losses = 0
-        self.eval_checkpoints: list[Checkpoint] | None = None
         self.test_set_name = "test"
-        self.wer_file: Path | None = None
         self.test_stats: dict[str, float] = {}
         self.train_stats: dict[str, float] = {}
         self.process_batches: list[int] = []
         self._consecutive_skips = 0
-        self._epoch_sampler: DynamicBatchSampler | None = None
-        self._loaded_for_eval: tuple[Path, ...] | None = None
+        self._epoch_sampler: torch.utils.data.Sampler | None = None
 
     # ------------------------------------------------------------------ data
 
     def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
-        """SpeechBrain's, remembering a train ``DynamicBatchSampler`` to re-shuffle it."""
+        """SpeechBrain's, remembering a train batch sampler that has ``set_epoch`` (e.g. a
+        ``DynamicBatchSampler``) to re-shuffle it every epoch."""
         sampler = loader_kwargs.get("batch_sampler")
-        if stage == sb.Stage.TRAIN and isinstance(sampler, DynamicBatchSampler):
+        if stage == sb.Stage.TRAIN and callable(getattr(sampler, "set_epoch", None)):
             self._epoch_sampler = sampler
         return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
 
     def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
-        """Training: re-shuffles the dynamic batches for ``epoch`` (deterministic from seed +
+        """Training: re-shuffles the batch sampler for ``epoch`` (deterministic from seed +
         epoch, so an intra-epoch resume sees the same batches) and resets the per-epoch
-        counters. Validation and test: fresh ``wer_metric``/``cer_metric``."""
+        counters."""
         if stage != sb.Stage.TRAIN:
-            self.wer_metric = self.hparams.wer_computer()
-            self.cer_metric = self.hparams.cer_computer()
             return
         self.skipped_steps = 0
         self.nonfinite_losses = 0
@@ -547,7 +551,7 @@ class RecipeBrain(sb.Brain):
     def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
         """After training (on every process): keeps the train loss for :meth:`log_epoch` and
         gathers how many batches each process trained this epoch. After validation: logs the
-        epoch and saves its checkpoint; after a test: writes the results (:meth:`report_test`),
+        epoch and saves its checkpoint; after a test: logs the results (:meth:`log_test`),
         both with the stats of :meth:`eval_stats`."""
         if stage != sb.Stage.TRAIN:
             stats = self.eval_stats(stage_loss)
@@ -555,7 +559,7 @@ class RecipeBrain(sb.Brain):
                 self.log_epoch(epoch, stats)
                 self.save_epoch_checkpoint(epoch, stats)
             else:
-                self.report_test(stats, self.wer_metric)
+                self.log_test(stats)
             return
         self.train_stats = {"loss": stage_loss}
         batches = [self.step]
@@ -565,13 +569,9 @@ class RecipeBrain(sb.Brain):
         self.process_batches = batches
 
     def eval_stats(self, stage_loss: float) -> dict[str, float]:
-        """Validation/test stats, in train-log order: loss, CER and WER (%); recipes that
-        measure more override this."""
-        return {
-            "loss": stage_loss,
-            "CER": self.cer_metric.summarize("error_rate"),
-            "WER": self.wer_metric.summarize("error_rate"),
-        }
+        """Validation/test stats, in train-log order (kept in the checkpoint's meta after
+        validation): the loss; recipes that measure more override this."""
+        return {"loss": stage_loss}
 
     def on_fit_batch_end(self, batch: Any, outputs: Any, loss: Any, should_step: bool) -> None:
         """Steps ``noam_annealing`` (when the config has one) once per optimizer step taken."""
@@ -580,20 +580,24 @@ class RecipeBrain(sb.Brain):
             scheduler(self.optimizer)
 
     def best_key(self) -> tuple[str, bool]:
-        """(checkpoint meta key, whether higher is better) by which checkpoints are kept,
-        ranked and averaged: valid WER, lower is better; recipes may override."""
-        return "WER", False
+        """(checkpoint meta key, whether higher is better) by which checkpoints are kept and
+        ranked: the valid loss, lower is better; recipes may override."""
+        return "loss", False
+
+    def checkpoints_to_keep(self) -> int:
+        """How many of the best checkpoints by :meth:`best_key` are kept (besides the
+        latest); each recipe names its YAML key."""
+        raise NotImplementedError(f"{type(self).__name__} must define checkpoints_to_keep")
 
     def save_epoch_checkpoint(self, epoch: int, valid_stats: dict[str, float]) -> None:
-        """Saves the end-of-epoch checkpoint (meta: ``epoch``, the ACC/WER of
-        ``valid_stats``) and keeps the ``avg_checkpoints`` best by :meth:`best_key`."""
+        """Saves the end-of-epoch checkpoint (meta: ``epoch`` and ``valid_stats``) and keeps
+        the :meth:`checkpoints_to_keep` best by :meth:`best_key`."""
         key, higher = self.best_key()
-        meta = {k: valid_stats[k] for k in ("ACC", "WER") if k in valid_stats}
         self.checkpointer.save_and_keep_only(
-            meta={**meta, "epoch": epoch},
+            meta={**valid_stats, "epoch": epoch},
             max_keys=[key] if higher else None,
             min_keys=None if higher else [key],
-            num_to_keep=self.hparams.avg_checkpoints,
+            num_to_keep=self.checkpoints_to_keep(),
         )
 
     def log_epoch(self, epoch: int, valid_stats: dict[str, float]) -> None:
@@ -609,6 +613,18 @@ class RecipeBrain(sb.Brain):
             meta["process_batches"] = " ".join(map(str, self.process_batches))
         self.hparams.train_logger.log_stats(
             stats_meta=meta, train_stats=self.train_stats, valid_stats=valid_stats
+        )
+
+    def log_test(self, stats: dict[str, float]) -> None:
+        """Keeps ``stats`` as ``test_stats`` and logs ``Epoch loaded: N, test set: <name> -
+        test ...`` to the train log."""
+        self.test_stats = stats
+        self.hparams.train_logger.log_stats(
+            stats_meta={
+                "Epoch loaded": self.hparams.epoch_counter.current,
+                "test set": self.test_set_name,
+            },
+            test_stats=stats,
         )
 
     # ------------------------------------------------------------------ resuming
@@ -690,6 +706,52 @@ class RecipeBrain(sb.Brain):
                 "raise n_warmup_steps or use fp32, then resume with --resume_from <CKPT dir>"
             )
 
+
+class RecipeBrain(TrainingBrain):
+    """The ``TrainingBrain`` of the ASR recipes: WER/CER (see the module docstring).
+
+    Subclasses fill ``wer_metric``/``cer_metric`` in ``compute_objectives`` outside training;
+    other validation/test stats come from overriding :meth:`eval_stats`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_checkpoints: list[Checkpoint] | None = None
+        self.wer_file: Path | None = None
+        self._loaded_for_eval: tuple[Path, ...] | None = None
+
+    def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
+        """Validation and test: fresh ``wer_metric``/``cer_metric``."""
+        super().on_stage_start(stage, epoch)
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric = self.hparams.wer_computer()
+            self.cer_metric = self.hparams.cer_computer()
+
+    def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
+        """After a test: writes the results (:meth:`report_test`)."""
+        if stage == sb.Stage.TEST:
+            self.report_test(self.eval_stats(stage_loss), self.wer_metric)
+            return
+        super().on_stage_end(stage, stage_loss, epoch)
+
+    def eval_stats(self, stage_loss: float) -> dict[str, float]:
+        """Validation/test stats, in train-log order: loss, CER and WER (%); recipes that
+        measure more override this."""
+        return {
+            "loss": stage_loss,
+            "CER": self.cer_metric.summarize("error_rate"),
+            "WER": self.wer_metric.summarize("error_rate"),
+        }
+
+    def best_key(self) -> tuple[str, bool]:
+        """Checkpoints are kept, ranked and averaged by valid WER, lower is better; recipes
+        may override."""
+        return "WER", False
+
+    def checkpoints_to_keep(self) -> int:
+        """``avg_checkpoints``: the best checkpoints are the ones averaged for testing."""
+        return self.hparams.avg_checkpoints
+
     # ------------------------------------------------------------------ evaluation
 
     def on_evaluate_start(self, max_key: str | None = None, min_key: str | None = None) -> None:
@@ -729,7 +791,7 @@ class RecipeBrain(sb.Brain):
         out_dir: str | os.PathLike,
     ) -> dict[str, dict[str, float]]:
         """``evaluate`` every test set (the best checkpoints by :meth:`best_key`, averaged);
-        writes ``<out_dir>/wer_<name>.txt``; returns the stats by set name."""
+        writes ``<out_dir>/wer_<name>.txt`` and ``.json``; returns the stats by set name."""
         results = {}
         for name, data in datasets.items():
             self.test_set_name = name
@@ -739,16 +801,11 @@ class RecipeBrain(sb.Brain):
         return results
 
     def report_test(self, stats: dict[str, float], wer_metric: ErrorRateStats) -> None:
-        """Writes ``self.wer_file`` and logs ``Epoch loaded: N, test set: <name> - test loss:
-        ..., test CER: ..., test WER: ..., test utterances: N`` to the train log."""
-        self.test_stats = {**stats, "utterances": len(wer_metric.scores)}
-        self.hparams.train_logger.log_stats(
-            stats_meta={
-                "Epoch loaded": self.hparams.epoch_counter.current,
-                "test set": self.test_set_name,
-            },
-            test_stats=self.test_stats,
-        )
+        """Writes ``self.wer_file`` (SpeechBrain's alignments, for reading), the per-utterance
+        WER and CER scores as JSON beside it (``wer_<name>.json``, what the report tools read)
+        and logs ``Epoch loaded: N, test set: <name> - test loss: ..., test CER: ..., test
+        WER: ..., test utterances: N`` to the train log."""
+        self.log_test({**stats, "utterances": len(wer_metric.scores)})
         logger.info(
             "%s: WER %.2f %%, CER %.2f %% (%d utterances)",
             self.test_set_name, stats["WER"], stats["CER"], len(wer_metric.scores),
@@ -756,3 +813,5 @@ class RecipeBrain(sb.Brain):
         if self.wer_file is not None and if_main_process():
             with atomic_open(self.wer_file, "w", encoding="utf-8") as f:
                 wer_metric.write_stats(f)
+            metrics = {"WER": wer_metric, "CER": self.cer_metric}
+            write_scores(scores_path(self.wer_file), self.test_set_name, metrics)

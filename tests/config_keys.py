@@ -1,7 +1,12 @@
-"""Checks the recipe tests run on a family of configurations (``hparams/<family>/*.yaml``)."""
+"""Checks the recipe tests run on a family of configurations (``hparams/<family>/*.yaml``).
+
+Which keys a recipe uses is read from its code (parsed with ``ast``): string constants other
+than docstrings, and attribute names; comments and docstrings do not count.
+"""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from collections.abc import Iterable
@@ -20,8 +25,41 @@ def is_conmamba(path: Path) -> bool:
     return "encoder_module: conmamba" in path.read_text(encoding="utf-8")
 
 
-def _code(scripts: Iterable[Path]) -> str:
-    return "\n".join(p.read_text(encoding="utf-8") for p in scripts)
+def _trees(scripts: Iterable[Path]) -> list[ast.Module]:
+    """The parsed scripts."""
+    return [ast.parse(p.read_text(encoding="utf-8"), filename=str(p)) for p in scripts]
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    """ids of the docstring nodes of the module, its classes and functions."""
+    owners = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {
+        id(node.body[0].value) for node in ast.walk(tree)
+        if isinstance(node, owners) and node.body and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+        and isinstance(node.body[0].value.value, str)
+    }
+
+
+def code_names(scripts: Iterable[Path]) -> set[str]:
+    """The string constants (docstrings excluded) and attribute names in the scripts' code."""
+    names: set[str] = set()
+    for tree in _trees(scripts):
+        docstrings = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                names.add(node.attr)
+            elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in docstrings):
+                names.add(node.value)
+    return names
+
+
+def _is_hparams(node: ast.expr) -> bool:
+    """``hparams`` or ``<anything>.hparams``."""
+    return (isinstance(node, ast.Name) and node.id == "hparams") or (
+        isinstance(node, ast.Attribute) and node.attr == "hparams"
+    )
 
 
 def assert_family_shares_keys(folder: Path, names: list[str], model_keys: list[str]) -> None:
@@ -35,8 +73,9 @@ def assert_family_shares_keys(folder: Path, names: list[str], model_keys: list[s
 
 
 def assert_every_key_used(folder: Path, names: list[str], scripts: Iterable[Path]) -> None:
-    """Each top-level key is read by the scripts, referenced in its YAML or a run option."""
-    code = _code(scripts)
+    """Each top-level key is named in the scripts' code (:func:`code_names`), referenced in
+    its YAML or a run option."""
+    in_code = code_names(scripts)
     run_options = {f.name for f in dataclasses.fields(RunOptions)}
     for name in names:
         text = (folder / f"{name}.yaml").read_text(encoding="utf-8")
@@ -45,16 +84,23 @@ def assert_every_key_used(folder: Path, names: list[str], scripts: Iterable[Path
                 key.startswith("__")
                 or key in run_options
                 or f"<{key}>" in text
-                or re.search(rf"[\"'.]{key}\b", code)
+                or key in in_code
             )
             assert used, f"{name}.yaml: {key} is used neither by the recipe nor by the YAML"
 
 
 def keys_read(scripts: Iterable[Path]) -> set[str]:
-    """Keys the scripts read as ``hparams["key"]``, ``hparams['key']`` or ``hparams.key``."""
-    code = _code(scripts)
-    read = set(re.findall(r"hparams\[[\"'](\w+)[\"']\]", code))
-    return read | set(re.findall(r"hparams\.(\w+)", code)) - {"get"}
+    """Keys the scripts' code reads as ``hparams["key"]`` or ``hparams.key`` (also through
+    ``self.hparams``); ``hparams.get`` is not a key."""
+    read: set[str] = set()
+    for tree in _trees(scripts):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _is_hparams(node.value):
+                read.add(node.attr)
+            elif (isinstance(node, ast.Subscript) and _is_hparams(node.value)
+                  and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+                read.add(node.slice.value)
+    return read - {"get"}
 
 
 def assert_declared_keys_present(declared: set[str], folder: Path, names: list[str]) -> None:

@@ -1,14 +1,20 @@
-"""Shared fixtures: small LibriSpeech-layout trees built by the tests, the demo corpus."""
+"""Shared fixtures and helpers: small LibriSpeech-layout trees built by the tests, the demo
+corpus, parameter counts, the epochs of a train log, the training batches of a recipe."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import soundfile as sf
+
+if TYPE_CHECKING:
+    from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo"
@@ -73,3 +79,26 @@ def demo_corpus() -> Path:
         cwd=REPO,
     )
     return DEMO_DATA
+
+
+def n_params(module: nn.Module) -> int:
+    """Number of parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def logged_epochs(train_log: Path) -> list[int]:
+    """The epoch of every ``epoch: N, ...`` line of a recipe's train_log.txt, in order and with
+    repeats (an epoch trained again after a resume is logged again)."""
+    return [int(m) for m in re.findall(r"^epoch: (\d+),", train_log.read_text(), flags=re.M)]
+
+
+def train_batches(hparams: dict[str, Any]) -> int:
+    """Batches per epoch of a recipe's training set (``train_csv``): the length of its
+    ``DynamicBatchSampler``, which depends on how many utterances fall in each duration bucket,
+    not on the epoch's shuffle."""
+    from mamba_asr import data  # SpeechBrain: imported only by the recipe tests
+
+    sampler = data.dynamic_batch_sampler(
+        data.training_set(hparams), hparams["dynamic_batch_sampler_train"]
+    )
+    return len(sampler)

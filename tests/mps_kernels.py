@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 import torchgen
+from conftest import REPO
 from torch.utils._python_dispatch import TorchDispatchMode
 
-REPO = Path(__file__).resolve().parents[1]
 GENERIC = {"CompositeExplicitAutograd", "CompositeImplicitAutograd",
            "CompositeExplicitAutogradNonFunctional"}
 # Operators the recipes run on the CPU for tensors on MPS (mamba_asr.losses.ctc_loss).

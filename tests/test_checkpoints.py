@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from speechbrain.utils import distributed as sb_dist
 from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.epoch_loop import EpochCounter
 
 from mamba_asr.checkpoints import KILL_ENV, AtomicCheckpointer
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
 
 # The child saves state k (see ``set_state``) with save_and_keep_only(num_to_keep=2) for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import pytest
 import soundfile as sf
 from conftest import REPO, make_librispeech, write_flac
 
-import librispeech_prepare as lp
+from mamba_asr import librispeech as lp
 from mamba_asr.audio_info import AudioHeaderError, read_audio_info
 
 SPLITS = {
@@ -444,6 +445,20 @@ def test_cli_help():
         check=True,
     )
     assert "--data_folder" in res.stdout and "--select_n_sentences" in res.stdout
+
+
+def test_top_level_entry_keeps_speechbrains_function():
+    """``librispeech_prepare.py`` is the entry SpeechBrain recipes import from; its function
+    takes SpeechBrain's LibriSpeech arguments, in SpeechBrain's order, first."""
+    import librispeech_prepare
+
+    assert librispeech_prepare.prepare_librispeech is lp.prepare_librispeech
+    assert librispeech_prepare.LibriSpeechPrepError is lp.LibriSpeechPrepError
+    params = list(inspect.signature(librispeech_prepare.prepare_librispeech).parameters)
+    assert params[:10] == [
+        "data_folder", "save_folder", "tr_splits", "dev_splits", "te_splits",
+        "select_n_sentences", "merge_lst", "merge_name", "create_lexicon", "skip_prep",
+    ]
 
 
 def test_cli_error_exit(tmp_path):

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import n_params
 from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 from speechbrain.nnet.linear import Linear
 from torch import nn
@@ -22,7 +23,7 @@ from modules.Conmamba import (
 )
 from modules.mamba import selective_scan_interface as ssi
 from modules.mamba.bimamba import Mamba, flip_valid
-from modules.mamba.selective_scan_interface import selective_scan_ref
+from modules.mamba.selective_scan_ref import selective_scan_ref
 from modules.TransformerASR import TransformerASR
 
 MAMBA_CONFIG = {"d_state": 16, "expand": 2, "d_conv": 4, "bidirectional": True}
@@ -33,10 +34,6 @@ TOL = 1e-5
 def padding_mask(lengths: list[int], max_len: int) -> torch.Tensor:
     """(B, L) True on padding, as SpeechBrain's key padding masks."""
     return torch.arange(max_len) >= torch.tensor(lengths).unsqueeze(1)
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 # --------------------------------------------------------------------------- Mamba block
@@ -455,7 +452,7 @@ def _cuda_kernels_missing() -> str | None:
     """Why impl='cuda' cannot run here, or None when both CUDA kernels import."""
     if not torch.cuda.is_available():
         return "CUDA not available"
-    reasons = [r for r in (ssi._load_mamba_ssm()[1], ssi._load_causal_conv1d()[1]) if r != "ok"]
+    reasons = [k.reason for k in (ssi._load_mamba_ssm(), ssi._load_causal_conv1d()) if k.fn is None]
     return "; ".join(reasons) or None
 
 

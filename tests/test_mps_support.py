@@ -20,6 +20,7 @@ from mps_kernels import (
 from test_mamba_modules import small_asr
 from test_selective_scan import make_inputs
 
+from mamba_asr import losses
 from mamba_asr.losses import ctc_device, ctc_loss
 from modules.mamba.selective_scan_interface import selective_scan_fn
 
@@ -70,19 +71,41 @@ def test_ctc_recipe_batches_run_only_operators_mps_has(demo_corpus: Path, tmp_pa
     assert_mps_ready(recorded)
 
 
-def test_ctc_loss_is_speechbrains_where_the_device_has_a_kernel() -> None:
+def test_ctc_device_is_the_cpu_for_mps_only() -> None:
     assert ctc_device(torch.device("mps")) == torch.device("cpu")
     assert ctc_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert ctc_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_ctc_loss_computed_on_another_device_hands_back_value_and_gradient(monkeypatch) -> None:
+    """The MPS branch of ``ctc_loss`` on this machine: a stand-in device check sends CPU
+    tensors to "cpu:0", which torch treats as another device (``.to`` copies them, with a
+    copy's backward). SpeechBrain's loss gets the copies; value and gradient come back equal
+    to SpeechBrain's computed in place."""
+    monkeypatch.setattr(losses, "ctc_device", lambda device: torch.device("cpu", 0))
+    handed: list[tuple] = []
+
+    def speechbrain_ctc_loss(*args):
+        handed.append(args)
+        return sb.nnet.losses.ctc_loss(*args)
+
+    monkeypatch.setattr(losses, "_speechbrain_ctc_loss", speechbrain_ctc_loss)
     torch.manual_seed(0)
     logits = torch.randn(3, 30, 12, requires_grad=True)
+    log_probs = logits.log_softmax(-1)
     targets, lens = torch.randint(1, 12, (3, 7)), torch.tensor([1.0, 0.8, 0.5])
     tlens = torch.tensor([1.0, 5 / 7, 3 / 7])
-    ours = ctc_loss(logits.log_softmax(-1), targets, lens, tlens, blank_index=0)
+    ours = ctc_loss(log_probs, targets, lens, tlens, blank_index=0)
     (g_ours,) = torch.autograd.grad(ours, logits)
+    assert len(handed) == 1
+    for given, copy in zip((log_probs, targets, lens, tlens), handed[0][:4], strict=True):
+        assert copy is not given and copy.data_ptr() != given.data_ptr()
+        assert torch.equal(copy, given)
+    assert type(handed[0][0].grad_fn).__name__ == "ToCopyBackward0"
+    assert ours.device == log_probs.device and ours.item() > 0
     theirs = sb.nnet.losses.ctc_loss(logits.log_softmax(-1), targets, lens, tlens, 0)
     (g_theirs,) = torch.autograd.grad(theirs, logits)
-    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6) and ours.item() > 0
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
     assert torch.allclose(g_ours, g_theirs)
 
 

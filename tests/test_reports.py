@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import struct
 import subprocess
 import sys
@@ -11,12 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import REPO
-from speechbrain.utils.edit_distance import wer_details_by_speaker
+from speechbrain.utils.edit_distance import wer_details_by_utterance
 from speechbrain.utils.metric_stats import ErrorRateStats
 from speechbrain.utils.train_logger import FileTrainLogger
 
 from mamba_asr.reports import curves, errors, wer_table
 from mamba_asr.reports._common import ReportError
+from mamba_asr.reports.scores import read_scores, scores_path, write_scores
 
 # utterance id -> (reference, hypothesis); the edits are known by hand:
 UTTERANCES = {
@@ -32,19 +35,24 @@ UTTERANCES = {
 SPEAKERS = {"2300": (3, 5, 60.0), "121": (3, 10, 30.0), "1089": (1, 8, 12.5)}  # errors, words
 
 
-def write_wer_file(path: Path, utterances: dict[str, tuple[str, str]]) -> ErrorRateStats:
-    """``ErrorRateStats.write_stats`` of word-split ``utterances`` into ``path``."""
-    stats = ErrorRateStats()
+def write_wer_file(
+    path: Path, utterances: dict[str, tuple[str, str]]
+) -> tuple[ErrorRateStats, ErrorRateStats]:
+    """What a recipe writes for word-split ``utterances``: ``ErrorRateStats.write_stats``
+    into ``path`` (``wer_<set>.txt``) and the WER and CER (characters) scores beside it."""
+    wer, cer = ErrorRateStats(), ErrorRateStats(split_tokens=True)
     ids = list(utterances)
-    stats.append(
-        ids,
-        predict=[utterances[i][1].split() for i in ids],
-        target=[utterances[i][0].split() for i in ids],
-    )
+    for stats in (wer, cer):
+        stats.append(
+            ids,
+            predict=[utterances[i][1].split() for i in ids],
+            target=[utterances[i][0].split() for i in ids],
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        stats.write_stats(f)
-    return stats
+        wer.write_stats(f)
+    write_scores(scores_path(path), path.stem[len("wer_"):], {"WER": wer, "CER": cer})
+    return wer, cer
 
 
 def write_train_log(path: Path, valid_wers: list[float], test_wers: list[float]) -> None:
@@ -178,37 +186,57 @@ def test_curves_bad_input(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-# --- errors ---------------------------------------------------------------------------------
+# --- scores and errors ---------------------------------------------------------------------
 
 
 @pytest.fixture
 def wer_file(tmp_path) -> tuple[Path, ErrorRateStats]:
     path = tmp_path / "wer_test-clean.txt"
-    return path, write_wer_file(path, UTTERANCES)
+    return path, write_wer_file(path, UTTERANCES)[0]
 
 
-def test_alignments_match_speechbrain(wer_file):
+def test_scores_json_holds_speechbrain_scores(wer_file):
     path, stats = wer_file
-    text = path.read_text()
-    assert text.startswith("%WER 30.43 [ 7 / 23, 2 ins, 2 del, 3 sub ]\n%SER 85.71 [ 6 / 7 ]\n")
-    assert "Format:" in text  # the example block (1 ins, 2 sub, 1 del) must not be counted
-    utts = errors.read_alignments(path)
-    assert [u.key for u in utts] == list(UTTERANCES)
-    first = utts[0]
-    assert (first.words, first.ins, first.dels, first.subs, first.wer) == (6, 0, 0, 1, 16.67)
-    assert first.ops[4] == ("S", "the", "a") and first.ops[0] == ("=", "the", "the")
-    assert utts[2].ops[3] == ("D", "the", None)
-    assert [op for op, _, _ in utts[6].ops] == ["S", "=", "I"] and utts[6].ops[2][2] == "extra"
-    for utt, dets in zip(utts, stats.scores, strict=True):
-        assert (utt.ins, utt.dels, utt.subs) == (
-            dets["insertions"],
-            dets["deletions"],
-            dets["substitutions"],
-        )
+    json_path = path.with_suffix(".json")
+    assert scores_path(path) == json_path and scores_path(json_path) == json_path
+    doc = json.loads(json_path.read_text())
+    assert doc["version"] == 1 and doc["test_set"] == "test-clean"
+    wer = doc["WER"]
+    assert wer["summary"] == {
+        "WER": pytest.approx(100 * 7 / 23), "SER": pytest.approx(100 * 6 / 7), "num_edits": 7,
+        "num_scored_tokens": 23, "num_erroneous_sents": 6, "num_scored_sents": 7,
+        "num_absent_sents": 0, "num_ref_sents": 7, "insertions": 2, "deletions": 2,
+        "substitutions": 3,
+    }
+    first = wer["utterances"][0]
+    assert first["key"] == "1089-134686-0000" and first["num_edits"] == 1
+    assert first["ref_tokens"] == "the cat sat on the mat".split()
+    assert first["hyp_tokens"] == "the cat sat on a mat".split()
+    assert first["alignment"][4] == ["S", 4, 4]
+    # CER: counts per utterance, no character alignment; "the end" -> "a end extra": 8 edits
+    cer = doc["CER"]
+    assert [u["num_edits"] for u in cer["utterances"]] == [3, 0, 4, 5, 4, 1, 8]
+    assert [u["num_ref_tokens"] for u in cer["utterances"]] == [22, 11, 20, 12, 12, 13, 7]
+    assert "alignment" not in cer["utterances"][0] and cer["summary"]["num_edits"] == 25
+    # read back, the txt or the JSON: what SpeechBrain computed, alignments included
+    for given in (path, json_path):
+        read = read_scores(given)["WER"]["utterances"]
+        assert [u["key"] for u in read] == list(UTTERANCES)
+        for ours, dets in zip(read, stats.scores, strict=True):
+            assert [tuple(a) for a in ours["alignment"]] == dets["alignment"]
+            assert {k: v for k, v in ours.items() if k != "alignment"} == {
+                k: v for k, v in dets.items() if k != "alignment"
+            }
+    utts = read_scores(path)["WER"]["utterances"]
+    assert list(errors.edits(utts[0]))[4] == ("S", "the", "a")
+    assert list(errors.edits(utts[0]))[0] == ("=", "the", "the")
+    assert list(errors.edits(utts[2]))[3] == ("D", "the", None)
+    assert list(errors.edits(utts[6])) == [("S", "the", "a"), ("=", "end", "end"),
+                                           ("I", None, "extra")]
 
 
 def test_top_errors_and_speakers(wer_file):
-    utts = errors.read_alignments(wer_file[0])
+    utts = read_scores(wer_file[0])["WER"]["utterances"]
     tables = errors.top_errors(utts, top=20)
     assert tables["substitutions"].values.tolist() == [["the", "a", 2], ["two", "too", 1]]
     assert tables["insertions"].values.tolist() == [["extra", 1], ["good", 1]]
@@ -220,12 +248,7 @@ def test_top_errors_and_speakers(wer_file):
     for row in spk.itertuples(index=False):
         assert (row.errors, row.words, row.WER) == SPEAKERS[row.speaker]
     assert spk["sentences"].tolist() == [2, 3, 2] and spk["ins"].tolist() == [1, 1, 0]
-    # the same numbers as SpeechBrain's own per-speaker summary
-    utt2spk = {key: key.split("-")[0] for key in UTTERANCES}
-    sb = {d["speaker"]: d for d in wer_details_by_speaker(wer_file[1].scores, utt2spk)}
-    for row in spk.itertuples(index=False):
-        assert row.WER == pytest.approx(sb[row.speaker]["WER"])
-        assert row.errors == sb[row.speaker]["num_edits"]
+    assert spk["del"].tolist() == [0, 2, 0] and spk["sub"].tolist() == [2, 0, 1]
 
     by_chapter = errors.speaker_wer(utts, r"^[^-]+-[^-]+")
     assert dict(zip(by_chapter["speaker"], by_chapter["WER"].round(2), strict=True)) == {
@@ -240,7 +263,7 @@ def test_top_errors_and_speakers(wer_file):
 
 
 def test_errors_cli(wer_file, capsys):
-    path = wer_file[0]
+    path = wer_file[0].with_suffix(".json")
     assert errors.main([str(path), "--top", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{path}: %WER 30.43 [ 7 / 23, 2 ins, 2 del, 3 sub ] over 7 sentences")
@@ -249,7 +272,8 @@ def test_errors_cli(wer_file, capsys):
     assert "| 2300    | 60.00 |      3 |   1 |   0 |   2 |     5 |         2 |" in out
     assert out.endswith("| 1089    | 12.50 |      1 |   0 |   0 |   1 |     8 |         2 |\n")
 
-    assert errors.main([str(path), "--csv", "--top", "0"]) == 0
+    # the text file's name works too (its JSON is read)
+    assert errors.main([str(wer_file[0]), "--csv", "--top", "0"]) == 0
     df = pd.read_csv(StringIO(capsys.readouterr().out), keep_default_na=False)
     assert df["section"].tolist() == ["substitution"] * 2 + ["insertion"] * 2 + [
         "deletion",
@@ -263,21 +287,69 @@ def test_errors_cli(wer_file, capsys):
     assert speakers["WER"].astype(float).tolist() == [60.0, 30.0, 12.5]
 
 
-def test_errors_bad_input(tmp_path, wer_file, capsys):
+def _tampered(path: Path, tmp_path: Path, change) -> Path:
+    """A copy of the scores JSON beside ``path`` with ``change(doc)`` applied."""
+    doc = json.loads(scores_path(path).read_text())
+    change(doc)
+    out = tmp_path / "tampered" / "wer_x.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(doc))
+    return out
+
+
+def test_scores_bad_input(tmp_path, wer_file, capsys):
     path = wer_file[0]
-    summary_only = tmp_path / "wer_summary.txt"
-    summary_only.write_text("\n".join(path.read_text().splitlines()[:3]) + "\n")
-    with pytest.raises(ReportError, match=r"wer_summary.txt: no ALIGNMENTS section"):
-        errors.read_alignments(summary_only)
-    tampered = tmp_path / "wer_tampered.txt"
-    text = path.read_text().replace("1 / 6, 0 ins, 0 del, 1 sub", "1 / 6, 0 ins, 1 del, 0 sub")
-    tampered.write_text(text)
-    with pytest.raises(ReportError, match=r"1089-134686-0000 has 0 ins, 1 del, 0 sub, 6 words"):
-        errors.read_alignments(tampered)
+    old = tmp_path / "old" / "wer_test-other.txt"  # a text file of an older version, alone
+    old.parent.mkdir()
+    old.write_text(path.read_text())
+    with pytest.raises(ReportError, match=r"wer_test-other.txt: no wer_test-other.json beside "
+                       r"it .*python evaluate.py <hparams> --ckpt <run>/save"):
+        read_scores(old)
+    truncated = tmp_path / "wer_cut.json"
+    truncated.write_text(scores_path(path).read_text()[:200])
+    with pytest.raises(ReportError, match=r"wer_cut.json: not JSON \("):
+        read_scores(truncated)
+    other = tmp_path / "other.json"
+    other.write_text('{"a": 1}')
+    with pytest.raises(ReportError, match=r"other.json: version None, expected an object with "
+                       "version 1"):
+        read_scores(other)
+
+    def counts(doc):  # a substitution made a deletion in the counts only
+        doc["WER"]["utterances"][0].update(deletions=1, substitutions=0)
+
+    with pytest.raises(ReportError, match=r"wer_x.json: WER: utterance 1089-134686-0000: "
+                       r"deletions is 1 but the alignment has 0"):
+        read_scores(_tampered(path, tmp_path, counts))
+
+    def summary(doc):
+        doc["CER"]["summary"]["WER"] = 1.0
+
+    with pytest.raises(ReportError, match=r"CER: summary .* is not that of its utterances"):
+        read_scores(_tampered(path, tmp_path, summary))
+
+    def alignment(doc):
+        doc["WER"]["utterances"][1]["alignment"][0] = ["=", 0, 5]
+
+    with pytest.raises(ReportError, match=r"1089-134686-0001: the alignment does not cover"):
+        read_scores(_tampered(path, tmp_path, alignment))
+
+    def count_type(doc):
+        doc["CER"]["utterances"][2]["num_edits"] = "4"
+
+    with pytest.raises(ReportError, match=r"CER: utterance 121-121726-0000: num_edits is '4', "
+                       "expected an integer >= 0"):
+        read_scores(_tampered(path, tmp_path, count_type))
+
     assert errors.main([str(tmp_path / "train_log.txt")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path / 'train_log.txt'}: cannot read (")
-    assert "ErrorRateStats.write_stats" in err
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'train_log.txt'}: no such file, nor train_log.json (a scores JSON "
+        "written by the recipes or evaluate.py)\n"
+    )
+    assert errors.main([str(tmp_path / "wer_none.json")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'wer_none.json'}: cannot read")
+    assert errors.main([str(old)]) == 1
+    assert f"error: {old}: no wer_test-other.json beside it" in capsys.readouterr().err
 
 
 # --- wer_table ------------------------------------------------------------------------------
@@ -285,26 +357,34 @@ def test_errors_bad_input(tmp_path, wer_file, capsys):
 
 @pytest.fixture
 def results(tmp_path) -> Path:
-    """results/{exp_a/7775 (two test sets, train_log), exp_b (one test set, a broken file)}."""
+    """results/{exp_a/7775 (two test sets, train_log), exp_b (one test set, a broken file,
+    a text file without JSON)}."""
     root = tmp_path / "results"
     write_wer_file(root / "exp_a" / "7775" / "wer_test-clean.txt", UTTERANCES)
     other = {"1-1-1": ("a b c d", "a b c d"), "2-2-2": ("x y", "x")}  # 1 del in 6 words
     write_wer_file(root / "exp_a" / "7775" / "wer_test-other.txt", other)
     write_train_log(root / "exp_a" / "7775" / "train_log.txt", [80.0, 60.0, 40.0], [30.43, 16.67])
     write_wer_file(root / "exp_b" / "wer_test-clean.txt", {"3-3-3": ("a", "b")})
-    (root / "exp_b" / "wer_broken.txt").write_text("")  # e.g. an evaluation still running
+    (root / "exp_b" / "wer_broken.json").write_text("")  # e.g. an evaluation still running
+    old = root / "exp_b" / "wer_old.txt"
+    old.write_text((root / "exp_b" / "wer_test-clean.txt").read_text())
     return root
 
 
 def test_wer_table_rows(results, capsys):
     df = wer_table.wer_table([results])
-    assert "warning: skipped" in capsys.readouterr().err
-    assert df[wer_table.COLUMNS].values.tolist() == [
-        ["exp_a/7775", "test-clean", 30.43, 85.71, 2, 2, 3, 23, 7],
-        ["exp_a/7775", "test-other", 16.67, 50.0, 0, 1, 0, 6, 2],
-        ["exp_b", "test-clean", 100.0, 100.0, 0, 0, 1, 1, 1],
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1] for line in err] == [
+        f"skipped {results / 'exp_b' / name}" for name in ("wer_broken.json", "wer_old.txt")
+    ]
+    # CER: 25 / 97 characters (spaces count, SpeechBrain's split_tokens), 2 / 10, 1 / 1
+    assert df[wer_table.COLUMNS].round(2).values.tolist() == [
+        ["exp_a/7775", "test-clean", 30.43, 25.77, 85.71, 2, 2, 3, 23, 7],
+        ["exp_a/7775", "test-other", 16.67, 20.0, 50.0, 0, 1, 0, 6, 2],
+        ["exp_b", "test-clean", 100.0, 100.0, 100.0, 0, 0, 1, 1, 1],
     ]
     assert not df["partial"].any() and df["absent"].tolist() == [0, 0, 0]
+    assert df["file"].tolist()[-1] == str(results / "exp_b" / "wer_test-clean.json")
 
     both = wer_table.wer_table([results / "exp_a", results / "exp_b"], train_log=True)
     assert both["experiment"].tolist() == ["exp_a/7775"] * 4 + ["exp_b"]
@@ -312,41 +392,54 @@ def test_wer_table_rows(results, capsys):
     assert both["WER"].tolist()[2:4] == [30.43, 16.67]  # train_log lines have only the WER
     assert both["words"].isna().tolist() == [False, False, True, True, False]
     assert wer_table.wer_table([results / "exp_b"])["experiment"].tolist() == ["exp_b"]
+    # the text files' names find the same scores
+    by_text = wer_table.wer_table([results], pattern="wer_*.txt")
+    assert by_text[wer_table.COLUMNS].equals(df[wer_table.COLUMNS])
 
 
 def test_wer_table_cli(results, capsys):
     assert wer_table.main([str(results)]) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [
-        "| experiment | test_set   |    WER |    SER | ins | del | sub | words | sentences |",
-        "| ---------- | ---------- | -----: | -----: | --: | --: | --: | ----: | --------: |",
-        "| exp_a/7775 | test-clean |  30.43 |  85.71 |   2 |   2 |   3 |    23 |         7 |",
-        "| exp_a/7775 | test-other |  16.67 |  50.00 |   0 |   1 |   0 |     6 |         2 |",
-        "| exp_b      | test-clean | 100.00 | 100.00 |   0 |   0 |   1 |     1 |         1 |",
+        "| experiment | test_set   |    WER |    CER |    SER | ins | del | sub | words | "
+        "sentences |",
+        "| ---------- | ---------- | -----: | -----: | -----: | --: | --: | --: | ----: | "
+        "--------: |",
+        "| exp_a/7775 | test-clean |  30.43 |  25.77 |  85.71 |   2 |   2 |   3 |    23 | "
+        "        7 |",
+        "| exp_a/7775 | test-other |  16.67 |  20.00 |  50.00 |   0 |   1 |   0 |     6 | "
+        "        2 |",
+        "| exp_b      | test-clean | 100.00 | 100.00 | 100.00 |   0 |   0 |   1 |     1 | "
+        "        1 |",
     ]
-    assert captured.err.startswith(f"warning: skipped {results / 'exp_b' / 'wer_broken.txt'}: ")
+    assert captured.err.startswith(f"warning: skipped {results / 'exp_b' / 'wer_broken.json'}: ")
+    assert f"{results / 'exp_b' / 'wer_old.txt'}: no wer_old.json beside it" in captured.err
 
     assert wer_table.main([str(results), "--csv"]) == 0
     df = pd.read_csv(StringIO(capsys.readouterr().out))
     assert df.columns.tolist() == [*wer_table.COLUMNS, "absent", "partial", "file"]
     assert df["WER"].tolist() == [30.43, 16.67, 100.0] and df["words"].tolist() == [23, 6, 1]
+    assert df["CER"].tolist() == [25.77, 20.0, 100.0]
 
     assert wer_table.main([str(results), "--strict"]) == 1
-    assert "wer_broken.txt: line 1 is not a WER summary line" in capsys.readouterr().err
+    assert "wer_broken.json: not JSON" in capsys.readouterr().err
     assert wer_table.main([str(results / "missing")]) == 1
     assert "missing: not a folder" in capsys.readouterr().err
-    assert wer_table.main([str(results), "--pattern", "cer_*.txt"]) == 1
-    assert "no cer_*.txt files found under" in capsys.readouterr().err
+    assert wer_table.main([str(results), "--pattern", "cer_*.json"]) == 1
+    assert "no cer_*.json files found under" in capsys.readouterr().err
 
 
-def test_partial_header():
-    text = (
-        "%WER 10.00 [ 1 / 10, 0 ins, 1 del, 0 sub ] [PARTIAL]\n%SER 50.00 [ 1 / 2 ]\n"
-        "Scored 2 sentences, 1 not present in hyp.\n"
-    )
-    stats = wer_table.parse_wer_header(text)
-    assert stats["partial"] and stats["absent"] == 1 and stats["sentences"] == 2
-    assert (stats["WER"], stats["del"], stats["words"]) == (10.0, 1, 10)
+def test_partial_scores(tmp_path):
+    """A reference without a hypothesis (SpeechBrain's scoring mode 'present'): partial."""
+    refs = {"a": ["x", "y"], "b": ["z"]}
+    details = wer_details_by_utterance(refs, {"a": ["x", "y"]}, True, scoring_mode="present")
+    wer = ErrorRateStats()
+    wer.scores = details
+    path = tmp_path / "wer_p.json"
+    write_scores(path, "p", {"WER": wer})
+    row = wer_table.read_wer_file(path)
+    assert row["partial"] and row["absent"] == 1 and row["sentences"] == 1
+    assert (row["WER"], row["words"]) == (0.0, 2) and math.isnan(row["CER"])
 
 
 @pytest.mark.parametrize("tool", ["curves", "wer_table", "errors"])

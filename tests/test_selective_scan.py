@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -10,17 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from modules.mamba import selective_scan_chunked as chunked
 from modules.mamba import selective_scan_interface as ssi
+from modules.mamba.selective_scan_chunked import selective_scan_chunked
 from modules.mamba.selective_scan_interface import (
     causal_conv1d_fn,
-    causal_conv1d_ref,
     kernel_status,
     resolve_conv_impl,
     resolve_scan_impl,
-    selective_scan_chunked,
     selective_scan_fn,
-    selective_scan_ref,
 )
+from modules.mamba.selective_scan_ref import causal_conv1d_ref, selective_scan_ref
 
 
 def make_inputs(
@@ -185,7 +186,7 @@ def test_float32_reference_agrees_too():
 def test_default_chunking_many_chunks():
     # Large enough rows for the automatic chunk length to split L = 300 into several chunks.
     inputs = make_inputs(2, 256, 16, 300, 4, torch.float64, seed=9)
-    assert ssi._chunk_size(2 * 256 * 16, 300, torch.device("cpu")) < 300
+    assert chunked._chunk_size(2 * 256 * 16, 300, torch.device("cpu")) < 300
     ours = selective_scan_fn(**inputs, delta_softplus=True)
     ref = selective_scan_ref(**inputs, delta_softplus=True)
     assert rel_err(ours, ref) <= 1e-10
@@ -199,8 +200,8 @@ def test_batch_tiles_and_blocks(monkeypatch, tile):
     batch, dim, nstate, length = 5, 6, 4, 150
     inputs = make_inputs(batch, dim, nstate, length, 3, seed=12)
     per_thread = -(-tile * 8 * dim * nstate * 8 // torch.get_num_threads())  # T 8, float64
-    monkeypatch.setattr(ssi, "_CPU_TILE_BYTES", per_thread)
-    assert ssi._batch_tile(batch, dim * nstate, 8, inputs["u"]) == tile
+    monkeypatch.setattr(chunked, "_CPU_TILE_BYTES", per_thread)
+    assert chunked._batch_tile(batch, dim * nstate, 8, inputs["u"]) == tile
     kw = {"delta_softplus": True, "return_last_state": True}
     results = {}
     for name, fn in (("ours", selective_scan_chunked), ("ref", selective_scan_ref)):
@@ -232,11 +233,11 @@ def test_blelloch_scan_rows(n):
             expect[i] += a[i] * expect[i + 1 if reverse else i - 1]
         got, work = b.clone(), torch.full_like(a, float("nan"))
         a_in = a.clone()
-        ssi._scan_(a_in, got, reverse=reverse, work=work)
+        chunked._scan_(a_in, got, reverse=reverse, work=work)
         assert torch.equal(a_in, a)  # with a work buffer the decays are left alone
         assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
         got = b.clone()
-        ssi._scan_(a.clone(), got, reverse=reverse)
+        chunked._scan_(a.clone(), got, reverse=reverse)
         assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
 
 
@@ -253,18 +254,18 @@ def test_blelloch_scan_blocks(block):
             for i in order:
                 expect[i] += a[i] * expect[i + 1 if reverse else i - 1]
             got, work, a_in = b.clone(), torch.full_like(a, float("nan")), a.clone()
-            ssi._scan_(a_in, got, reverse=reverse, work=work, block=block)
+            chunked._scan_(a_in, got, reverse=reverse, work=work, block=block)
             assert torch.equal(a_in, a)
             assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
             got = b.clone()
-            ssi._scan_(a.clone(), got, reverse=reverse, block=block)
+            chunked._scan_(a.clone(), got, reverse=reverse, block=block)
             assert torch.allclose(got, expect, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("scan_block", [0, 2])
 def test_scan_blocks_in_chunks(monkeypatch, scan_block):
     # Chunks scanned as one Blelloch block (what GPUs run) or in blocks of 2 match the oracle.
-    monkeypatch.setattr(ssi, "_SCAN_BLOCK", scan_block)
+    monkeypatch.setattr(chunked, "_SCAN_BLOCK", scan_block)
     inputs = make_inputs(2, 4, 3, 70, 2, seed=13)
     kw = {"delta_softplus": True, "return_last_state": True}
     grads = {}
@@ -429,11 +430,43 @@ def test_shape_errors(bad):
 def no_env(monkeypatch):
     """Dispatch as on a machine without the override variable and without mamba-ssm."""
     monkeypatch.delenv(ssi.ENV_VAR, raising=False)
-    monkeypatch.setattr(ssi, "_load_mamba_ssm", lambda: (None, "ImportError: no mamba_ssm"))
-    monkeypatch.setattr(ssi, "_load_causal_conv1d",
-                        lambda: (None, "ImportError: no causal_conv1d"))
+    not_installed = ssi.KernelImport(None, ssi.NOT_INSTALLED)
+    monkeypatch.setattr(ssi, "_load_mamba_ssm", lambda: not_installed)
+    monkeypatch.setattr(ssi, "_load_causal_conv1d", lambda: not_installed)
     monkeypatch.setattr(ssi, "_announced", set())
     return monkeypatch
+
+
+UNDEFINED_SYMBOL = ("selective_scan_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: "
+                    "_ZN3c104cuda9SetDeviceEi")
+NO_CUDART = "libcudart.so.12: cannot open shared object file: No such file or directory"
+
+
+def broken_kernel_packages(monkeypatch: pytest.MonkeyPatch, folder) -> None:
+    """Install stand-ins for mamba-ssm and causal-conv1d builds that no longer load (built for
+    another torch or CUDA): packages on ``sys.path`` whose import raises. The loaders' caches
+    are replaced by fresh ones for the test, and the dispatch forgets what it has logged."""
+    for package, error in (("mamba_ssm", f"ImportError({UNDEFINED_SYMBOL!r})"),
+                           ("causal_conv1d", f"OSError({NO_CUDART!r})")):
+        (folder / package).mkdir()
+        (folder / package / "__init__.py").write_text(f"raise {error}\n")
+    monkeypatch.syspath_prepend(str(folder))
+    for name in ("_load_mamba_ssm", "_load_causal_conv1d"):
+        monkeypatch.setattr(ssi, name, functools.cache(getattr(ssi, name).__wrapped__))
+    monkeypatch.delenv(ssi.ENV_VAR, raising=False)
+    monkeypatch.setattr(ssi, "_announced", set())
+
+
+def test_interface_keeps_the_upstream_names():
+    # Code written against mamba-ssm / causal-conv1d imports these names from the interface;
+    # the implementations live in their own modules.
+    assert ssi.selective_scan_ref is selective_scan_ref
+    assert ssi.causal_conv1d_ref is causal_conv1d_ref
+    assert ssi.selective_scan_chunked is selective_scan_chunked
+    for name in ssi.__all__:
+        assert getattr(ssi, name) is not None, name
+    assert {"selective_scan_fn", "selective_scan_ref", "causal_conv1d_fn",
+            "causal_conv1d_ref"} <= set(ssi.__all__)
 
 
 def test_auto_falls_back_to_torch_without_mamba_ssm(no_env):
@@ -443,12 +476,13 @@ def test_auto_falls_back_to_torch_without_mamba_ssm(no_env):
     status = kernel_status("cuda")
     assert status["scan"] == ssi.SCAN_PATHS["torch"]
     assert status["conv"] == ssi.CONV_PATHS["torch"]
-    assert "no mamba_ssm" in status["mamba_ssm"] and status["requested"] == "auto"
+    assert status["mamba_ssm"] == ssi.NOT_INSTALLED and status["requested"] == "auto"
+    assert status["scan_warning"] == status["conv_warning"] == ""
 
 
 def test_auto_uses_cuda_kernels_only_for_cuda_tensors(no_env):
-    no_env.setattr(ssi, "_load_mamba_ssm", lambda: (object(), "ok"))
-    no_env.setattr(ssi, "_load_causal_conv1d", lambda: (object(), "ok"))
+    no_env.setattr(ssi, "_load_mamba_ssm", lambda: ssi.KernelImport(object(), "ok"))
+    no_env.setattr(ssi, "_load_causal_conv1d", lambda: ssi.KernelImport(object(), "ok"))
     assert resolve_scan_impl("cuda") == "cuda" and resolve_conv_impl("cuda") == "cuda"
     assert resolve_scan_impl("cpu") == "torch" and resolve_conv_impl("mps") == "torch"
     with pytest.raises(RuntimeError, match="CUDA tensors"):
@@ -494,9 +528,75 @@ def test_path_is_logged_once(no_env, caplog):
         for _ in range(3):
             selective_scan_fn(**inputs)
             causal_conv1d_fn(inputs["u"], torch.ones(4, 3, dtype=torch.float64))
+        # Kernels that are not installed are the expected CPU/MPS setup: no warning on CUDA.
+        assert ssi._dispatch("scan", "cuda", None) == "torch"
+        assert ssi._dispatch("conv", "cuda", None) == "torch"
     messages = [r.getMessage() for r in caplog.records]
     assert sum(ssi.SCAN_PATHS["torch"] in m for m in messages) == 1
     assert sum(ssi.CONV_PATHS["torch"] in m for m in messages) == 1
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_kernel_import_tells_not_installed_from_broken(monkeypatch, tmp_path):
+    assert ssi._import_kernel("no_such_kernels", "no_such_kernels", "fn") == (
+        None, ssi.NOT_INSTALLED)
+    assert not ssi._import_kernel("no_such_kernels", "no_such_kernels", "fn").broken
+    # Found, but a module it needs is missing: broken, not "not installed".
+    (tmp_path / "half_built").mkdir()
+    (tmp_path / "half_built" / "__init__.py").write_text("import half_built_cuda\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = ssi._import_kernel("half_built", "half_built.ops", "fn")
+    assert loaded.broken and loaded.fn is None
+    assert loaded.reason == "ModuleNotFoundError: No module named 'half_built_cuda'"
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "__init__.py").write_text("def fn():\n    return 7\n")
+    loaded = ssi._import_kernel("whole", "whole", "fn")
+    assert loaded.fn() == 7 and loaded.reason == "ok" and not loaded.broken
+
+
+def test_broken_kernel_install_warns_once_where_the_kernels_would_run(
+    monkeypatch, tmp_path, caplog
+):
+    """An installed mamba-ssm / causal-conv1d whose import raises: ``auto`` runs PyTorch, and
+    says so once, at WARNING, where the kernels would have run (CUDA, ``auto``). CUDA is a
+    device name here: the decision needs no CUDA tensor."""
+    broken_kernel_packages(monkeypatch, tmp_path)
+    assert ssi._load_mamba_ssm() == (None, f"ImportError: {UNDEFINED_SYMBOL}")
+    assert ssi._load_causal_conv1d() == (None, f"OSError: {NO_CUDART}")
+    inputs = make_inputs()
+    with caplog.at_level(logging.INFO, logger=ssi.__name__):
+        # Where the kernels would not run: CPU tensors, or a forced PyTorch path on CUDA.
+        selective_scan_fn(**inputs)
+        causal_conv1d_fn(inputs["u"], torch.ones(4, 3, dtype=torch.float64))
+        assert ssi._dispatch("scan", "cuda", "torch") == "torch"
+        monkeypatch.setenv(ssi.ENV_VAR, "torch")
+        assert ssi._dispatch("conv", "cuda", None) == "torch"
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+        monkeypatch.delenv(ssi.ENV_VAR)
+        for _ in range(2):
+            assert ssi._dispatch("scan", "cuda", None) == "torch"
+            assert ssi._dispatch("conv", torch.device("cuda", 0), None) == "torch"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    scan, conv = warnings
+    assert scan.startswith(f"mamba-ssm is installed but fails to import (ImportError: "
+                           f"{UNDEFINED_SYMBOL}), so CUDA tensors run the PyTorch chunked "
+                           f"parallel scan, 11-15x slower")
+    assert conv.startswith(f"causal-conv1d is installed but fails to import (OSError: "
+                           f"{NO_CUDART}), so CUDA tensors run the PyTorch conv1d.")
+    for message in warnings:
+        assert f"Reinstall it against this torch ({torch.__version__})" in message
+        assert "pip install -r requirements-cuda.txt --no-build-isolation" in message
+        assert "MAMBA_ASR_SCAN_IMPL=torch" in message
+    status = kernel_status("cuda")
+    assert (status["scan_warning"], status["conv_warning"]) == (scan, conv)
+    assert status["scan"] == ssi.SCAN_PATHS["torch"]
+    broken = f"installed, but its import fails (ImportError: {UNDEFINED_SYMBOL})"
+    assert status["mamba_ssm"] == broken
+    assert kernel_status("cpu")["scan_warning"] == kernel_status("cpu")["conv_warning"] == ""
+    # Forcing the kernels names the import error.
+    with pytest.raises(RuntimeError, match="undefined symbol"):
+        resolve_scan_impl("cuda", impl="cuda")
 
 
 # --------------------------------------------------------------------------- causal conv

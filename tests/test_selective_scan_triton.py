@@ -19,11 +19,18 @@ import torch
 from test_selective_scan import as64, make_inputs, rel_err
 
 from modules.mamba import selective_scan_interface as ssi
-from modules.mamba.selective_scan_interface import selective_scan_fn, selective_scan_ref
+from modules.mamba.selective_scan_interface import selective_scan_fn
+from modules.mamba.selective_scan_ref import selective_scan_ref
 
 REPO = Path(__file__).resolve().parents[1]
 _TRITON_SCAN, _TRITON_WHY = ssi._load_triton_scan()
 needs_triton = pytest.mark.skipif(_TRITON_SCAN is None, reason=f"triton unavailable: {_TRITON_WHY}")
+
+# Register spill the compiled kernels may have, in bytes of spill stores per kernel: ptxas spills
+# 4 bytes in the backward kernel on sm_90 at the default tiling (none elsewhere); a tiling that
+# no longer fits the 255 registers a thread spills hundreds (the backward at 32 channels a
+# program: over 1 KB), which is what the compile check is there to catch.
+SPILL_BUDGET_BYTES = 64
 
 # (batch, dim, N, L, groups, dtype, softplus): a partial last chunk, exactly one chunk with
 # groups, L = 1 with channel blocks of 1 and N not a power of two, 3-D B and C over two channel
@@ -161,13 +168,14 @@ def test_cuda_triton_matches_the_oracle_and_is_stable() -> None:
 
 @needs_triton
 @pytest.mark.parametrize("capability", [80, 90])
-def test_triton_kernels_compile_for_nvidia_gpus_without_spilling(
+def test_triton_kernels_compile_for_nvidia_gpus_within_the_spill_budget(
     capability, tmp_path, monkeypatch
 ) -> None:
     """The interpreter runs the kernels as Python; this compiles them as a GPU would (Triton to
     PTX, then ptxas, for an A100 / H100 target, no device needed) with the block sizes of a
     Mamba layer (d_inner 1024, N 16), so type and layout errors show without a GPU, and a
-    change that makes them spill registers to local memory fails."""
+    change that makes a kernel spill more than ``SPILL_BUDGET_BYTES`` (64) bytes of registers
+    to local memory fails."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -195,6 +203,4 @@ def test_triton_kernels_compile_for_nvidia_gpus_without_spilling(
                                "-o", str(tmp_path / "kernel.cubin")],
                               capture_output=True, text=True, check=True).stderr
         spilled = int(re.search(r"(\d+) bytes spill stores", info).group(1))
-        registers = int(re.search(r"Used (\d+) registers", info).group(1))
-        name = f"{kernel.fn.__name__} {extra}"
-        assert spilled <= 64 and registers <= 255, (name, info)
+        assert spilled <= SPILL_BUDGET_BYTES, (f"{kernel.fn.__name__} {extra}", info)

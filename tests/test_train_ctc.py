@@ -30,7 +30,10 @@ from config_keys import (
     is_conmamba,
     keys_read,
 )
+from conftest import REPO, logged_epochs, n_params, train_batches
 from hyperpyyaml import load_hyperpyyaml
+from param_counts import ctc_model_params
+from speechbrain.decoders.ctc import CTCPrefixBeamSearcher
 from speechbrain.utils.run_opts import RunOptions
 
 import train_CTC
@@ -49,19 +52,19 @@ from mamba_asr.recipe import (
 from mamba_asr.reports.curves import read_test_lines, read_train_log
 from mamba_asr.reports.wer_table import read_wer_file
 
-REPO = Path(__file__).resolve().parents[1]
 CTC = REPO / "hparams" / "CTC"
 CONFIGS = sorted(p.stem for p in CTC.glob("*.yaml"))
 MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_init", "mamba_config"]
-# hparams['model'] totals: upstream's exact totals for the large pair (REFERENCE.md; the
-# paper rounds them to 28.8 M / 31.6 M), our own small and demo configurations.
-PARAMS = {
-    "conformer_large": 28_786_111,
-    "conmamba_large": 31_555_519,
-    "conformer_small": 9_305_567,
-    "conmamba_small": 10_053_791,
-    "demo": 1_171_823,
+# Each configuration's model: (encoder, d_model, d_ffn, layers, mel bins, front-end channels).
+ARCHITECTURES = {
+    "conformer_large": ("conformer", 256, 1024, 18, 80, (64, 32)),
+    "conmamba_large": ("conmamba", 256, 1024, 18, 80, (64, 32)),
+    "conformer_small": ("conformer", 144, 1024, 12, 80, (64, 32)),
+    "conmamba_small": ("conmamba", 144, 1024, 12, 80, (64, 32)),
+    "demo": ("conmamba", 144, 576, 2, 40, (32, 16)),
 }
+# hparams['model'] totals of upstream's large pair (REFERENCE.md; the paper rounds them).
+UPSTREAM_PARAMS = {"conformer_large": 28_786_111, "conmamba_large": 31_555_519}
 PAPER_PARAMS = {"conformer_large": 28.8e6, "conmamba_large": 31.6e6}
 SCRIPTS = [REPO / "train_CTC.py", REPO / "mamba_asr" / "data.py", REPO / "mamba_asr" / "recipe.py"]
 # Demo run: 2 epochs on the first 160 training and 30 dev/test utterances of each split.
@@ -92,14 +95,15 @@ def test_config_loads_with_only_data_folder(name: str, tmp_path: Path, monkeypat
 
 
 def test_parameter_counts(tmp_path: Path, monkeypatch) -> None:
+    """Every model has the parameters its architecture gives by hand (tests/param_counts.py);
+    the formulas first reproduce upstream's exact totals of the large pair."""
     monkeypatch.chdir(tmp_path)
-    assert sorted(PARAMS) == CONFIGS
-    for name, expected in PARAMS.items():
-        model = _load(name, tmp_path)["model"]
-        total = sum(p.numel() for p in model.parameters())
-        assert total == expected, name
-        if name in PAPER_PARAMS:
-            assert abs(total / PAPER_PARAMS[name] - 1) < 0.02
+    assert sorted(ARCHITECTURES) == CONFIGS
+    for name, total in UPSTREAM_PARAMS.items():
+        assert ctc_model_params(*ARCHITECTURES[name]) == total, name
+        assert abs(total / PAPER_PARAMS[name] - 1) < 0.02, name
+    for name, architecture in ARCHITECTURES.items():
+        assert n_params(_load(name, tmp_path)["model"]) == ctc_model_params(*architecture), name
 
 
 def test_family_shares_keys_and_order() -> None:
@@ -265,11 +269,6 @@ def _train(
     return proc
 
 
-def _epochs(out: Path) -> list[int]:
-    log = (out / "train_log.txt").read_text()
-    return [int(m) for m in re.findall(r"^epoch: (\d+),", log, re.M)]
-
-
 @pytest.fixture(scope="module")
 def demo_run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two epochs of the demo configuration on a slice of the demo corpus."""
@@ -358,7 +357,7 @@ def test_rerun_resumes_and_resume_from(demo_run: Path, demo_corpus: Path, tmp_pa
     again = tmp_path / "again"
     shutil.copytree(demo_run, again)
     _train(again, demo_corpus, "--number_of_epochs", "3")
-    assert _epochs(again) == [1, 2, 3]
+    assert logged_epochs(again / "train_log.txt") == [1, 2, 3]
     # resume_from a named checkpoint starts a new run there, once; a rerun continues.
     first = next(
         d for d in _best_first(demo_run / "save")
@@ -366,9 +365,9 @@ def test_rerun_resumes_and_resume_from(demo_run: Path, demo_corpus: Path, tmp_pa
     )
     fresh = tmp_path / "fresh"
     _train(fresh, demo_corpus, "--number_of_epochs", "2", "--resume_from", str(first))
-    assert _epochs(fresh) == [2]
+    assert logged_epochs(fresh / "train_log.txt") == [2]
     _train(fresh, demo_corpus, "--number_of_epochs", "2", "--resume_from", str(first))
-    assert _epochs(fresh) == [2]
+    assert logged_epochs(fresh / "train_log.txt") == [2]
 
 
 def test_fp16_on_cpu_fails_before_training(demo_corpus: Path, tmp_path: Path) -> None:
@@ -400,10 +399,7 @@ def test_two_process_ddp_then_single_process_resume(demo_corpus: Path, tmp_path:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    hparams = _load("demo", demo_corpus, output_folder=str(out), select_n_sentences=[64, 16])
-    n_batches = len(data.dynamic_batch_sampler(
-        data.training_set(hparams), hparams["dynamic_batch_sampler_train"]
-    ))
+    n_batches = train_batches(_load("demo", demo_corpus, output_folder=str(out)))
     half = math.ceil(n_batches / 2)
     log = read_train_log(out / "train_log.txt")
     assert list(log.index) == [1]
@@ -436,7 +432,7 @@ def test_killed_runs_resume_to_the_configured_epochs(demo_corpus: Path, tmp_path
     env = {**os.environ, KILL_ENV: "2:1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert _epochs(out) == [1, 2]
+    assert logged_epochs(out / "train_log.txt") == [1, 2]
     assert [yaml.safe_load((d / "CKPT.yaml").read_text())["epoch"]
             for d in (out / "save").glob("CKPT+*")] == [1]
     # 2. Killed at a random moment of the rerun (start-up, training, evaluation or a save),
@@ -450,7 +446,7 @@ def test_killed_runs_resume_to_the_configured_epochs(demo_corpus: Path, tmp_path
     # 3. The same command completes the run.
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (seed, proc.stderr[-3000:])
-    epochs = _epochs(out)
+    epochs = logged_epochs(out / "train_log.txt")
     assert epochs[:2] == [1, 2] and set(epochs) == {1, 2, 3} and epochs[-1] == 3, (seed, epochs)
     assert len(read_test_lines(out / "train_log.txt")) >= 2, seed
     save = out / "save"
@@ -464,20 +460,53 @@ def test_killed_runs_resume_to_the_configured_epochs(demo_corpus: Path, tmp_path
     assert not [p for p in save.iterdir() if p.name.startswith(".CKPT")], seed
 
 
+def test_beam_search_decodes_what_greedy_cannot(tmp_path: Path) -> None:
+    """The recipe's "beam" decoding is SpeechBrain's CTC prefix beam search: over 3 frames of
+    blank 0.6 / A 0.4 the best path is all blanks (greedy: no word), while the label sequence
+    "A", summed over its alignments, has probability 0.688 against 0.216."""
+    argv = [str(CTC / "demo.yaml"), "--data_folder", str(tmp_path), "--output_folder",
+            str(tmp_path / "out")]
+    _, hparams, run_opts, _ = load_config(argv, train_CTC.KEYS)
+    brain = train_CTC.build_brain(hparams, run_opts, None)
+    probs = torch.full((1, 3, hparams["output_neurons"]), 1e-9)
+    probs[..., hparams["blank_index"]] = 0.6
+    probs[..., brain.tokenizer.lab2ind["A"]] = 0.4
+    log_probs, lens = (probs / probs.sum(-1, keepdim=True)).log(), torch.ones(1)
+    assert brain._decode(log_probs, lens, "greedy") == [[]]
+    assert brain._decode(log_probs, lens, "beam") == [["A"]]
+
+
 @pytest.mark.slow
-def test_bf16_accumulation_and_beam_search(demo_corpus: Path, tmp_path: Path) -> None:
-    """bf16 autocast on CPU, 2 batches per optimizer step, CTC prefix beam search at test."""
-    out, select = tmp_path / "run", "[64, 16, 16, 16]"
-    proc = _train(out, demo_corpus, "--number_of_epochs", "1", "--precision", "bf16",
-                  "--grad_accumulation_factor", "2", "--test_search", "beam", select=select)
-    hparams = _load("demo", demo_corpus, output_folder=str(out), select_n_sentences=[64, 16])
-    n_batches = len(data.dynamic_batch_sampler(
-        data.training_set(hparams), hparams["dynamic_batch_sampler_train"]
-    ))
+def test_bf16_accumulation_and_beam_search(demo_corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    """bf16 autocast on CPU, 2 batches per optimizer step; ``--test_search beam`` decodes the
+    test sets, and only them, with the CTC prefix beam search. The run is in this process so
+    that the decoders can be counted: after a minute of training both searches emit no words,
+    so the WER files cannot tell them apart (test_beam_search_decodes_what_greedy_cannot)."""
+    decoded = {"beam": 0, "greedy": 0}
+    real_beam, real_greedy = CTCPrefixBeamSearcher.__call__, sb.decoders.ctc_greedy_decode
+
+    def beam(self, log_probs, *args, **kwargs):
+        decoded["beam"] += len(log_probs)
+        return real_beam(self, log_probs, *args, **kwargs)
+
+    def greedy(log_probs, *args, **kwargs):
+        decoded["greedy"] += len(log_probs)
+        return real_greedy(log_probs, *args, **kwargs)
+
+    monkeypatch.setattr(CTCPrefixBeamSearcher, "__call__", beam)
+    monkeypatch.setattr(sb.decoders, "ctc_greedy_decode", greedy)
+    out = tmp_path / "run"
+    train_CTC.main([
+        str(CTC / "demo.yaml"), "--data_folder", str(demo_corpus), "--output_folder", str(out),
+        "--select_n_sentences", "[64, 16, 16, 16]", "--number_of_epochs", "1", "--noprogressbar",
+        "--precision", "bf16", "--grad_accumulation_factor", "2", "--test_search", "beam",
+    ])
+    n_batches = train_batches(_load("demo", demo_corpus, output_folder=str(out)))
     log = read_train_log(out / "train_log.txt")
     assert log.loc[1, "steps"] == n_batches // 2  # one optimizer step per 2 batches
     assert math.isfinite(log.loc[1, "train loss"]) and log.loc[1, "skipped_steps"] == 0
-    # The beam searcher's hypotheses are what the WER files hold.
-    header = read_wer_file(out / "wer_test-clean.txt")
-    assert header["sentences"] == 16
-    assert "test-clean: WER" in proc.stderr + proc.stdout
+    # Validation (16 utterances) decoded greedily; test-clean and test-other (16 each) by beam.
+    assert decoded == {"greedy": 16, "beam": 32}
+    tests = read_test_lines(out / "train_log.txt")
+    assert list(tests["test set"]) == ["test-clean", "test-other"]
+    assert read_wer_file(out / "wer_test-clean.txt")["sentences"] == 16

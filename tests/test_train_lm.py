@@ -4,6 +4,7 @@ LM recipe (train_LM.py + hparams/LM/) on the demo corpus."""
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import os
 import re
@@ -15,16 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+import speechbrain as sb
 import torch
 from config_keys import assert_declared_keys_present, assert_every_key_used, keys_read
 from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.lobes.models.transformer.TransformerLM import TransformerLM
 from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.parameter_transfer import Pretrainer
 
 import train_LM
 from librispeech_prepare import prepare_librispeech
-from mamba_asr import data
+from mamba_asr import data, text_data
 from mamba_asr.pretrained import (
     PretrainedError,
     load_lm_folder,
@@ -32,13 +35,17 @@ from mamba_asr.pretrained import (
     load_pretrainer,
     load_state_dict_strict,
 )
+from mamba_asr.recipe import RESUME_MARKER, TRAINING_KEYS, TrainingBrain, start_run
 from mamba_asr.reports.curves import read_test_lines, read_train_log
-from mamba_asr.tokenizer import TokenizerError, load_tokenizer, prepare_tokenizer
+from mamba_asr.tokenizer import TokenizerError, load_tokenizer, prepare_tokenizer, read_sentences
 
 REPO = Path(__file__).resolve().parents[1]
 LM = REPO / "hparams" / "LM"
 LM_CONFIGS = sorted(p.stem for p in LM.glob("*.yaml"))
-LM_SCRIPTS = [REPO / "train_LM.py", REPO / "mamba_asr" / "data.py"]
+LM_SCRIPTS = [
+    REPO / "train_LM.py", REPO / "mamba_asr" / "text_data.py", REPO / "mamba_asr" / "data.py",
+    REPO / "mamba_asr" / "recipe.py",
+]
 HUB = "speechbrain/asr-transformer-transformerlm-librispeech"
 
 
@@ -223,7 +230,7 @@ def test_text_corpus_reads_lines_lazily(demo_tokenizer: Path, tmp_path: Path) ->
     text = tmp_path / "lm.txt"
     text.write_bytes(b"HELLO WORLD\n\nthe  cat sat\r\n" + b"X" * 50 + b"\nNO FINAL NEWLINE")
     sp = load_tokenizer(demo_tokenizer)
-    corpus = train_LM.TextCorpus(sp, ["A B", ""], [text], max_chars=40)
+    corpus = text_data.TextCorpus(sp, ["A B", ""], [text], max_chars=40)
     assert [corpus.text(i) for i in range(len(corpus))] == [
         "A B",
         "HELLO WORLD",
@@ -238,7 +245,7 @@ def test_text_corpus_reads_lines_lazily(demo_tokenizer: Path, tmp_path: Path) ->
 
 def test_bucket_batch_sampler() -> None:
     lengths = np.random.default_rng(0).integers(5, 200, size=1000)
-    sampler = train_LM.BucketBatchSampler(
+    sampler = text_data.BucketBatchSampler(
         lengths, max_batch_length=800, num_buckets=10, max_batch_ex=16, seed=3
     )
     epoch0 = list(sampler)
@@ -288,10 +295,13 @@ def test_transformer_yaml_builds_speechbrain_librispeech_lm(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- the recipe
 
 
-def run_train_lm(out: Path, manifests: Path, *overrides: str) -> None:
+def run_train_lm(
+    out: Path, manifests: Path, *overrides: str, script: str | Path = "train_LM.py"
+) -> subprocess.CompletedProcess:
+    """``script`` (train_LM.py or a wrapper of its ``main``) on demo.yaml and the manifests."""
     cmd = [
         sys.executable,
-        "train_LM.py",
+        str(script),
         "hparams/LM/demo.yaml",
         "--output_folder",
         str(out),
@@ -304,9 +314,10 @@ def run_train_lm(out: Path, manifests: Path, *overrides: str) -> None:
         "cpu",
         *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def epoch_lines(train_log: Path) -> list[int]:
@@ -320,6 +331,7 @@ def test_demo_lm_trains_resumes_and_exports(manifests: Path, tmp_path: Path) -> 
     run_train_lm(out, manifests, "--number_of_epochs", "2")  # resumes after epoch 1
     log = read_train_log(out / "train_log.txt")
     assert epoch_lines(out / "train_log.txt") == [1, 2]  # no epoch trained twice
+    assert list(log["skipped_steps"]) == [0, 0]
     assert log["steps"].loc[2] == 2 * log["steps"].loc[1]  # steps carry over the restart
     ppl = log["valid ppl"]
     first, second = ppl.loc[1], ppl.loc[2]
@@ -392,9 +404,138 @@ def test_demo_config_as_shipped(manifests: Path, tmp_path: Path) -> None:
 
 
 def test_declared_keys_are_read_and_present() -> None:
-    """train_LM.KEYS (checked up front by load_config) lists what the script reads."""
-    read = keys_read([REPO / "train_LM.py"])
-    assert {"save_folder", "compute_cost", "export_folder"} <= read  # the regexes work
+    """train_LM.KEYS (checked up front by load_config) lists what the script, its data
+    module and TrainingBrain read."""
+    read = keys_read([REPO / "train_LM.py", REPO / "mamba_asr" / "text_data.py"])
+    assert {"save_folder", "compute_cost", "export_folder", "max_chars"} <= read  # regexes work
     declared = set(train_LM.KEYS)
-    assert read | set(data.PREP_KEYS) <= declared, sorted(read - declared)
+    needed = read | set(data.PREP_KEYS) | set(TRAINING_KEYS)
+    assert needed <= declared, sorted(needed - declared)
     assert_declared_keys_present(declared, LM, LM_CONFIGS)
+
+
+def test_training_keys_are_what_training_brain_reads(tmp_path: Path) -> None:
+    """TRAINING_KEYS (the part of the LM's KEYS its Brain needs) covers every key that
+    TrainingBrain and start_run read: the LM declares no ASR key and misses none."""
+    code = tmp_path / "training.py"
+    code.write_text(inspect.getsource(TrainingBrain) + inspect.getsource(start_run))
+    read = keys_read([code])
+    assert {"resume_from", "max_consecutive_nonfinite", "output_folder"} <= read
+    assert read <= set(TRAINING_KEYS), sorted(read - set(TRAINING_KEYS))
+
+
+# --------------------------------------------------------------------------- shared Brain behaviour
+
+# train_LM.py with its training loss made NaN (and so its gradients) at the second batch.
+NAN_AT_SECOND_BATCH = """\
+import speechbrain as sb
+
+import train_LM
+from mamba_asr.recipe import cli
+
+objectives = train_LM.LM.compute_objectives
+train_batches = 0
+
+
+def nan_at_second_batch(self, predictions, batch, stage):
+    global train_batches
+    loss = objectives(self, predictions, batch, stage)
+    if stage == sb.Stage.TRAIN:
+        train_batches += 1
+        if train_batches == 2:
+            return loss * float("nan")
+    return loss
+
+
+train_LM.LM.compute_objectives = nan_at_second_batch
+cli(train_LM.main)
+"""
+
+
+def small_lm_args(tokenizer: Path, epochs: int) -> list[str]:
+    """``epochs`` with the 128-piece demo tokenizer (no tokenizer training in the run)."""
+    return [
+        "--number_of_epochs", str(epochs), "--tokenizer_file", str(tokenizer),
+        "--output_neurons", "128",
+    ]
+
+
+def demo_train_batches(manifests: Path, tmp_path: Path) -> int:
+    """Batches per epoch of demo.yaml's bucketing sampler on the demo transcripts."""
+    with open(LM / "demo.yaml") as f:
+        demo = load_hyperpyyaml(f, {"output_folder": str(tmp_path / "batches")})
+    sentences = read_sentences(manifests / "train.csv")
+    corpus = text_data.TextCorpus(spm.SentencePieceProcessor(), sentences)
+    sampler = text_data.BucketBatchSampler(corpus.lengths, **demo["dynamic_batch_sampler_train"])
+    return len(sampler)
+
+
+def test_lm_brain_reshuffles_its_bucket_sampler_every_epoch(demo_tokenizer: Path) -> None:
+    """TrainingBrain re-shuffles the LM's train batch sampler (SpeechBrain only does it under
+    DDP), deterministically per epoch so that an intra-epoch checkpoint resumes exactly."""
+    sentences = [" ".join(["WORD"] * (1 + i % 9)) for i in range(80)]
+    corpus = text_data.TextCorpus(load_tokenizer(demo_tokenizer), sentences)
+    sampler = text_data.BucketBatchSampler(corpus.lengths, max_batch_length=60, num_buckets=3)
+    brain = train_LM.LM({"model": tiny_lm()}, None, {}, {"device": "cpu"})
+    brain.make_dataloader(corpus, sb.Stage.TRAIN, batch_sampler=sampler, collate_fn=PaddedBatch)
+    seen = {}
+    for epoch in (1, 2, 1):
+        brain.on_stage_start(sb.Stage.TRAIN, epoch)
+        batches = [tuple(b) for b in sampler]
+        assert seen.setdefault(epoch, batches) == batches
+    assert seen[1] != seen[2]
+
+
+@pytest.fixture(scope="module")
+def nan_run(
+    manifests: Path, demo_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """One epoch of demo.yaml whose second training batch has a NaN loss."""
+    folder = tmp_path_factory.mktemp("nan_run")
+    script = folder / "nan_at_second_batch.py"
+    script.write_text(NAN_AT_SECOND_BATCH)
+    out = folder / "run"
+    run_train_lm(out, manifests, *small_lm_args(demo_tokenizer, 1), script=script)
+    return {"out": out, "batches": demo_train_batches(manifests, folder)}
+
+
+def test_nonfinite_step_is_skipped_counted_and_training_goes_on(nan_run: dict) -> None:
+    out, batches = nan_run["out"], nan_run["batches"]
+    assert batches > 10
+    log = read_train_log(out / "train_log.txt")
+    assert list(log.index) == [1]
+    assert log.loc[1, "skipped_steps"] == 1
+    assert log.loc[1, "steps"] == batches - 1  # every other batch was a step
+    run_log = (out / "log.txt").read_text()
+    assert "non-finite loss (nan): this step will be skipped" in run_log
+    assert "gradient norm nan is not finite: step skipped (1 this epoch)" in run_log
+    # The NaN never reached the weights, and the model learnt from the other batches.
+    ckpt = Checkpointer(out / "save").find_checkpoint(min_key="loss")
+    weights = torch.load(ckpt.path / "model.ckpt")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert math.isfinite(log.loc[1, "train loss"])
+    assert log.loc[1, "valid ppl"] < 64  # half of a uniform distribution over 128 pieces
+    assert ckpt.meta["ppl"] == pytest.approx(log.loc[1, "valid ppl"], rel=0.01)
+
+
+def test_resume_from_a_named_checkpoint_once(
+    nan_run: dict, manifests: Path, demo_tokenizer: Path, tmp_path: Path
+) -> None:
+    """A new output folder starts from the first run's checkpoint; its rerun continues
+    from its own latest instead of starting from the named one again."""
+    first = Checkpointer(nan_run["out"] / "save").find_checkpoint(min_key="loss")
+    steps_before = read_train_log(nan_run["out"] / "train_log.txt").loc[1, "steps"]
+    out = tmp_path / "resumed"
+    args = [*small_lm_args(demo_tokenizer, 2), "--resume_from", str(first.path)]
+    run_train_lm(out, manifests, *args)
+    assert epoch_lines(out / "train_log.txt") == [2]  # epoch 1 came from the checkpoint
+    log = read_train_log(out / "train_log.txt")
+    assert log.loc[2, "steps"] == steps_before + nan_run["batches"]
+    assert log.loc[2, "skipped_steps"] == 0
+    marker = out / "save" / RESUME_MARKER
+    assert marker.read_text().strip() == str(first.path.resolve())
+
+    run_train_lm(out, manifests, *args)  # the same command again: nothing left to train
+    assert epoch_lines(out / "train_log.txt") == [2]
+    tests = read_test_lines(out / "train_log.txt")
+    assert list(tests["Epoch loaded"]) == [2] * 4  # both runs tested epoch 2's checkpoint

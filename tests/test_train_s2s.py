@@ -8,6 +8,7 @@ its second checkpoint save, then finished by the same command. The tests that de
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import shutil
@@ -28,8 +29,10 @@ from config_keys import (
     is_conmamba,
     keys_read,
 )
+from conftest import REPO, logged_epochs, n_params, train_batches
 from hyperpyyaml import load_hyperpyyaml
 from mps_kernels import assert_mps_ready, record_recipe
+from param_counts import s2s_mamba_model_params
 
 import train_S2S
 from mamba_asr import data
@@ -41,11 +44,13 @@ from mamba_asr.reports.curves import read_test_lines, read_train_log
 from mamba_asr.reports.wer_table import read_wer_file
 from mamba_asr.tokenizer import prepare_tokenizer, read_sentences
 
-REPO = Path(__file__).resolve().parents[1]
 S2S = REPO / "hparams" / "S2S"
 CONFIGS = sorted(p.stem for p in S2S.glob("*.yaml"))
 MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_init", "mamba_config"]
-# hparams['model'] totals: xi-j/Mamba-ASR's (REFERENCE.md) and our demo's.
+# hparams['model'] totals: xi-j/Mamba-ASR's (REFERENCE.md) and our demo's, from its
+# architecture (ConMamba encoder and Mamba decoder as conmambamamba_*, tests/param_counts.py).
+DEMO_ARCHITECTURE = {"d": 144, "f": 576, "enc_layers": 2, "dec_layers": 1, "vocab": 256,
+                     "n_mels": 40, "channels": (32, 16)}
 PARAMS = {
     "conformer_small": 13_327_296,
     "conmamba_small": 14_075_520,
@@ -53,7 +58,7 @@ PARAMS = {
     "conformer_large": 109_136_048,
     "conmamba_large": 115_187_888,
     "conmambamamba_large": 122_917_040,
-    "demo": 1_737_072,
+    "demo": s2s_mamba_model_params(**DEMO_ARCHITECTURE),
 }
 DECODERS = {"conformer": "transformer", "conmamba": "transformer", "conmambamamba": "mamba"}
 SCRIPTS = [
@@ -74,10 +79,6 @@ def _load(name: str, **overrides: object) -> dict:
         return load_hyperpyyaml(f, overrides)
 
 
-def _n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # --------------------------------------------------------------------------- configurations
 
 
@@ -86,7 +87,7 @@ def test_config_loads_offline_with_upstream_totals(name: str, tmp_path: Path, mo
     """Only data_folder given: loads without network, builds upstream's model and decodes."""
     monkeypatch.chdir(tmp_path)  # output_folder is relative: keep results/ out of the repo
     hparams = _load(name, data_folder=str(tmp_path))
-    assert _n_params(hparams["model"]) == PARAMS[name]
+    assert n_params(hparams["model"]) == PARAMS[name]
     assert hparams["output_folder"].startswith("results/")
     stem = name.rsplit("_", 1)[0]
     decoder = DECODERS.get(stem, "mamba")
@@ -106,10 +107,16 @@ def test_config_loads_offline_with_upstream_totals(name: str, tmp_path: Path, mo
         assert hparams["pretrained_lm_path"] == "results/LM/transformer/2223/export"
 
 
+def test_mamba_decoder_totals_by_hand_are_upstreams() -> None:
+    """The formula that gives the demo's total reproduces upstream's conmambamamba totals."""
+    assert s2s_mamba_model_params(144, 1024, 12, 4, 5000) == PARAMS["conmambamamba_small"]
+    assert s2s_mamba_model_params(512, 2048, 12, 6, 5000) == PARAMS["conmambamamba_large"]
+
+
 def test_full_configs_declare_the_librispeech_transformer_lm(tmp_path: Path) -> None:
     paths = {"data_folder": str(tmp_path), "output_folder": str(tmp_path)}
     lm = _load("conformer_small", **paths)["lm_model"]()
-    assert _n_params(lm) == 93_333_128  # SpeechBrain's LibriSpeech Transformer LM
+    assert n_params(lm) == 93_333_128  # SpeechBrain's LibriSpeech Transformer LM
     with open(REPO / "hparams" / "LM" / "transformer.yaml", encoding="utf-8") as f:
         lm_recipe = load_hyperpyyaml(f, paths)["model"]
     shapes = {k: v.shape for k, v in lm_recipe.state_dict().items()}
@@ -255,11 +262,6 @@ def lm_folder(manifests: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return write_lm_folder(folder / "export", lm_model(), tokenizer, dict(lm_model.keywords))
 
 
-def _epochs(out: Path) -> list[int]:
-    log = (out / "train_log.txt").read_text()
-    return [int(m) for m in re.findall(r"^epoch: (\d+),", log, re.M)]
-
-
 def _ckpt_metas(out: Path) -> list[dict]:
     return [yaml.safe_load((d / "CKPT.yaml").read_text()) for d in (out / "save").glob("CKPT+*")]
 
@@ -278,7 +280,7 @@ def run(demo_corpus: Path, lm_folder: Path, tmp_path_factory: pytest.TempPathFac
     killed = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, env={**env, KILL_ENV: "2:1"}, timeout=600
     )
-    after_kill = {"returncode": killed.returncode, "epochs": _epochs(out),
+    after_kill = {"returncode": killed.returncode, "epochs": logged_epochs(out / "train_log.txt"),
                   "ckpt_epochs": [m["epoch"] for m in _ckpt_metas(out)]}
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -310,7 +312,7 @@ def test_killed_run_resumes_to_the_configured_epochs(run: dict) -> None:
     assert run["after_kill"] == {"returncode": -signal.SIGKILL, "epochs": [1, 2],
                                  "ckpt_epochs": [1]}
     # The rerun resumed from epoch 1 and trained epoch 2 again.
-    assert _epochs(out) == [1, 2, 2]
+    assert logged_epochs(out / "train_log.txt") == [1, 2, 2]
     metas = sorted(_ckpt_metas(out), key=lambda m: m["epoch"])
     assert [m["epoch"] for m in metas] == [1, 2]
     assert all(0.0 <= m["ACC"] <= 1.0 for m in metas)
@@ -385,7 +387,7 @@ def test_no_lm_reevaluates_without_loading_the_lm(run: dict, tmp_path: Path) -> 
     args[args.index("--output_folder") + 1] = str(out)
     args[args.index("--pretrained_lm_path") + 1] = str(lm)
     train_S2S.main([*args, "--no_lm", "True"])
-    assert _epochs(out) == [1, 2, 2]  # nothing trained
+    assert logged_epochs(out / "train_log.txt") == [1, 2, 2]  # nothing trained
     tests = read_test_lines(out / "train_log.txt")
     assert list(tests["test set"])[-2:] == ["no_lm/test-clean", "no_lm/test-other"]
     for name in ("test-clean", "test-other"):
@@ -395,33 +397,29 @@ def test_no_lm_reevaluates_without_loading_the_lm(run: dict, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_evaluate_reproduces_the_run(run: dict, tmp_path: Path) -> None:
-    """evaluate.py on the run's best checkpoints by ACC (averaged, as the recipe does) writes
-    the run's test-clean results, with the LM (the run's pretrained_lm_path by default) and
-    without it."""
-    metas = sorted(
-        ((m["ACC"], m["unixtime"], d) for d in (run["out"] / "save").glob("CKPT+*")
-         for m in [yaml.safe_load((d / "CKPT.yaml").read_text())] if "ACC" in m),
-        reverse=True,
-    )
-    ckpts = [str(d) for *_, d in metas]
-    assert len(ckpts) == 2
-    # data_folder and pretrained_lm_path: the run's (read from its hyperparams.yaml)
+    """evaluate.py on the run's save folder (its best checkpoints by ACC, averaged, as the
+    recipe does) writes the run's test-clean results with the LM (the run's
+    pretrained_lm_path by default); without it, into no_lm/, leaving the LM-fused ones."""
     test_csv = str(run["out"] / "prepared" / "test-clean.csv")
-    for extra, reference in (([], run["out"]), (["--no_lm", "True"], None)):
-        out = tmp_path / ("lm" if reference else "no_lm")
+    out = tmp_path / "eval"
+    for extra, results in (([], out), (["--no_lm", "True"], out / "no_lm")):
         cmd = [
-            sys.executable, "evaluate.py", str(S2S / "demo.yaml"), "--ckpt", *ckpts,
-            "--test_csv", test_csv, "--out_dir", str(out), "--noprogressbar", *TINY, *extra,
+            sys.executable, "evaluate.py", str(S2S / "demo.yaml"), "--ckpt",
+            str(run["out"] / "save"), "--test_csv", test_csv, "--out_dir", str(out),
+            "--noprogressbar", *TINY, *extra,
         ]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        wer = read_wer_file(out / "wer_test-clean.txt")
+        wer = read_wer_file(results / "wer_test-clean.txt")
         assert wer["sentences"] == N_TEST
         assert f"test-clean: WER {wer['WER']:.2f} %" in proc.stdout
-        if reference is not None:
-            assert (out / "wer_test-clean.txt").read_text() == (
-                reference / "wer_test-clean.txt"
-            ).read_text()
+        assert "by valid ACC, highest first" in proc.stdout
+        lm = f"LM {run['lm']} (lm_weight " if not extra else "no LM"
+        assert f"S2SMambaBeamSearcher, beam size 3, ctc_weight_decode 0.4, {lm}" in proc.stdout
+        # the LM-fused results stay the run's
+        assert (out / "wer_test-clean.txt").read_text() == (
+            run["out"] / "wer_test-clean.txt"
+        ).read_text()
 
 
 @pytest.mark.slow
@@ -438,10 +436,12 @@ def test_torchrun_two_processes(demo_corpus: Path, lm_folder: Path, tmp_path: Pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    n_batches = train_batches(_load("demo", data_folder=str(demo_corpus), output_folder=str(out)))
+    half = math.ceil(n_batches / 2)
     log = read_train_log(out / "train_log.txt")
     assert list(log.index) == [1]
-    half = int(log.loc[1, "steps"])
-    assert half >= 2 and log.loc[1, "process_batches"] == f"{half} {half}"
+    assert log.loc[1, "process_batches"] == f"{half} {half}"  # both ranks trained a half
+    assert log.loc[1, "steps"] == half  # gradients were averaged: one step per batch pair
     assert len(list((out / "save").glob("CKPT+*"))) == 1
     tests = read_test_lines(out / "train_log.txt")
     assert list(tests["test set"]) == ["test-clean", "test-other"]

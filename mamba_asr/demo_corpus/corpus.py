@@ -556,7 +556,6 @@ def build(
             if write_checksums:
                 with atomic_open(checksum_path(preset), "w") as f:
                     f.write(format_record(found))
-                checksum_path(preset).chmod(0o644)  # a committed file, not a private one
                 fingerprint = _fingerprint(preset)
             else:
                 problems = compare(found, read_record(checksum_path(preset)))
@@ -585,7 +584,6 @@ def build(
             with atomic_open(out / STAMP, "w") as f:
                 json.dump(info, f, indent=1)
                 f.write("\n")
-            (out / STAMP).chmod(0o644)
     return info
 
 

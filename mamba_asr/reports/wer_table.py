@@ -1,75 +1,62 @@
-"""WER summary table of the ``wer_<test-set>.txt`` files under experiment folders.
+"""WER/CER summary table of the ``wer_<test-set>.json`` scores under experiment folders.
 
-Each file is the output of SpeechBrain's ``ErrorRateStats.write_stats``; its first lines are
-``%WER 3.42 [ 1798 / 52576, 211 ins, 144 del, 1443 sub ]`` (`` [PARTIAL]`` appended when some
-references had no hypothesis), ``%SER 35.11 [ 920 / 2620 ]`` and
-``Scored 2620 sentences, 0 not present in hyp.``. Folders are searched recursively; a row's
-experiment is the file's folder relative to the folders given (their common parent when
-several are given).
+Each file is what the recipes and ``evaluate.py`` write beside SpeechBrain's
+``wer_<test-set>.txt`` (:mod:`mamba_asr.reports.scores`); a row's numbers are SpeechBrain's
+``wer_summary`` of its per-utterance WER and CER scores. Folders are searched recursively; a
+row's experiment is the file's folder relative to the folders given (their common parent when
+several are given). A ``wer_*.txt`` without its JSON (written by an older version) is skipped
+with a warning saying how to regenerate it.
 
 Usage:
     python -m mamba_asr.reports.wer_table results/
     python -m mamba_asr.reports.wer_table results/conmamba_large results/transformer --csv
     python -m mamba_asr.reports.wer_table results/ --train-log   # + test WERs in train_log.txt
-    python -m mamba_asr.reports.wer_table results/ --pattern 'cer_*.txt'
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from mamba_asr.reports._common import ReportError, read_text, report_error, to_markdown
+from mamba_asr.reports._common import ReportError, report_error, to_markdown
 from mamba_asr.reports.curves import read_test_lines
+from mamba_asr.reports.scores import SUFFIX, read_scores, scores_path
 
-_WER = re.compile(
-    r"%WER (?P<WER>\S+) \[ (?P<errors>\d+) / (?P<words>\d+), (?P<ins>\d+) ins, "
-    r"(?P<del>\d+) del, (?P<sub>\d+) sub \](?P<partial> \[PARTIAL\])?"
-)
-_SER = re.compile(r"%SER (?P<SER>\S+) \[ (?P<err_sentences>\d+) / (?P<sentences>\d+) \]")
-_SCORED = re.compile(r"Scored (?P<scored>\d+) sentences, (?P<absent>\d+) not present in hyp\.")
-_HEADER = (_WER, _SER, _SCORED)
-_HEADER_FORMAT = (
-    "a SpeechBrain ErrorRateStats.write_stats file starting with "
-    "'%WER 3.42 [ 1798 / 52576, 211 ins, 144 del, 1443 sub ]', '%SER ...' and 'Scored ...'"
-)
-COLUMNS = ["experiment", "test_set", "WER", "SER", "ins", "del", "sub", "words", "sentences"]
-_COUNTS = ["ins", "del", "sub", "words", "err_sentences", "sentences", "absent"]
+COLUMNS = ["experiment", "test_set", "WER", "CER", "SER", "ins", "del", "sub", "words",
+           "sentences"]
+PATTERN = f"wer_*{SUFFIX}"
 
 
-def parse_wer_header(text: str, path: str | Path = "<text>") -> dict[str, float | int | bool]:
-    """Totals from the first three lines of a ``write_stats`` file.
-
-    Returns ``WER``, ``SER`` (float, %), ``ins``, ``del``, ``sub``, ``words``
-    (reference tokens), ``err_sentences``, ``sentences`` (scored), ``absent`` (int) and
-    ``partial`` (bool). Raises ReportError naming ``path`` when the header does not match.
-    """
-    lines = [*text.splitlines()[:3], "", "", ""][:3]
-    matches = [rx.fullmatch(line.strip()) for rx, line in zip(_HEADER, lines, strict=True)]
-    if not all(matches):
-        bad = next(i for i, m in enumerate(matches) if m is None)
-        raise ReportError(
-            f"{path}: line {bad + 1} is not a WER summary line (expected {_HEADER_FORMAT})"
-        )
-    fields = {k: v for m in matches for k, v in m.groupdict().items()}
-    try:
-        out: dict[str, float | int | bool] = {k: float(fields[k]) for k in ("WER", "SER")}
-    except ValueError as e:
-        raise ReportError(f"{path}: {e} in its %WER/%SER line") from e
-    out.update({k: int(fields[k]) for k in _COUNTS})
-    out["partial"] = fields["partial"] is not None
-    return out
+def summary_row(scores: dict) -> dict[str, float | int | bool]:
+    """The table's numbers of one scores JSON (:func:`read_scores`): ``WER``, ``CER`` (NaN
+    without CER scores), ``SER`` (%), ``ins``, ``del``, ``sub``, ``words`` (scored reference
+    words), ``sentences`` (scored), ``absent`` (no hypothesis) and ``partial`` (some
+    references not scored)."""
+    wer = scores["WER"]["summary"]
+    cer = scores.get("CER", {}).get("summary", {})
+    return {
+        "WER": wer["WER"],
+        "CER": cer.get("WER", float("nan")),
+        "SER": wer["SER"],
+        "ins": wer["insertions"],
+        "del": wer["deletions"],
+        "sub": wer["substitutions"],
+        "words": wer["num_scored_tokens"],
+        "sentences": wer["num_scored_sents"],
+        "absent": wer["num_absent_sents"],
+        "partial": wer["num_scored_sents"] < wer["num_ref_sents"],
+    }
 
 
 def read_wer_file(path: str | Path) -> dict[str, float | int | bool]:
-    """``parse_wer_header`` of the file at ``path``."""
-    return parse_wer_header(read_text(path, _HEADER_FORMAT), path)
+    """:func:`summary_row` of the scores at ``path`` (a ``wer_*.json``, or the ``wer_*.txt``
+    beside it); ReportError naming the file otherwise."""
+    return summary_row(read_scores(path))
 
 
 def _test_set(name: str, pattern: str) -> str:
@@ -89,19 +76,21 @@ def _experiment(folder: Path, base: Path) -> str:
 
 def wer_table(
     folders: Sequence[str | Path],
-    pattern: str = "wer_*.txt",
+    pattern: str = PATTERN,
     train_log: bool = False,
     strict: bool = False,
 ) -> pd.DataFrame:
-    """One row per WER file found recursively under ``folders``.
+    """One row per scores JSON found recursively under ``folders``.
 
     Columns: ``experiment`` (folder relative to ``folders``, or to their common parent),
-    ``test_set`` (the ``*`` of ``pattern``), ``WER``, ``SER`` (%), ``ins``, ``del``, ``sub``,
-    ``words``, ``sentences``, ``absent``, ``partial``, ``file``; sorted by experiment and
-    test set. With ``train_log``, every ``Epoch loaded`` line of a ``train_log.txt`` adds a
-    row whose test set is ``train_log #k (epoch N)`` and which has only the WER. Files that
-    are not WER files are skipped with a warning on stderr (raise with ``strict``); a folder
-    that does not exist raises ReportError, as does finding nothing.
+    ``test_set`` (the ``*`` of ``pattern``), then :func:`summary_row`'s ``WER``, ``CER``,
+    ``SER``, ``ins``, ``del``, ``sub``, ``words``, ``sentences``, ``absent``, ``partial`` and
+    ``file`` (the JSON); sorted by experiment and test set. ``pattern`` may name the text
+    files (``wer_*.txt``): the JSON beside each is read. With ``train_log``, every ``Epoch
+    loaded`` line of a ``train_log.txt`` adds a row whose test set is ``train_log #k (epoch
+    N)`` and which has only the WER. Files that do not read (and ``wer_*.txt`` without their
+    JSON) are skipped with a warning on stderr (raise with ``strict``); a folder that does not
+    exist raises ReportError, as does finding nothing.
     """
     roots = [Path(f).resolve() for f in folders]
     for given, root in zip(folders, roots, strict=True):
@@ -117,15 +106,26 @@ def wer_table(
             raise error
         print(f"warning: skipped {error}", file=sys.stderr)
 
-    rows = []
-    for path in found(pattern):
+    json_pattern = scores_path(pattern).name  # wer_*.txt -> wer_*.json
+    candidates = found(pattern)
+    if pattern == json_pattern:  # text files of older runs, without JSON: say so
+        text_files = found(Path(pattern).with_suffix(".txt").name)
+        candidates += [p for p in text_files if not scores_path(p).is_file()]
+    rows, seen = [], set()
+    for path in sorted(candidates):
+        json_path = scores_path(path)
+        if json_path in seen:
+            continue
+        seen.add(json_path)
         try:
             stats = read_wer_file(path)
         except ReportError as e:
             skip(e)
             continue
-        experiment, test_set = _experiment(path.parent, base), _test_set(path.name, pattern)
-        rows.append({"experiment": experiment, "test_set": test_set, **stats, "file": str(path)})
+        experiment = _experiment(path.parent, base)
+        test_set = _test_set(json_path.name, json_pattern)
+        rows.append({"experiment": experiment, "test_set": test_set, **stats,
+                     "file": str(json_path)})
     for path in found("train_log.txt") if train_log else []:
         try:
             tests = read_test_lines(path)
@@ -155,15 +155,17 @@ def wer_table(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mamba_asr.reports.wer_table",
-        description="Table of the WER files (SpeechBrain ErrorRateStats) under result folders."
+        description="WER/CER table of the wer_<test-set>.json scores under result folders."
     )
     parser.add_argument("folders", nargs="+", type=Path, help="result folders (searched below)")
     parser.add_argument("--csv", action="store_true", help="CSV (all columns) instead of markdown")
-    parser.add_argument("--pattern", default="wer_*.txt", help="file name glob (%(default)s)")
+    parser.add_argument(
+        "--pattern", default=PATTERN, help="file name glob (%(default)s; *.txt: their JSON)"
+    )
     parser.add_argument(
         "--train-log", action="store_true", help="add the test WER lines of train_log.txt files"
     )
-    parser.add_argument("--strict", action="store_true", help="fail on a file that does not parse")
+    parser.add_argument("--strict", action="store_true", help="fail on a file that does not read")
     args = parser.parse_args(argv)
     try:
         df = wer_table(args.folders, args.pattern, args.train_log, args.strict)

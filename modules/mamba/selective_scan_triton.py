@@ -1,6 +1,6 @@
 """Selective scan as Triton kernels: the CUDA path when mamba-ssm is not installed (opt-in).
 
-Same core as :func:`selective_scan_interface.selective_scan_chunked` (no D, z, bias or
+Same core as :func:`selective_scan_chunked.selective_scan_chunked` (no D, z, bias or
 softplus: the caller applies those) with the state kept in registers. One program holds a
 block of ``BLOCK_D`` channels of one batch element and walks time in chunks of ``BLOCK_T``
 steps; inside a chunk the recurrence ``h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t`` is a
