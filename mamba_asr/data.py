@@ -75,6 +75,13 @@ def prepare_manifests(hparams: dict[str, Any]) -> None:
     )
 
 
+def check_data_folder(hparams: dict[str, Any]) -> None:
+    """LibriSpeechPrepError unless ``data_folder`` exists (unless ``skip_prep``): the recipes
+    check it before they write the experiment folder."""
+    if not hparams["skip_prep"]:
+        librispeech_root(hparams["data_folder"])
+
+
 def load_manifest(csv_path: str | os.PathLike, data_folder: str | None) -> DynamicItemDataset:
     """A manifest as a dataset, ``$data_root`` replaced by ``librispeech_root(data_folder)``.
     A missing file raises FileNotFoundError naming it."""

@@ -73,8 +73,8 @@ from speechbrain.utils.run_opts import RunOptions
 from mamba_asr.atomic import atomic_open
 from mamba_asr.checkpoints import AtomicCheckpointer
 from mamba_asr.commands import rerun_command
-from mamba_asr.data import prepare_manifests
-from mamba_asr.librispeech import LibriSpeechPrepError, librispeech_root
+from mamba_asr.data import check_data_folder, prepare_manifests
+from mamba_asr.librispeech import LibriSpeechPrepError
 from mamba_asr.reports.scores import scores_path, write_scores
 
 logger = logging.getLogger(__name__)
@@ -195,8 +195,7 @@ def start_run(
         threads = hparams.get("cpu_threads")  # optional key
         if threads is not None and (type(threads) is not int or threads < 1):
             raise ConfigError(f"cpu_threads must be null or an integer >= 1, not {threads!r}")
-        if not hparams.get("skip_prep") and "data_folder" in hparams:
-            librispeech_root(hparams["data_folder"])  # LibriSpeechPrepError if missing
+        check_data_folder(hparams)
         if threads:
             torch.set_num_threads(threads)
         sb.utils.distributed.ddp_init_group(run_opts)
@@ -308,9 +307,14 @@ def newest_checkpoint(patterns: list[str], checkpointer: Any = None) -> Path:
     problems: list[str] = []
     for folder in dict.fromkeys(matched):
         try:
-            complete.append(checkpoint_from_dir(folder, checkpointer))
-        except (FileNotFoundError, ValueError) as exc:
-            problems.append(str(exc))
+            ckpt = checkpoint_from_dir(folder, checkpointer)
+        except (FileNotFoundError, ValueError, yaml.YAMLError) as exc:
+            problems.append(str(exc).splitlines()[0])
+            continue
+        if not isinstance(ckpt.meta, dict) or "unixtime" not in ckpt.meta:
+            problems.append(f"{folder}: {METAFNAME} is not checkpoint meta data")
+            continue
+        complete.append(ckpt)
     if complete:
         return Path(max(complete, key=lambda c: c.meta["unixtime"]).path)
     found = f"it matched {len(problems)}, none complete: {problems[0]}" if problems else (
@@ -402,8 +406,8 @@ def _checked_config(
         if pending is not None:
             try:
                 checkpoint_from_dir(pending, checkpointer)
-            except (FileNotFoundError, ValueError) as exc:
-                raise ConfigError(f"resume_from: {exc}") from exc
+            except (FileNotFoundError, ValueError, yaml.YAMLError) as exc:
+                raise ConfigError(f"resume_from: {str(exc).splitlines()[0]}") from exc
         run_opts = resolve_run_opts(run_opts, hparams)
         if write_output:
             check_writable(hparams["output_folder"])
@@ -495,12 +499,7 @@ def checkpoint_from_dir(path: str | os.PathLike, checkpointer: Any = None) -> Ch
         problem = checkpointer.check_checkpoint_dir(folder)
         if problem is not None:
             raise ValueError(f"checkpoint {folder} is incomplete: {problem}")
-    try:
-        meta = yaml.safe_load(meta_file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"checkpoint {folder} is incomplete: {METAFNAME} is unreadable") from exc
-    if not isinstance(meta, dict) or "unixtime" not in meta:
-        raise ValueError(f"checkpoint {folder} is incomplete: {METAFNAME} is not checkpoint meta")
+    meta = yaml.safe_load(meta_file.read_text(encoding="utf-8"))
     params = {f.stem: f for f in folder.iterdir() if f.suffix == PARAMFILE_EXT}
     return Checkpoint(folder, meta, params)
 
