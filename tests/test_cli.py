@@ -27,6 +27,7 @@ from hyperpyyaml import load_hyperpyyaml
 from ruamel.yaml import YAML
 
 import train_CTC
+import train_LM
 import train_S2S
 from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr import TORCHVISION_NOTICE, data
@@ -218,7 +219,10 @@ EARLY_ERRORS = {  # case -> (recipe, extra arguments, error type, message patter
                                 "no complete checkpoint"),
     "missing LM": (train_S2S, ["--pretrained_lm_path", "{tmp}/nolm"], ConfigError,
                    "lm file .*nolm/lm.ckpt not found"),
+    "LM: resume matching nothing": (train_LM, ["--resume", "{tmp}/CKPT+*"], ConfigError,
+                                    "no complete checkpoint"),
 }
+FAMILY = {train_CTC: "CTC", train_S2S: "S2S", train_LM: "LM"}
 
 
 @pytest.mark.parametrize("case", sorted(EARLY_ERRORS))
@@ -229,11 +233,10 @@ def test_early_errors_leave_nothing_behind(
     folder, nor its parent made for it."""
     recipe, extra, error, message = EARLY_ERRORS[case]
     _no_cuda(monkeypatch)
-    family = "CTC" if recipe is train_CTC else "S2S"
     extra = [a.format(tmp=tmp_path) for a in extra]
     data_folder = [] if "--data_folder" in extra else ["--data_folder", str(demo_corpus)]
     argv = [
-        str(REPO / "hparams" / family / "demo.yaml"), *data_folder,
+        str(REPO / "hparams" / FAMILY[recipe] / "demo.yaml"), *data_folder,
         "--output_folder", str(tmp_path / "new" / "run"), *extra,
     ]
     with pytest.raises(error, match=message):
