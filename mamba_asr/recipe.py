@@ -371,7 +371,7 @@ def _removed_on_error(folders: Iterable[Path]) -> Iterator[None]:
 
 
 def _output_folders(hparams_file: str, overrides: str) -> list[Path]:
-    """The ``*_folder`` values but ``data_folder`` (the folders a run writes), read with
+    """The ``*_folder`` values except ``data_folder`` (the folders a run writes), read with
     references and overrides resolved, without building any object."""
     try:
         with open(hparams_file, encoding="utf-8") as f:
