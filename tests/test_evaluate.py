@@ -16,13 +16,13 @@ import soundfile as sf
 import torch
 import torchaudio
 import yaml
+from conftest import REPO
 from hyperpyyaml import resolve_references
 
 import evaluate
 from mamba_asr import data
 from mamba_asr.recipe import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
 CTC_DEMO = REPO / "hparams" / "CTC" / "demo.yaml"
 S2S_DEMO = REPO / "hparams" / "S2S" / "demo.yaml"
 # 2 epochs on the first 64 training utterances; 16 test-clean utterances evaluated.

@@ -12,17 +12,16 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from test_selective_scan import as64, make_inputs, rel_err
 
 from modules.mamba import selective_scan_interface as ssi
 from modules.mamba.selective_scan_interface import selective_scan_fn
 from modules.mamba.selective_scan_ref import selective_scan_ref
 
-REPO = Path(__file__).resolve().parents[1]
 _TRITON_SCAN, _TRITON_WHY = ssi._load_triton_scan()
 needs_triton = pytest.mark.skipif(_TRITON_SCAN is None, reason=f"triton unavailable: {_TRITON_WHY}")
 

@@ -7,7 +7,6 @@ import csv
 import inspect
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import sentencepiece as spm
 import speechbrain as sb
 import torch
 from config_keys import assert_declared_keys_present, assert_every_key_used, keys_read
+from conftest import REPO, logged_epochs
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.lobes.models.transformer.TransformerLM import TransformerLM
@@ -39,7 +39,6 @@ from mamba_asr.recipe import RESUME_MARKER, TRAINING_KEYS, TrainingBrain, start_
 from mamba_asr.reports.curves import read_test_lines, read_train_log
 from mamba_asr.tokenizer import TokenizerError, load_tokenizer, prepare_tokenizer, read_sentences
 
-REPO = Path(__file__).resolve().parents[1]
 LM = REPO / "hparams" / "LM"
 LM_CONFIGS = sorted(p.stem for p in LM.glob("*.yaml"))
 LM_SCRIPTS = [
@@ -320,17 +319,13 @@ def run_train_lm(
     return proc
 
 
-def epoch_lines(train_log: Path) -> list[int]:
-    return [int(m) for m in re.findall(r"^epoch: (\d+),", train_log.read_text(), flags=re.M)]
-
-
 def test_demo_lm_trains_resumes_and_exports(manifests: Path, tmp_path: Path) -> None:
     """Two epochs of demo.yaml in two runs (the second resumes), then the export."""
     out = tmp_path / "lm"
     run_train_lm(out, manifests, "--number_of_epochs", "1")
     run_train_lm(out, manifests, "--number_of_epochs", "2")  # resumes after epoch 1
     log = read_train_log(out / "train_log.txt")
-    assert epoch_lines(out / "train_log.txt") == [1, 2]  # no epoch trained twice
+    assert logged_epochs(out / "train_log.txt") == [1, 2]  # no epoch trained twice
     assert list(log["skipped_steps"]) == [0, 0]
     assert log["steps"].loc[2] == 2 * log["steps"].loc[1]  # steps carry over the restart
     ppl = log["valid ppl"]
@@ -528,7 +523,7 @@ def test_resume_from_a_named_checkpoint_once(
     out = tmp_path / "resumed"
     args = [*small_lm_args(demo_tokenizer, 2), "--resume_from", str(first.path)]
     run_train_lm(out, manifests, *args)
-    assert epoch_lines(out / "train_log.txt") == [2]  # epoch 1 came from the checkpoint
+    assert logged_epochs(out / "train_log.txt") == [2]  # epoch 1 came from the checkpoint
     log = read_train_log(out / "train_log.txt")
     assert log.loc[2, "steps"] == steps_before + nan_run["batches"]
     assert log.loc[2, "skipped_steps"] == 0
@@ -536,6 +531,6 @@ def test_resume_from_a_named_checkpoint_once(
     assert marker.read_text().strip() == str(first.path.resolve())
 
     run_train_lm(out, manifests, *args)  # the same command again: nothing left to train
-    assert epoch_lines(out / "train_log.txt") == [2]
+    assert logged_epochs(out / "train_log.txt") == [2]
     tests = read_test_lines(out / "train_log.txt")
     assert list(tests["Epoch loaded"]) == [2] * 4  # both runs tested epoch 2's checkpoint
