@@ -44,7 +44,9 @@ from speechbrain.utils.checkpoints import METAFNAME, Checkpoint
 from speechbrain.utils.train_logger import FileTrainLogger
 
 from mamba_asr import data
-from mamba_asr.recipe import ConfigError, RecipeBrain, checkpoint_from_dir, cli, load_config
+from mamba_asr.brain import RecipeBrain
+from mamba_asr.config import ConfigError, cli, load_config
+from mamba_asr.resume import checkpoint_from_dir
 
 logger = logging.getLogger(__name__)
 

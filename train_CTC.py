@@ -27,7 +27,8 @@ from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher
 
 from mamba_asr import data
-from mamba_asr.recipe import RECIPE_KEYS, RecipeBrain, cli, start_run
+from mamba_asr.brain import RECIPE_KEYS, RecipeBrain
+from mamba_asr.config import cli, start_run
 
 SEARCHES = ("greedy", "beam")
 # The YAML keys this recipe reads (load_config checks a configuration has them all).

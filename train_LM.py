@@ -17,7 +17,7 @@ Training: next-token NLL (optional label smoothing); validation logs the token a
 perplexity of ``valid_csv`` each epoch in ``train_log.txt`` and keeps the best checkpoint;
 rerunning the same command resumes, ``--resume_from <save>/CKPT+...`` starts from a named
 checkpoint once; steps whose gradients are not finite are skipped and counted
-(``skipped_steps``), as in the ASR recipes (``mamba_asr.recipe.TrainingBrain``). Finally the
+(``skipped_steps``), as in the ASR recipes (``mamba_asr.brain.TrainingBrain``). Finally the
 best checkpoint is tested on every ``test_csv`` and written to ``export_folder`` as
 ``lm.ckpt`` + ``tokenizer.ckpt`` + ``hyperparams.yaml``: the layout of SpeechBrain's
 asr-transformer-transformerlm-librispeech, so an S2S config takes that folder as its
@@ -36,8 +36,9 @@ import torch
 from speechbrain.utils.distributed import if_main_process
 
 from mamba_asr import data, text_data
+from mamba_asr.brain import TRAINING_KEYS, TrainingBrain
+from mamba_asr.config import cli, start_run
 from mamba_asr.pretrained import write_lm_folder
-from mamba_asr.recipe import TRAINING_KEYS, TrainingBrain, cli, start_run
 
 logger = logging.getLogger(__name__)
 

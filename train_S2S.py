@@ -43,8 +43,9 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mamba_asr import data
 from mamba_asr.atomic import atomic_open
+from mamba_asr.brain import RECIPE_KEYS, RecipeBrain
+from mamba_asr.config import ConfigError, cli, start_run
 from mamba_asr.pretrained import PretrainedError, check_local_file, load_pretrained, resolve_files
-from mamba_asr.recipe import RECIPE_KEYS, ConfigError, RecipeBrain, cli, start_run
 from mamba_asr.tokenizer import TOKENIZER_FILE, TokenizerError
 from modules.beam_search import S2SMambaBeamSearcher
 

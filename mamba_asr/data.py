@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 SORTINGS = ("random", "ascending", "descending")
 MERGED_TRAIN_CSV = "train.csv"
-# The YAML keys read here: by prepare_manifests, and by all (recipe.load_config checks them).
+# The YAML keys read here: by prepare_manifests, and by all (config.load_config checks them).
 PREP_KEYS = (
     "data_folder", "prep_folder", "train_splits", "dev_splits", "test_splits",
     "select_n_sentences", "skip_prep",

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+# The shared code that reads the YAML keys of the ASR recipes (besides the scripts).
+RECIPE_CODE = [REPO / "mamba_asr" / f"{name}.py" for name in ("data", "brain", "config")]
 DEMO_DATA = REPO / "data" / "demo"
 
 WORDS = ["HELLO", "WORLD", "MAMBA", "SPEECH", "IT'S", "A", "TEST", "OF", "THE", "SCAN"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from hyperpyyaml import load_hyperpyyaml
 from ruamel.yaml import YAML
 
@@ -33,18 +34,11 @@ from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr import TORCHVISION_NOTICE, data
 from mamba_asr.checkpoints import AtomicCheckpointer
 from mamba_asr.commands import LAUNCH_ENV, python_command, rerun_command
+from mamba_asr.config import ConfigError, PrecisionError, split_command_line
 from mamba_asr.ddp_run import torchrun_argv
-from mamba_asr.recipe import (
-    RESUME_MARKER,
-    ConfigError,
-    PrecisionError,
-    newest_checkpoint,
-    pending_resume,
-    split_command_line,
-)
 from mamba_asr.reports.curves import read_test_lines, read_train_log
+from mamba_asr.resume import RESUME_MARKER, newest_checkpoint, pending_resume
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "hparams" / "CTC" / "demo.yaml"
 SELECT = "[32, 8, 8, 8]"  # training, dev, test-clean, test-other utterances
 N_TEST = 8
@@ -121,10 +115,11 @@ def test_newest_complete_checkpoint(tmp_path: Path) -> None:
     meta = yaml.safe_load((first / "CKPT.yaml").read_text())
     (first / "CKPT.yaml").write_text(yaml.dump({**meta, "unixtime": meta["unixtime"] + 60}))
     assert newest_checkpoint([pattern], ckpter) == first
-    with pytest.raises(ConfigError, match=re.escape(f"--resume {tmp_path}/x*: no complete "
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--resume {tmp_path}/x*: no complete "
                                                     "checkpoint (it matched nothing)")):
         newest_checkpoint([f"{tmp_path}/x*"], ckpter)
-    with pytest.raises(ConfigError, match="it matched 1, none complete: .*model.ckpt is missing"):
+    missing = "it matched 1, none complete: .*model.ckpt is missing"
+    with pytest.raises(FileNotFoundError, match=missing):
         newest_checkpoint([str(third)], ckpter)
 
 

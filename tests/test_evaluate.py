@@ -21,7 +21,7 @@ from hyperpyyaml import resolve_references
 
 import evaluate
 from mamba_asr import data
-from mamba_asr.recipe import ConfigError, load_config
+from mamba_asr.config import ConfigError, load_config
 
 CTC_DEMO = REPO / "hparams" / "CTC" / "demo.yaml"
 S2S_DEMO = REPO / "hparams" / "S2S" / "demo.yaml"

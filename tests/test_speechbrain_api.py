@@ -25,8 +25,8 @@ import speechbrain as sb
 from conftest import REPO
 from speechbrain.utils.checkpoints import Checkpointer
 
+from mamba_asr.brain import TrainingBrain
 from mamba_asr.checkpoints import AtomicCheckpointer
-from mamba_asr.recipe import TrainingBrain
 
 # SpeechBrain's private functions our code calls, with their signatures in SpeechBrain 1.1.2.
 PRIVATE = {

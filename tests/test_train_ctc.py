@@ -30,7 +30,7 @@ from config_keys import (
     is_conmamba,
     keys_read,
 )
-from conftest import REPO, logged_epochs, n_params, train_batches
+from conftest import RECIPE_CODE, REPO, logged_epochs, n_params, train_batches
 from hyperpyyaml import load_hyperpyyaml
 from param_counts import ctc_model_params
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher
@@ -39,16 +39,10 @@ from speechbrain.utils.run_opts import RunOptions
 import train_CTC
 from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr import data
+from mamba_asr.brain import RECIPE_KEYS, RecipeBrain
 from mamba_asr.checkpoints import KILL_ENV, AtomicCheckpointer
+from mamba_asr.config import ConfigError, PrecisionError, load_config, resolve_run_opts
 from mamba_asr.losses import ctc_loss
-from mamba_asr.recipe import (
-    RECIPE_KEYS,
-    ConfigError,
-    PrecisionError,
-    RecipeBrain,
-    load_config,
-    resolve_run_opts,
-)
 from mamba_asr.reports.curves import read_test_lines, read_train_log
 from mamba_asr.reports.wer_table import read_wer_file
 
@@ -66,7 +60,7 @@ ARCHITECTURES = {
 # hparams['model'] totals of upstream's large pair (REFERENCE.md; the paper rounds them).
 UPSTREAM_PARAMS = {"conformer_large": 28_786_111, "conmamba_large": 31_555_519}
 PAPER_PARAMS = {"conformer_large": 28.8e6, "conmamba_large": 31.6e6}
-SCRIPTS = [REPO / "train_CTC.py", REPO / "mamba_asr" / "data.py", REPO / "mamba_asr" / "recipe.py"]
+SCRIPTS = [REPO / "train_CTC.py", *RECIPE_CODE]
 # Demo run: 2 epochs on the first 160 training and 30 dev/test utterances of each split.
 SELECT = "[160, 30, 30, 30]"
 N_TEST = 30
@@ -153,7 +147,7 @@ def test_configuration_errors_name_the_key(tmp_path: Path, monkeypatch) -> None:
     assert "cannot be created" in message and "--output_folder" in message
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "--device cuda:0 asks for CUDA" in _config_error([*base, "--device", "cuda:0"])
-    # Values every recipe checks before it writes anything (mamba_asr.recipe.start_run).
+    # Values every recipe checks before it writes anything (mamba_asr.config.start_run).
     for bad in ("0", "2.5"):
         with pytest.raises(ConfigError, match=f"cpu_threads must be null or an integer >= 1, "
                                                f"not {bad}"):

@@ -28,6 +28,8 @@ from speechbrain.utils.parameter_transfer import Pretrainer
 import train_LM
 from librispeech_prepare import prepare_librispeech
 from mamba_asr import data, text_data
+from mamba_asr.brain import TRAINING_KEYS, TrainingBrain
+from mamba_asr.config import start_run
 from mamba_asr.pretrained import (
     PretrainedError,
     load_lm_folder,
@@ -35,15 +37,16 @@ from mamba_asr.pretrained import (
     load_pretrainer,
     load_state_dict_strict,
 )
-from mamba_asr.recipe import RESUME_MARKER, TRAINING_KEYS, TrainingBrain, start_run
 from mamba_asr.reports.curves import read_test_lines, read_train_log
+from mamba_asr.resume import RESUME_MARKER
 from mamba_asr.tokenizer import TokenizerError, load_tokenizer, prepare_tokenizer, read_sentences
 
 LM = REPO / "hparams" / "LM"
 LM_CONFIGS = sorted(p.stem for p in LM.glob("*.yaml"))
 LM_SCRIPTS = [
     REPO / "train_LM.py", REPO / "mamba_asr" / "text_data.py", REPO / "mamba_asr" / "data.py",
-    REPO / "mamba_asr" / "recipe.py",
+    REPO / "mamba_asr" / "brain.py",
+    REPO / "mamba_asr" / "config.py",
 ]
 HUB = "speechbrain/asr-transformer-transformerlm-librispeech"
 
@@ -426,7 +429,7 @@ NAN_AT_SECOND_BATCH = """\
 import speechbrain as sb
 
 import train_LM
-from mamba_asr.recipe import cli
+from mamba_asr.config import cli
 
 objectives = train_LM.LM.compute_objectives
 train_batches = 0

@@ -29,17 +29,18 @@ from config_keys import (
     is_conmamba,
     keys_read,
 )
-from conftest import REPO, logged_epochs, n_params, train_batches
+from conftest import RECIPE_CODE, REPO, logged_epochs, n_params, train_batches
 from hyperpyyaml import load_hyperpyyaml
 from mps_kernels import assert_mps_ready, record_recipe
 from param_counts import s2s_mamba_model_params
 
 import train_S2S
 from mamba_asr import data
+from mamba_asr.brain import RECIPE_KEYS
 from mamba_asr.checkpoints import KILL_ENV
+from mamba_asr.config import ConfigError, cli, load_config
 from mamba_asr.losses import ctc_loss
 from mamba_asr.pretrained import write_lm_folder
-from mamba_asr.recipe import RECIPE_KEYS, ConfigError, cli, load_config
 from mamba_asr.reports.curves import read_test_lines, read_train_log
 from mamba_asr.reports.wer_table import read_wer_file
 from mamba_asr.tokenizer import prepare_tokenizer, read_sentences
@@ -61,9 +62,7 @@ PARAMS = {
     "demo": s2s_mamba_model_params(**DEMO_ARCHITECTURE),
 }
 DECODERS = {"conformer": "transformer", "conmamba": "transformer", "conmambamamba": "mamba"}
-SCRIPTS = [
-    REPO / "train_S2S.py", REPO / "mamba_asr" / "data.py", REPO / "mamba_asr" / "recipe.py",
-]
+SCRIPTS = [REPO / "train_S2S.py", *RECIPE_CODE]
 # The run: 2 epochs on the first 64 training and 10 dev/test utterances of each split, a
 # 1-layer encoder and decoder, small beams.
 SELECT = "[64, 10, 10, 10]"

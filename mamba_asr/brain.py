@@ -1,0 +1,363 @@
+"""The ``Brain`` classes the recipes build on.
+
+* :class:`TrainingBrain`: a SpeechBrain ``Brain`` with the training behaviour of every recipe
+  (the LM's included); it
+
+  - steps the Noam scheduler (``noam_annealing``) once per optimizer step actually taken;
+  - skips optimizer steps whose gradients are not finite (non-finite loss included), counts
+    them (``skipped_steps`` per epoch) and goes on; ``max_consecutive_nonfinite`` skipped
+    steps in a row raise (the model has diverged);
+  - re-shuffles its train batch sampler (one with ``set_epoch``: SpeechBrain's
+    ``DynamicBatchSampler``, the LM's bucketing sampler) every epoch in a single process
+    (SpeechBrain calls ``set_epoch`` only under DDP);
+  - resumes from the latest checkpoint, or from ``resume_from`` (a ``CKPT+...`` folder) once;
+  - logs each epoch (:meth:`~TrainingBrain.log_epoch`): lr, optimizer steps, skipped steps
+    and, under DDP, the number of batches every process trained (``process_batches``), and
+    each test (:meth:`~TrainingBrain.log_test`);
+  - keeps the best checkpoints by :meth:`~TrainingBrain.best_key` (valid loss unless a
+    recipe says otherwise).
+* :class:`RecipeBrain`: the ``TrainingBrain`` of the ASR recipes, which adds WER/CER: it
+  keeps the best ``avg_checkpoints`` by valid WER (the S2S recipe: ``keep_best_by``),
+  evaluates their average (or that of ``eval_checkpoints``, set by ``evaluate.py``) and
+  writes ``wer_<test-set>.txt`` / ``.json`` plus a one-line summary in the train log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import speechbrain as sb
+import torch
+from speechbrain.utils.checkpoints import Checkpoint, average_checkpoints
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
+from speechbrain.utils.metric_stats import ErrorRateStats
+
+from mamba_asr.atomic import atomic_open
+from mamba_asr.reports.scores import scores_path, write_scores
+from mamba_asr.resume import checkpoint_from_dir, pending_resume, resume_marker
+
+logger = logging.getLogger(__name__)
+
+# Keys TrainingBrain and config.start_run read (a recipe's KEYS add its own).
+TRAINING_KEYS = (
+    "output_folder", "resume_from", "max_consecutive_nonfinite", "epoch_counter",
+    "train_logger", "checkpointer", "cpu_threads",
+)
+# Keys RecipeBrain reads (an ASR recipe's KEYS add data.DATA_KEYS and its own).
+RECIPE_KEYS = (*TRAINING_KEYS, "avg_checkpoints", "model")
+
+
+class TrainingBrain(sb.Brain):
+    """``sb.Brain`` with the training behaviour every recipe shares (see the module docstring).
+
+    Subclasses give their validation/test stats by overriding :meth:`eval_stats` (default: the
+    loss), the checkpoint ranking by :meth:`best_key` and how many to keep by
+    :meth:`checkpoints_to_keep`; overriding ``on_stage_start``/``on_stage_end`` they call
+    ``super()``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.optimizer_stepped = False
+        self.skipped_steps = 0
+        self.nonfinite_losses = 0
+        self.test_set_name = "test"
+        self.test_stats: dict[str, float] = {}
+        self.train_stats: dict[str, float] = {}
+        self.process_batches: list[int] = []
+        self._consecutive_skips = 0
+        self._epoch_sampler: torch.utils.data.Sampler | None = None
+
+    # ------------------------------------------------------------------ data
+
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """SpeechBrain's, remembering a train batch sampler that has ``set_epoch`` (e.g. a
+        ``DynamicBatchSampler``) to re-shuffle it every epoch."""
+        sampler = loader_kwargs.get("batch_sampler")
+        if stage == sb.Stage.TRAIN and callable(getattr(sampler, "set_epoch", None)):
+            self._epoch_sampler = sampler
+        return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+
+    def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
+        """Training: re-shuffles the batch sampler for ``epoch`` (deterministic from seed +
+        epoch, so an intra-epoch resume sees the same batches) and resets the per-epoch
+        counters."""
+        if stage != sb.Stage.TRAIN:
+            return
+        self.skipped_steps = 0
+        self.nonfinite_losses = 0
+        # Under DDP SpeechBrain wraps the sampler and calls set_epoch itself.
+        if self._epoch_sampler is not None and self.train_sampler is None:
+            self._epoch_sampler.set_epoch(epoch)
+
+    def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
+        """After training (on every process): keeps the train loss for :meth:`log_epoch` and
+        gathers how many batches each process trained this epoch. After validation: logs the
+        epoch and saves its checkpoint; after a test: logs the results (:meth:`log_test`),
+        both with the stats of :meth:`eval_stats`."""
+        if stage != sb.Stage.TRAIN:
+            stats = self.eval_stats(stage_loss)
+            if stage == sb.Stage.VALID:
+                self.log_epoch(epoch, stats)
+                self.save_epoch_checkpoint(epoch, stats)
+            else:
+                self.log_test(stats)
+            return
+        self.train_stats = {"loss": stage_loss}
+        batches = [self.step]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            batches = [0] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(batches, self.step)
+        self.process_batches = batches
+
+    def eval_stats(self, stage_loss: float) -> dict[str, float]:
+        """Validation/test stats, in train-log order (kept in the checkpoint's meta after
+        validation): the loss; recipes that measure more override this."""
+        return {"loss": stage_loss}
+
+    def on_fit_batch_end(self, batch: Any, outputs: Any, loss: Any, should_step: bool) -> None:
+        """Steps ``noam_annealing`` (when the config has one) once per optimizer step taken."""
+        scheduler = getattr(self.hparams, "noam_annealing", None)
+        if scheduler is not None and should_step and self.optimizer_stepped:
+            scheduler(self.optimizer)
+
+    def best_key(self) -> tuple[str, bool]:
+        """(checkpoint meta key, whether higher is better) by which checkpoints are kept and
+        ranked: the valid loss, lower is better; recipes may override."""
+        return "loss", False
+
+    def checkpoints_to_keep(self) -> int:
+        """How many of the best checkpoints by :meth:`best_key` are kept (besides the
+        latest); each recipe names its YAML key."""
+        raise NotImplementedError(f"{type(self).__name__} must define checkpoints_to_keep")
+
+    def save_epoch_checkpoint(self, epoch: int, valid_stats: dict[str, float]) -> None:
+        """Saves the end-of-epoch checkpoint (meta: ``epoch`` and ``valid_stats``) and keeps
+        the :meth:`checkpoints_to_keep` best by :meth:`best_key`."""
+        key, higher = self.best_key()
+        self.checkpointer.save_and_keep_only(
+            meta={**valid_stats, "epoch": epoch},
+            max_keys=[key] if higher else None,
+            min_keys=None if higher else [key],
+            num_to_keep=self.checkpoints_to_keep(),
+        )
+
+    def log_epoch(self, epoch: int, valid_stats: dict[str, float]) -> None:
+        """One train-log line: ``epoch: N, lr: ..., steps: ..., skipped_steps: ...[,
+        process_batches: B0 B1 ...] - train loss: ... - valid loss: ..., valid ...``."""
+        meta: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "steps": self.optimizer_step,
+            "skipped_steps": self.skipped_steps,
+        }
+        if len(self.process_batches) > 1:
+            meta["process_batches"] = " ".join(map(str, self.process_batches))
+        self.hparams.train_logger.log_stats(
+            stats_meta=meta, train_stats=self.train_stats, valid_stats=valid_stats
+        )
+
+    def log_test(self, stats: dict[str, float]) -> None:
+        """Keeps ``stats`` as ``test_stats`` and logs ``Epoch loaded: N, test set: <name> -
+        test ...`` to the train log."""
+        self.test_stats = stats
+        self.hparams.train_logger.log_stats(
+            stats_meta={
+                "Epoch loaded": self.hparams.epoch_counter.current,
+                "test set": self.test_set_name,
+            },
+            test_stats=stats,
+        )
+
+    # ------------------------------------------------------------------ resuming
+
+    def on_fit_start(self) -> None:
+        """Resumes from ``resume_from`` the first time it is given, else from the latest
+        checkpoint of this run (a rerun of the same command continues where it stopped)."""
+        ckpt = self._explicit_resume()
+        if ckpt is None:
+            super().on_fit_start()
+            return
+        self._compile()
+        self._wrap_distributed()
+        self.init_optimizers()
+        logger.info("resuming from %s (resume_from)", ckpt.path)
+        self.checkpointer.load_checkpoint(ckpt)
+
+    def _explicit_resume(self) -> Checkpoint | None:
+        """The ``resume_from`` checkpoint unless this run already started from it and saved
+        a checkpoint since (:func:`pending_resume`)."""
+        path = self.hparams.resume_from
+        if not path or self.checkpointer is None:
+            return None
+        pending = pending_resume(path, self.checkpointer)
+        ddp_barrier()  # every process has decided before the marker changes
+        if pending is None:  # (the named checkpoint may since have been deleted as not the best)
+            logger.info("this run already started from %s: resuming from its latest", path)
+            return None
+        ckpt = checkpoint_from_dir(pending, self.checkpointer)
+        if if_main_process():
+            with atomic_open(resume_marker(self.checkpointer), "w", encoding="utf-8") as f:
+                f.write(f"{pending.resolve()}\n")
+        return ckpt
+
+    # ------------------------------------------------------------------ non-finite steps
+
+    def check_loss_isfinite(self, loss: torch.Tensor) -> None:
+        """Counts a non-finite loss; its step is skipped in :meth:`optimizers_step`."""
+        if not torch.isfinite(loss):
+            self.nonfinite_losses += 1
+            logger.warning("non-finite loss (%s): this step will be skipped", loss.item())
+
+    def optimizers_step(self) -> None:
+        """Unscale, clip to ``max_grad_norm`` and step, unless the gradient norm is not finite.
+
+        Under DDP the gradients are already reduced, so every process skips the same steps.
+        """
+        if self.opt_class is None:
+            return
+        opts = list(self.freeze_optimizers(self.optimizers_dict).values())
+        for opt in opts:
+            self.scaler.unscale_(opt)
+        params = [p for opt in opts for group in opt.param_groups for p in group["params"]]
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = bool(torch.isfinite(norm))
+        if finite or self.scaler.is_enabled():  # GradScaler skips non-finite steps itself
+            for opt in opts:
+                self.scaler.step(opt)
+        self.scaler.update()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        self.optimizer_stepped = finite
+        if finite:
+            self.optimizer_step += 1
+            self._consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        logger.warning(
+            "gradient norm %s is not finite: step skipped (%d this epoch)",
+            norm.item(), self.skipped_steps,
+        )
+        limit = self.hparams.max_consecutive_nonfinite
+        if self._consecutive_skips >= limit:
+            raise RuntimeError(
+                f"{self._consecutive_skips} optimizer steps in a row had non-finite gradients "
+                f"(max_consecutive_nonfinite: {limit}): training has diverged; lower lr_model, "
+                "raise n_warmup_steps or use fp32, then resume with --resume_from <CKPT dir>"
+            )
+
+
+class RecipeBrain(TrainingBrain):
+    """The ``TrainingBrain`` of the ASR recipes: WER/CER (see the module docstring).
+
+    Subclasses fill ``wer_metric``/``cer_metric`` in ``compute_objectives`` outside training;
+    other validation/test stats come from overriding :meth:`eval_stats`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_checkpoints: list[Checkpoint] | None = None
+        self.wer_file: Path | None = None
+        self._loaded_for_eval: tuple[Path, ...] | None = None
+
+    def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
+        """Validation and test: fresh ``wer_metric``/``cer_metric``."""
+        super().on_stage_start(stage, epoch)
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric = self.hparams.wer_computer()
+            self.cer_metric = self.hparams.cer_computer()
+
+    def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
+        """After a test: writes the results (:meth:`report_test`)."""
+        if stage == sb.Stage.TEST:
+            self.report_test(self.eval_stats(stage_loss), self.wer_metric)
+            return
+        super().on_stage_end(stage, stage_loss, epoch)
+
+    def eval_stats(self, stage_loss: float) -> dict[str, float]:
+        """Validation/test stats, in train-log order: loss, CER and WER (%); recipes that
+        measure more override this."""
+        return {
+            "loss": stage_loss,
+            "CER": self.cer_metric.summarize("error_rate"),
+            "WER": self.wer_metric.summarize("error_rate"),
+        }
+
+    def best_key(self) -> tuple[str, bool]:
+        """Checkpoints are kept, ranked and averaged by valid WER, lower is better; recipes
+        may override."""
+        return "WER", False
+
+    def checkpoints_to_keep(self) -> int:
+        """``avg_checkpoints``: the best checkpoints are the ones averaged for testing."""
+        return self.hparams.avg_checkpoints
+
+    # ------------------------------------------------------------------ evaluation
+
+    def on_evaluate_start(self, max_key: str | None = None, min_key: str | None = None) -> None:
+        """Loads the best checkpoint (``eval_checkpoints[0]`` when set) and the average of the
+        ``model`` recoverable over the best ``avg_checkpoints`` (or all ``eval_checkpoints``),
+        ranked by the key given, else by :meth:`best_key`."""
+        if max_key is None and min_key is None:
+            key, higher = self.best_key()
+            max_key, min_key = (key, None) if higher else (None, key)
+        if self.eval_checkpoints is not None:
+            ckpts = self.eval_checkpoints
+        elif self.checkpointer is not None:
+            ckpts = self.checkpointer.find_checkpoints(
+                max_key=max_key, min_key=min_key, max_num_checkpoints=self.hparams.avg_checkpoints
+            )
+        else:
+            ckpts = []
+        if not ckpts:
+            logger.warning("no checkpoint to evaluate: using the current weights")
+            return
+        key = tuple(Path(c.path) for c in ckpts)
+        if key == self._loaded_for_eval:
+            return
+        self.checkpointer.load_checkpoint(ckpts[0])
+        self.step = 0  # an intra-epoch checkpoint restores a mid-epoch step count
+        if len(ckpts) > 1:
+            state = average_checkpoints(ckpts, recoverable_name="model")
+            self.hparams.model.load_state_dict(state, strict=True)
+        logger.info("evaluating the average of %d checkpoint(s): %s", len(ckpts), ", ".join(
+            Path(c.path).name for c in ckpts))
+        self._loaded_for_eval = key
+
+    def evaluate_test_sets(
+        self,
+        datasets: dict[str, Any],
+        loader_kwargs: dict[str, Any],
+        out_dir: str | os.PathLike,
+    ) -> dict[str, dict[str, float]]:
+        """``evaluate`` every test set (the best checkpoints by :meth:`best_key`, averaged);
+        writes ``<out_dir>/wer_<name>.txt`` and ``.json``; returns the stats by set name."""
+        results = {}
+        for name, data in datasets.items():
+            self.test_set_name = name
+            self.wer_file = Path(out_dir) / f"wer_{name}.txt"
+            self.evaluate(data, test_loader_kwargs=dict(loader_kwargs))
+            results[name] = dict(self.test_stats)
+        return results
+
+    def report_test(self, stats: dict[str, float], wer_metric: ErrorRateStats) -> None:
+        """Writes ``self.wer_file`` (SpeechBrain's alignments, for reading), the per-utterance
+        WER and CER scores as JSON beside it (``wer_<name>.json``, what the report tools read)
+        and logs ``Epoch loaded: N, test set: <name> - test loss: ..., test CER: ..., test
+        WER: ..., test utterances: N`` to the train log."""
+        self.log_test({**stats, "utterances": len(wer_metric.scores)})
+        logger.info(
+            "%s: WER %.2f %%, CER %.2f %% (%d utterances)",
+            self.test_set_name, stats["WER"], stats["CER"], len(wer_metric.scores),
+        )
+        if self.wer_file is not None and if_main_process():
+            with atomic_open(self.wer_file, "w", encoding="utf-8") as f:
+                wer_metric.write_stats(f)
+            metrics = {"WER": wer_metric, "CER": self.cer_metric}
+            write_scores(scores_path(self.wer_file), self.test_set_name, metrics)
