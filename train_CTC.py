@@ -117,13 +117,7 @@ def build_brain(hparams: dict[str, Any], run_opts: Any, checkpointer: Any) -> AS
         hparams["tokenizer_file"], hparams["characters"], hparams["blank_index"],
         hparams["bos_index"], hparams["eos_index"], hparams["output_neurons"],
     )
-    brain = ASR(
-        modules=hparams["modules"],
-        opt_class=hparams["model_opt_class"],
-        hparams=hparams,
-        run_opts=run_opts,
-        checkpointer=checkpointer,
-    )
+    brain = ASR.from_hparams(hparams, run_opts, checkpointer)
     brain.tokenizer = tokenizer
     vocab = [tokenizer.ind2lab[i] for i in range(len(tokenizer))]
     brain.beam_searcher = CTCPrefixBeamSearcher(vocab_list=vocab, **hparams["ctc_beam_search"])

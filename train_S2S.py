@@ -312,13 +312,7 @@ def build_brain(hparams: dict[str, Any], run_opts: Any, checkpointer: Any) -> AS
     check_config(hparams)
     tokenizer = prepare_run_tokenizer(hparams)
     lm = load_lm(hparams)
-    brain = ASR(
-        modules=hparams["modules"],
-        opt_class=hparams["model_opt_class"],
-        hparams=hparams,
-        run_opts=run_opts,
-        checkpointer=checkpointer,
-    )
+    brain = ASR.from_hparams(hparams, run_opts, checkpointer)
     brain.tokenizer = tokenizer
     if lm is not None:
         brain.lm = lm.to(brain.device)

@@ -266,6 +266,19 @@ class RecipeBrain(TrainingBrain):
         self.wer_file: Path | None = None
         self._loaded_for_eval: tuple[Path, ...] | None = None
 
+    @classmethod
+    def from_hparams(
+        cls, hparams: dict[str, Any], run_opts: Any, checkpointer: Any
+    ) -> RecipeBrain:
+        """The brain of an ASR configuration: its ``modules``, optimised by ``model_opt_class``."""
+        return cls(
+            modules=hparams["modules"],
+            opt_class=hparams["model_opt_class"],
+            hparams=hparams,
+            run_opts=run_opts,
+            checkpointer=checkpointer,
+        )
+
     def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
         """Validation and test: fresh ``wer_metric``/``cer_metric``."""
         super().on_stage_start(stage, epoch)
