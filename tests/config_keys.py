@@ -108,3 +108,31 @@ def assert_declared_keys_present(declared: set[str], folder: Path, names: list[s
     for name in names:
         keys = set(top_keys(folder / f"{name}.yaml"))
         assert declared <= keys, (name, sorted(declared - keys))
+
+
+# The Mamba keys only the ConMamba configurations of a family have.
+MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_init", "mamba_config"]
+
+
+def assert_asr_family(
+    folder: Path, declared: Iterable[str], scripts: Iterable[Path], sample_read: set[str]
+) -> None:
+    """The checks every ASR family (``hparams/CTC``, ``hparams/S2S``) passes: its files differ
+    only where the model does (the Mamba keys of ConMamba ones, which the demo is); every key
+    is used; the recipe's declared ``KEYS`` (which ``load_config`` checks up front) hold the
+    shared recipe keys and every key its code reads (``sample_read`` among them: the reading
+    works), and every configuration defines them."""
+    from mamba_asr.brain import RECIPE_KEYS  # SpeechBrain: imported only by the recipe tests
+    from mamba_asr.data import DATA_KEYS
+
+    scripts, declared = list(scripts), set(declared)
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    assert_family_shares_keys(folder, names, MAMBA_KEYS)
+    for name in names:
+        assert is_conmamba(folder / f"{name}.yaml") == ("conmamba" in name or name == "demo"), name
+    assert_every_key_used(folder, names, scripts)
+    assert set(RECIPE_KEYS) | set(DATA_KEYS) <= declared
+    read = keys_read(scripts) | {"valid_search", "test_search"}  # read as hparams[key] in a loop
+    assert read <= declared, sorted(read - declared)
+    assert sample_read <= read
+    assert_declared_keys_present(declared, folder, names)

@@ -3,6 +3,7 @@ corpus, parameter counts, the epochs of a train log, the training batches of a r
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -104,3 +105,17 @@ def train_batches(hparams: dict[str, Any]) -> int:
         data.training_set(hparams), hparams["dynamic_batch_sampler_train"]
     )
     return len(sampler)
+
+
+def assert_two_process_epoch(out: Path, hparams: dict[str, Any]) -> None:
+    """One epoch trained by 2 processes into ``out``: each trained half of the training batches
+    of ``hparams`` (the run's configuration), gradients averaged (one optimizer step per pair),
+    and the main process alone saved (one checkpoint)."""
+    from mamba_asr.reports.curves import read_train_log
+
+    half = math.ceil(train_batches(hparams) / 2)
+    log = read_train_log(out / "train_log.txt")
+    assert list(log.index) == [1]
+    assert log.loc[1, "process_batches"] == f"{half} {half}"  # both ranks trained a half
+    assert log.loc[1, "steps"] == half
+    assert len(list((out / "save").glob("CKPT+*"))) == 1

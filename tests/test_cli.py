@@ -8,7 +8,6 @@ The end-to-end tests run the CTC demo configuration on a few utterances of the d
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import shlex
@@ -19,11 +18,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, assert_two_process_epoch, train_batches
 from hyperpyyaml import load_hyperpyyaml
 from ruamel.yaml import YAML
 
@@ -31,7 +31,7 @@ import train_CTC
 import train_LM
 import train_S2S
 from librispeech_prepare import LibriSpeechPrepError
-from mamba_asr import TORCHVISION_NOTICE, data
+from mamba_asr import TORCHVISION_NOTICE
 from mamba_asr.checkpoints import AtomicCheckpointer
 from mamba_asr.commands import LAUNCH_ENV, python_command, rerun_command
 from mamba_asr.config import ConfigError, PrecisionError, split_command_line
@@ -276,14 +276,10 @@ def test_option_given_twice_is_one_line(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- ddp_run, --resume
 
 
-def _n_batches(out: Path, demo_corpus: Path) -> int:
-    """Training batches of one epoch in a single process (the run's prepared manifest)."""
+def _demo_hparams(out: Path, demo_corpus: Path) -> dict[str, Any]:
+    """The CTC demo configuration of the run in ``out`` (its prepared manifests)."""
     with open(DEMO, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(
-            f, {"data_folder": str(demo_corpus), "output_folder": str(out)}
-        )
-    train = data.training_set(hparams)
-    return len(data.dynamic_batch_sampler(train, hparams["dynamic_batch_sampler_train"]))
+        return load_hyperpyyaml(f, {"data_folder": str(demo_corpus), "output_folder": str(out)})
 
 
 @pytest.fixture(scope="module")
@@ -304,12 +300,7 @@ def ddp_run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_ddp_run_trains_on_two_processes(ddp_run: Path, demo_corpus: Path) -> None:
     """Both processes trained half of the batches (gloo, as there is no CUDA here or the
     recipe would use it), gradients averaged; only the main process wrote."""
-    half = math.ceil(_n_batches(ddp_run, demo_corpus) / 2)
-    log = read_train_log(ddp_run / "train_log.txt")
-    assert list(log.index) == [1]
-    assert log.loc[1, "process_batches"] == f"{half} {half}"
-    assert log.loc[1, "steps"] == half
-    assert len(list((ddp_run / "save").glob("CKPT+*"))) == 1
+    assert_two_process_epoch(ddp_run, _demo_hparams(ddp_run, demo_corpus))
     tests = read_test_lines(ddp_run / "train_log.txt")
     assert list(tests["test set"]) == ["test-clean", "test-other"]
     assert (tests["test utterances"] == N_TEST).all()
@@ -343,7 +334,8 @@ def test_resume_takes_the_newest_complete_checkpoint(
     log = read_train_log(out / "train_log.txt")
     assert list(log.index) == [2]  # epoch 1 came from the checkpoint
     before = read_train_log(ddp_run / "train_log.txt").loc[1, "steps"]
-    assert log.loc[2, "steps"] == before + _n_batches(out, demo_corpus)  # the count went on
+    # the step count went on
+    assert log.loc[2, "steps"] == before + train_batches(_demo_hparams(out, demo_corpus))
 
 
 # --------------------------------------------------------------------------- Ctrl-C

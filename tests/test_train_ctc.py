@@ -23,14 +23,15 @@ import pytest
 import speechbrain as sb
 import torch
 import yaml
-from config_keys import (
-    assert_declared_keys_present,
-    assert_every_key_used,
-    assert_family_shares_keys,
-    is_conmamba,
-    keys_read,
+from config_keys import assert_asr_family
+from conftest import (
+    RECIPE_CODE,
+    REPO,
+    assert_two_process_epoch,
+    logged_epochs,
+    n_params,
+    train_batches,
 )
-from conftest import RECIPE_CODE, REPO, logged_epochs, n_params, train_batches
 from hyperpyyaml import load_hyperpyyaml
 from param_counts import ctc_model_params
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher
@@ -39,7 +40,7 @@ from speechbrain.utils.run_opts import RunOptions
 import train_CTC
 from librispeech_prepare import LibriSpeechPrepError
 from mamba_asr import data
-from mamba_asr.brain import RECIPE_KEYS, RecipeBrain
+from mamba_asr.brain import RecipeBrain
 from mamba_asr.checkpoints import KILL_ENV, AtomicCheckpointer
 from mamba_asr.config import ConfigError, PrecisionError, load_config, resolve_run_opts
 from mamba_asr.losses import ctc_loss
@@ -48,7 +49,6 @@ from mamba_asr.reports.wer_table import read_wer_file
 
 CTC = REPO / "hparams" / "CTC"
 CONFIGS = sorted(p.stem for p in CTC.glob("*.yaml"))
-MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_init", "mamba_config"]
 # Each configuration's model: (encoder, d_model, d_ffn, layers, mel bins, front-end channels).
 ARCHITECTURES = {
     "conformer_large": ("conformer", 256, 1024, 18, 80, (64, 32)),
@@ -100,25 +100,8 @@ def test_parameter_counts(tmp_path: Path, monkeypatch) -> None:
         assert n_params(_load(name, tmp_path)["model"]) == ctc_model_params(*architecture), name
 
 
-def test_family_shares_keys_and_order() -> None:
-    """Configurations differ only where the model does: the Mamba keys of ConMamba ones."""
-    assert_family_shares_keys(CTC, CONFIGS, MAMBA_KEYS)
-    for name in CONFIGS:
-        assert is_conmamba(CTC / f"{name}.yaml") == ("conmamba" in name or name == "demo"), name
-
-
-def test_every_key_is_used() -> None:
-    assert_every_key_used(CTC, CONFIGS, SCRIPTS)
-
-
-def test_declared_keys_are_the_keys_the_code_reads() -> None:
-    """load_config checks the declared keys up front: the declaration must be complete."""
-    declared = set(train_CTC.KEYS)
-    assert set(RECIPE_KEYS) | set(data.DATA_KEYS) <= declared
-    read = keys_read(SCRIPTS) | {"valid_search", "test_search"}  # read as hparams[key] in a loop
-    assert read <= declared, sorted(read - declared)
-    assert {"sorting", "valid_csv", "ctc_cost", "avg_checkpoints"} <= read  # the regexes work
-    assert_declared_keys_present(declared, CTC, CONFIGS)
+def test_configurations_and_declared_keys() -> None:
+    assert_asr_family(CTC, train_CTC.KEYS, SCRIPTS, {"sorting", "valid_csv", "ctc_cost"})
 
 
 # --------------------------------------------------------------------------- clear errors
@@ -393,14 +376,9 @@ def test_two_process_ddp_then_single_process_resume(demo_corpus: Path, tmp_path:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    n_batches = train_batches(_load("demo", demo_corpus, output_folder=str(out)))
-    half = math.ceil(n_batches / 2)
-    log = read_train_log(out / "train_log.txt")
-    assert list(log.index) == [1]
-    assert log.loc[1, "process_batches"] == f"{half} {half}"  # both ranks trained a half
-    assert log.loc[1, "steps"] == half  # gradients were averaged: one step per batch pair
-    # Rank 0 alone wrote: one checkpoint, one log line per stage, nothing logged by rank 1.
-    assert len(list((out / "save").glob("CKPT+*"))) == 1
+    hparams = _load("demo", demo_corpus, output_folder=str(out))
+    assert_two_process_epoch(out, hparams)
+    # Rank 0 alone wrote: one log line per stage, nothing logged by rank 1.
     assert len(read_test_lines(out / "train_log.txt")) == 2
     rank1 = [f for f in logs.rglob("*.log") if f.parent.name == "1"]
     assert len(rank1) == 2 and all("Epoch loaded" not in f.read_text() for f in rank1)
@@ -408,7 +386,8 @@ def test_two_process_ddp_then_single_process_resume(demo_corpus: Path, tmp_path:
     _train(out, demo_corpus, "--number_of_epochs", "2", select=select)
     log = read_train_log(out / "train_log.txt")
     assert list(log.index) == [1, 2]
-    assert log.loc[2, "steps"] == half + n_batches  # continued the step count, one process
+    n_batches = train_batches(hparams)  # continued the step count, in one process
+    assert log.loc[2, "steps"] == math.ceil(n_batches / 2) + n_batches
     assert pd.isna(log.loc[2, "process_batches"])
 
 

@@ -8,7 +8,6 @@ its second checkpoint save, then finished by the same command. The tests that de
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 import shutil
@@ -22,21 +21,20 @@ import pytest
 import speechbrain as sb
 import torch
 import yaml
-from config_keys import (
-    assert_declared_keys_present,
-    assert_every_key_used,
-    assert_family_shares_keys,
-    is_conmamba,
-    keys_read,
+from config_keys import assert_asr_family
+from conftest import (
+    RECIPE_CODE,
+    REPO,
+    assert_two_process_epoch,
+    logged_epochs,
+    n_params,
 )
-from conftest import RECIPE_CODE, REPO, logged_epochs, n_params, train_batches
 from hyperpyyaml import load_hyperpyyaml
 from mps_kernels import assert_mps_ready, record_recipe
 from param_counts import s2s_mamba_model_params
 
 import train_S2S
 from mamba_asr import data
-from mamba_asr.brain import RECIPE_KEYS
 from mamba_asr.checkpoints import KILL_ENV
 from mamba_asr.config import ConfigError, cli, load_config
 from mamba_asr.losses import ctc_loss
@@ -47,7 +45,6 @@ from mamba_asr.tokenizer import prepare_tokenizer, read_sentences
 
 S2S = REPO / "hparams" / "S2S"
 CONFIGS = sorted(p.stem for p in S2S.glob("*.yaml"))
-MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_init", "mamba_config"]
 # hparams['model'] totals: xi-j/Mamba-ASR's (REFERENCE.md) and our demo's, from its
 # architecture (ConMamba encoder and Mamba decoder as conmambamamba_*, tests/param_counts.py).
 DEMO_ARCHITECTURE = {"d": 144, "f": 576, "enc_layers": 2, "dec_layers": 1, "vocab": 256,
@@ -122,24 +119,8 @@ def test_full_configs_declare_the_librispeech_transformer_lm(tmp_path: Path) -> 
     assert {k: v.shape for k, v in lm.state_dict().items()} == shapes
 
 
-def test_family_shares_keys_and_order() -> None:
-    """Configurations differ only where the model does: the Mamba keys of ConMamba ones."""
-    assert_family_shares_keys(S2S, CONFIGS, MAMBA_KEYS)
-    for name in CONFIGS:
-        assert is_conmamba(S2S / f"{name}.yaml") == ("conmamba" in name or name == "demo"), name
-
-
-def test_every_key_is_used() -> None:
-    assert_every_key_used(S2S, CONFIGS, SCRIPTS)
-
-
-def test_declared_keys_are_the_keys_the_code_reads() -> None:
-    declared = set(train_S2S.KEYS)
-    assert set(RECIPE_KEYS) | set(data.DATA_KEYS) <= declared
-    read = keys_read(SCRIPTS) | {"valid_search", "test_search"}  # read as hparams[name]
-    assert read <= declared, sorted(read - declared)
-    assert {"ctc_weight", "lm_weight", "keep_best_by", "tokenizer_file"} <= read
-    assert_declared_keys_present(declared, S2S, CONFIGS)
+def test_configurations_and_declared_keys() -> None:
+    assert_asr_family(S2S, train_S2S.KEYS, SCRIPTS, {"ctc_weight", "lm_weight", "keep_best_by"})
 
 
 # --------------------------------------------------------------------------- clear errors
@@ -435,13 +416,8 @@ def test_torchrun_two_processes(demo_corpus: Path, lm_folder: Path, tmp_path: Pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    n_batches = train_batches(_load("demo", data_folder=str(demo_corpus), output_folder=str(out)))
-    half = math.ceil(n_batches / 2)
-    log = read_train_log(out / "train_log.txt")
-    assert list(log.index) == [1]
-    assert log.loc[1, "process_batches"] == f"{half} {half}"  # both ranks trained a half
-    assert log.loc[1, "steps"] == half  # gradients were averaged: one step per batch pair
-    assert len(list((out / "save").glob("CKPT+*"))) == 1
+    hparams = _load("demo", data_folder=str(demo_corpus), output_folder=str(out))
+    assert_two_process_epoch(out, hparams)
     tests = read_test_lines(out / "train_log.txt")
     assert list(tests["test set"]) == ["test-clean", "test-other"]
     assert read_wer_file(out / "wer_test-clean.txt")["sentences"] == N_TEST
