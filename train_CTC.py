@@ -13,8 +13,9 @@ Usage:
 
 Rerunning the same command resumes from the latest checkpoint (Ctrl-C prints which, and the
 command). After training, the best ``avg_checkpoints`` checkpoints by valid WER are averaged
-and every ``test_csv`` is evaluated (``<output_folder>/wer_<test-set>.txt`` and a summary line
-in ``train_log.txt``).
+and every ``test_csv`` is evaluated (``<output_folder>/wer_<test-set>.txt`` with every
+utterance aligned, ``wer_<test-set>.json`` with its WER/CER scores for the report tools, and a
+summary line in ``train_log.txt``).
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ decoder; every epoch logs the valid loss and teacher-forced token accuracy (ACC)
 kept by ``keep_best_by`` (ACC, as upstream, or WER). Rerunning the same command resumes from
 the latest checkpoint. Then the best ``avg_checkpoints`` are averaged and every ``test_csv``
 is decoded by joint CTC/attention beam search with Transformer-LM shallow fusion
-(``lm_weight``): ``<output_folder>/wer_<test-set>.txt``; without LM (``--no_lm True`` or
-``pretrained_lm_path: null``) ``<output_folder>/no_lm/wer_<test-set>.txt``; a summary line per
-set in ``train_log.txt``. A finished run only re-evaluates, so ``--no_lm True`` on a finished
-run decodes it again without the LM.
+(``lm_weight``): ``<output_folder>/wer_<test-set>.txt`` / ``.json`` (alignments / WER and CER
+scores); without LM (``--no_lm True`` or ``pretrained_lm_path: null``) the same files in
+``<output_folder>/no_lm/``; a summary line per set in ``train_log.txt``. A finished run only
+re-evaluates, so ``--no_lm True`` on a finished run decodes it again without the LM.
 
 Tokens: one SentencePiece model for ASR and LM: the LM folder's ``tokenizer.ckpt``, else
 ``pretrained_tokenizer_path``, else one trained on ``train_csv``. Its copy ``tokenizer_file``
