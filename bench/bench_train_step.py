@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 from timing import best_time  # noqa: E402
 
+import mamba_asr  # noqa: E402, F401  (drops SpeechBrain's torchvision notice)
 from modules.mamba.selective_scan_interface import ENV_VAR, kernel_status  # noqa: E402
 
 CONFIGS = {"conformer_small": "Conformer-S", "conmamba_small": "ConMamba-S"}
