@@ -135,15 +135,11 @@ def trained_overrides(save_folder: Path, keys: tuple[str, ...], given: list[str]
 
 
 def best_checkpoints(brain: RecipeBrain, save_folder: Path) -> list[Checkpoint]:
-    """The best ``avg_checkpoints`` of the brain's checkpointer by its ``best_key``, best
-    first: the checkpoints the recipe averages at its test stage."""
-    key, higher = brain.best_key()
-    found = brain.checkpointer.find_checkpoints(
-        max_key=key if higher else None,
-        min_key=None if higher else key,
-        max_num_checkpoints=brain.hparams.avg_checkpoints,
-    )
+    """:meth:`RecipeBrain.best_checkpoints`, the checkpoints the recipe averages at its test
+    stage; ConfigError when there are none."""
+    found = brain.best_checkpoints()
     if not found:
+        key, _ = brain.best_key()
         raise ConfigError(f"{save_folder} holds no checkpoint with a valid {key} to evaluate")
     return found
 

@@ -313,19 +313,26 @@ class RecipeBrain(TrainingBrain):
 
     # ------------------------------------------------------------------ evaluation
 
+    def best_checkpoints(
+        self, max_key: str | None = None, min_key: str | None = None
+    ) -> list[Checkpoint]:
+        """The best ``avg_checkpoints`` checkpoints, best first, by the key given, else by
+        :meth:`best_key`: the ones the test stage averages."""
+        if max_key is None and min_key is None:
+            key, higher = self.best_key()
+            max_key, min_key = (key, None) if higher else (None, key)
+        return self.checkpointer.find_checkpoints(
+            max_key=max_key, min_key=min_key, max_num_checkpoints=self.hparams.avg_checkpoints
+        )
+
     def on_evaluate_start(self, max_key: str | None = None, min_key: str | None = None) -> None:
         """Loads the best checkpoint (``eval_checkpoints[0]`` when set) and the average of the
         ``model`` recoverable over the best ``avg_checkpoints`` (or all ``eval_checkpoints``),
         ranked by the key given, else by :meth:`best_key`."""
-        if max_key is None and min_key is None:
-            key, higher = self.best_key()
-            max_key, min_key = (key, None) if higher else (None, key)
         if self.eval_checkpoints is not None:
             ckpts = self.eval_checkpoints
         elif self.checkpointer is not None:
-            ckpts = self.checkpointer.find_checkpoints(
-                max_key=max_key, min_key=min_key, max_num_checkpoints=self.hparams.avg_checkpoints
-            )
+            ckpts = self.best_checkpoints(max_key, min_key)
         else:
             ckpts = []
         if not ckpts:
