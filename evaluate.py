@@ -33,30 +33,18 @@ import mamba_asr  # noqa: F401  (before speechbrain: drops its import-time torch
 
 # isort: split
 import argparse
-import importlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import ruamel.yaml
-from speechbrain.utils.checkpoints import METAFNAME, Checkpoint
 from speechbrain.utils.train_logger import FileTrainLogger
 
 from mamba_asr import data
 from mamba_asr.brain import RecipeBrain
-from mamba_asr.config import ConfigError, cli, load_config
-from mamba_asr.resume import checkpoint_from_dir
+from mamba_asr.config import cli
+from mamba_asr.trained import RECIPES, load_trained
 
 logger = logging.getLogger(__name__)
-
-# Configuration family (the folder under hparams/) -> recipe module providing
-# KEYS (the YAML keys it reads), build_brain(hparams, run_opts, checkpointer) and
-# add_pipelines(hparams, tokenizer, train, sets); S2S also results_folder(hparams).
-RECIPES = {"CTC": "train_CTC", "S2S": "train_S2S"}
-SAVE_FOLDER = "save"
-# Keys that default to the values the run was trained with (when the recipe reads them).
-TRAINED_DEFAULTS = ("data_folder", "pretrained_lm_path", "avg_checkpoints", "keep_best_by")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,88 +58,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out_dir", default=None, help="where wer_<name>.txt/.json go")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="default: the config's folder name")
     return p
-
-
-def checkpoint_source(folders: list[str]) -> tuple[Path, list[Checkpoint] | None]:
-    """``(save folder, checkpoints)`` named by ``--ckpt``: a save folder (or the run folder
-    holding ``save/``) gives checkpoints None (the best ones are chosen later); CKPT+...
-    folders give themselves."""
-    paths = [Path(f) for f in folders]
-    if len(paths) == 1 and not (paths[0] / METAFNAME).is_file():
-        folder = paths[0]
-        if (folder / SAVE_FOLDER).is_dir() and not any(folder.glob("CKPT+*")):
-            folder = folder / SAVE_FOLDER
-        if not folder.is_dir():
-            raise ConfigError(f"--ckpt {paths[0]}: no such folder (expected <run>/save)")
-        return folder, None
-    for path in paths:
-        if not (path / METAFNAME).is_file():
-            raise ConfigError(
-                f"--ckpt {path} is not a CKPT+... checkpoint folder: give one save folder "
-                "(<run>/save: its best checkpoints) or CKPT+... folders"
-            )
-    ckpts = [checkpoint_from_dir(p) for p in paths]
-    return Path(ckpts[0].path).parent, ckpts
-
-
-def trained_config(save_folder: Path) -> dict[str, Any]:
-    """The run's configuration, ``hyperparams.yaml`` beside ``save_folder`` (written by
-    SpeechBrain's ``create_experiment_directory``, references resolved), as plain YAML: the
-    HyperPyYAML tags (``!new:``, ``!name:``, ...) stay tags, nothing is built; {} without
-    one."""
-    path = save_folder.parent / "hyperparams.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        config = ruamel.yaml.YAML(typ="rt").load(path.read_text(encoding="utf-8"))
-    except ruamel.yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not a YAML file ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values")
-    return config
-
-
-def trained_overrides(save_folder: Path, keys: tuple[str, ...], given: list[str]) -> list[str]:
-    """``--key value`` for each of ``keys`` (the recipe's, among TRAINED_DEFAULTS) not on the
-    command line, with the run's value (a YAML scalar, JSON-quoted so that any path reads
-    back as the same string)."""
-    config = trained_config(save_folder)
-    overrides = []
-    for key in TRAINED_DEFAULTS:
-        option = f"--{key}"
-        if key not in keys or any(a == option or a.startswith(f"{option}=") for a in given):
-            continue
-        if key not in config:
-            if key == "data_folder":
-                raise ConfigError(
-                    f"--data_folder is required (no data_folder in a hyperparams.yaml beside "
-                    f"{save_folder})"
-                )
-            continue
-        value = config[key]
-        if value is None or isinstance(value, str | int | float):
-            overrides += [option, json.dumps(value)]
-    return overrides
-
-
-def best_checkpoints(brain: RecipeBrain, save_folder: Path) -> list[Checkpoint]:
-    """:meth:`RecipeBrain.best_checkpoints`, the checkpoints the recipe averages at its test
-    stage; ConfigError when there are none."""
-    found = brain.best_checkpoints()
-    if not found:
-        key, _ = brain.best_key()
-        raise ConfigError(f"{save_folder} holds no checkpoint with a valid {key} to evaluate")
-    return found
-
-
-def describe_checkpoints(ckpts: list[Checkpoint], key: str | None) -> str:
-    """``N checkpoint(s) averaged: CKPT+... (epoch E, WER x), ...``."""
-    def one(ckpt: Checkpoint) -> str:
-        meta = [f"{k} {ckpt.meta[k]:.4g}" if k != "epoch" else f"epoch {ckpt.meta[k]}"
-                for k in ("epoch", key) if k in ckpt.meta]
-        return f"{Path(ckpt.path).name} ({', '.join(meta)})" if meta else Path(ckpt.path).name
-
-    return f"{len(ckpts)} checkpoint(s) averaged: " + ", ".join(map(one, ckpts))
 
 
 def describe_search(family: str, hparams: dict[str, Any], brain: RecipeBrain) -> str:
@@ -175,42 +81,24 @@ def describe_search(family: str, hparams: dict[str, Any], brain: RecipeBrain) ->
 def main(argv: list[str]) -> dict[str, dict[str, float]]:
     """Evaluate; returns the stats (WER, CER, loss, utterances) by manifest name."""
     args, rest = _parser().parse_known_args(argv)
-    family = args.recipe or Path(args.hparams_file).resolve().parent.name
-    if family not in RECIPES:
-        choices = " or ".join(RECIPES)
-        raise ConfigError(f"no recipe for configurations in {family}/: pass --recipe {choices}")
-    recipe = importlib.import_module(RECIPES[family])
-    save_folder, ckpts = checkpoint_source(args.ckpt)
-    rest += trained_overrides(save_folder, recipe.KEYS, rest)
-    if "--save_folder" not in rest:
-        rest += ["--save_folder", str(save_folder)]
+    out_dir: Path | None = Path(args.out_dir) if args.out_dir else None
 
-    _, hparams, run_opts, _ = load_config(
-        [args.hparams_file, *rest], recipe.KEYS, write_output=False
-    )
-    if not Path(hparams["tokenizer_file"]).is_file():
-        raise ConfigError(
-            f"{hparams['tokenizer_file']} not found: the checkpoint's token map is needed "
-            "(pass --tokenizer_file PATH)"
-        )
-    out_dir = Path(args.out_dir) if args.out_dir else save_folder.parent / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hparams["train_logger"] = FileTrainLogger(save_file=out_dir / "eval_log.txt")
+    def eval_logger(hparams: dict[str, Any]) -> None:
+        nonlocal out_dir
+        out_dir = out_dir or Path(hparams["save_folder"]).parent / "eval"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        hparams["train_logger"] = FileTrainLogger(save_file=out_dir / "eval_log.txt")
 
-    brain = recipe.build_brain(hparams, run_opts, hparams["checkpointer"])
-    key, higher = brain.best_key()
-    chosen = best_checkpoints(brain, save_folder) if ckpts is None else ckpts
-    brain.eval_checkpoints = [checkpoint_from_dir(c.path, brain.checkpointer) for c in chosen]
+    model = load_trained(args.hparams_file, args.ckpt, rest, args.recipe, eval_logger)
+    assert out_dir is not None
+    recipe, hparams, brain = model.recipe, model.hparams, model.brain
     results_dir = out_dir
     if hasattr(recipe, "results_folder"):  # S2S without LM: no_lm/, as training writes
         results_dir = recipe.results_folder({**hparams, "output_folder": str(out_dir)})
     used = {
-        "checkpoints": describe_checkpoints(brain.eval_checkpoints, key),
-        "search": describe_search(family, hparams, brain),
+        "checkpoints": model.chosen_by,
+        "search": describe_search(model.family, hparams, brain),
     }
-    if ckpts is None:
-        order = "highest" if higher else "lowest"
-        used["checkpoints"] += f" (the best of {save_folder} by valid {key}, {order} first)"
     hparams["train_logger"].log_stats(stats_meta=used)
     for what, text in used.items():
         logger.info("%s: %s", what, text)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import soundfile as sf
+from runs import ctc_run, s2s_lm_folder, s2s_manifests, s2s_run  # noqa: F401  (fixtures)
 
 if TYPE_CHECKING:
     from torch import nn

@@ -5,10 +5,7 @@ it reports, and a 44.1 kHz manifest resampled."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,16 +15,15 @@ import torchaudio
 import yaml
 from conftest import REPO
 from hyperpyyaml import resolve_references
+from runs import CTC_N_TEST
 
 import evaluate
-from mamba_asr import data
+from mamba_asr import data, trained
 from mamba_asr.config import ConfigError, load_config
 
 CTC_DEMO = REPO / "hparams" / "CTC" / "demo.yaml"
 S2S_DEMO = REPO / "hparams" / "S2S" / "demo.yaml"
-# 2 epochs on the first 64 training utterances; 16 test-clean utterances evaluated.
-SELECT = "[64, 8, 16, 8]"
-N_TEST = 16
+N_TEST = CTC_N_TEST
 
 
 def _checkpoint(folder: Path, **meta: object) -> Path:
@@ -42,15 +38,15 @@ def test_ckpt_names_a_save_folder_or_checkpoints(tmp_path: Path) -> None:
     a = _checkpoint(save / "CKPT+a", epoch=1, WER=50.0)
     b = _checkpoint(save / "CKPT+b", epoch=2, WER=40.0)
     # the save folder or the run folder: the best checkpoints are chosen later
-    assert evaluate.checkpoint_source([str(save)]) == (save, None)
-    assert evaluate.checkpoint_source([str(tmp_path / "run")]) == (save, None)
-    folder, ckpts = evaluate.checkpoint_source([str(b), str(a)])
+    assert trained.checkpoint_source([str(save)]) == (save, None)
+    assert trained.checkpoint_source([str(tmp_path / "run")]) == (save, None)
+    folder, ckpts = trained.checkpoint_source([str(b), str(a)])
     assert folder == save and [Path(c.path) for c in ckpts] == [b, a]
     assert ckpts[1].meta["WER"] == 50.0
     with pytest.raises(ConfigError, match=f"--ckpt {save} is not a CKPT.* folder: give one save"):
-        evaluate.checkpoint_source([str(a), str(save)])
+        trained.checkpoint_source([str(a), str(save)])
     with pytest.raises(ConfigError, match="--ckpt .*missing: no such folder"):
-        evaluate.checkpoint_source([str(tmp_path / "missing")])
+        trained.checkpoint_source([str(tmp_path / "missing")])
 
 
 def test_run_configuration_is_read_as_yaml_without_building(tmp_path: Path) -> None:
@@ -65,13 +61,13 @@ def test_run_configuration_is_read_as_yaml_without_building(tmp_path: Path) -> N
     resolved = resolved.replace("avg_checkpoints: 3", "avg_checkpoints: 2  # the best two")
     (tmp_path / "hyperparams.yaml").write_text(resolved)
     save = tmp_path / "save"
-    config = evaluate.trained_config(save)
+    config = trained.trained_config(save)
     assert config["data_folder"] == odd and config["pretrained_lm_path"] is None
     assert config["avg_checkpoints"] == 2 and config["keep_best_by"] == "ACC"
     assert config["unbuildable"].tag.value == "!new:no_such_module.Thing"
 
     given = ["--keep_best_by", "WER", "--avg_checkpoints=2"]
-    overrides = evaluate.trained_overrides(save, evaluate.TRAINED_DEFAULTS, given)
+    overrides = trained.trained_overrides(save, trained.TRAINED_DEFAULTS, given)
     assert overrides[::2] == ["--data_folder", "--pretrained_lm_path"]
     # the overrides load back as the same values
     _, hparams, _, _ = load_config(
@@ -80,33 +76,24 @@ def test_run_configuration_is_read_as_yaml_without_building(tmp_path: Path) -> N
     )
     assert hparams["data_folder"] == odd and hparams["pretrained_lm_path"] is None
     assert hparams["avg_checkpoints"] == 2 and hparams["keep_best_by"] == "WER"
-    assert evaluate.trained_overrides(save, ("avg_checkpoints",), []) == [
+    assert trained.trained_overrides(save, ("avg_checkpoints",), []) == [
         "--avg_checkpoints", "2"
     ]
 
     with pytest.raises(ConfigError, match="--data_folder is required"):
-        evaluate.trained_overrides(tmp_path / "elsewhere" / "save", ("data_folder",), [])
+        trained.trained_overrides(tmp_path / "elsewhere" / "save", ("data_folder",), [])
     (tmp_path / "hyperparams.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="hyperparams.yaml: not a YAML file"):
-        evaluate.trained_config(save)
+        trained.trained_config(save)
 
 
 # --------------------------------------------------------------------------- on a run
 
 
-@pytest.fixture(scope="module")
-def run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two epochs of the CTC demo configuration on a slice of the demo corpus."""
-    out = tmp_path_factory.mktemp("evaluate") / "run"
-    cmd = [
-        sys.executable, "train_CTC.py", str(CTC_DEMO), "--data_folder", str(demo_corpus),
-        "--output_folder", str(out), "--select_n_sentences", SELECT,
-        "--number_of_epochs", "2", "--noprogressbar",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+@pytest.fixture
+def run(ctc_run: Path) -> Path:
+    """The shared CTC demo run (tests/runs.py)."""
+    return ctc_run
 
 
 def _evaluate(capsys, *argv: str) -> tuple[dict, list[str]]:

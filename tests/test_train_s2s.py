@@ -1,8 +1,9 @@
 """S2S recipe: configurations, tokenizer, LM files, a run killed and resumed, beam search.
 
-One short run (2 epochs of ``hparams/S2S/demo.yaml`` shrunk, on a slice of the demo corpus,
-with a random tiny LM in the demo LM's architecture) is made once per module: killed inside
-its second checkpoint save, then finished by the same command. The tests that decode read it.
+One short run (tests/runs.py: 2 epochs of ``hparams/S2S/demo.yaml`` shrunk, on a slice of the
+demo corpus, with a random tiny LM in the demo LM's architecture) is made once per session:
+killed inside its second checkpoint save, then finished by the same command. The tests that
+decode read it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import pandas as pd
 import pytest
 import speechbrain as sb
 import torch
-import yaml
 from config_keys import assert_asr_family
 from conftest import (
     RECIPE_CODE,
@@ -32,13 +32,12 @@ from conftest import (
 from hyperpyyaml import load_hyperpyyaml
 from mps_kernels import assert_mps_ready, record_recipe
 from param_counts import s2s_mamba_model_params
+from runs import S2S_N_TEST, S2S_SELECT, S2S_TINY, ckpt_metas
 
 import train_S2S
 from mamba_asr import data
-from mamba_asr.checkpoints import KILL_ENV
 from mamba_asr.config import ConfigError, cli, load_config
 from mamba_asr.losses import ctc_loss
-from mamba_asr.pretrained import write_lm_folder
 from mamba_asr.reports.curves import read_test_lines, read_train_log
 from mamba_asr.reports.wer_table import read_wer_file
 from mamba_asr.tokenizer import prepare_tokenizer, read_sentences
@@ -60,14 +59,7 @@ PARAMS = {
 }
 DECODERS = {"conformer": "transformer", "conmamba": "transformer", "conmambamamba": "mamba"}
 SCRIPTS = [REPO / "train_S2S.py", *RECIPE_CODE]
-# The run: 2 epochs on the first 64 training and 10 dev/test utterances of each split, a
-# 1-layer encoder and decoder, small beams.
-SELECT = "[64, 10, 10, 10]"
-N_TEST = 10
-TINY = [
-    "--num_encoder_layers", "1", "--num_decoder_layers", "1", "--d_ffn", "256",
-    "--valid_beam_size", "2", "--test_beam_size", "3", "--valid_search_interval", "2",
-]
+SELECT, N_TEST, TINY = S2S_SELECT, S2S_N_TEST, S2S_TINY
 
 
 def _load(name: str, **overrides: object) -> dict:
@@ -188,16 +180,9 @@ def test_missing_lm_file_is_named(tmp_path: Path, monkeypatch, capsys) -> None:
 # --------------------------------------------------------------------------- tokenizer
 
 
-@pytest.fixture(scope="module")
-def manifests(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo corpus' training manifest (all 3,040 utterances) in a temporary folder."""
-    folder = tmp_path_factory.mktemp("s2s_prep")
-    data.prepare_manifests({
-        "data_folder": str(demo_corpus), "prep_folder": str(folder),
-        "train_splits": ["train-clean-100"], "dev_splits": [], "test_splits": [],
-        "select_n_sentences": None, "skip_prep": False,
-    })
-    return folder
+@pytest.fixture
+def manifests(s2s_manifests: Path) -> Path:
+    return s2s_manifests
 
 
 def test_tokenizer_trained_then_reloaded_encodes_identically(
@@ -231,40 +216,15 @@ def test_tokenizer_trained_then_reloaded_encodes_identically(
 # --------------------------------------------------------------------------- the run
 
 
-@pytest.fixture(scope="module")
-def lm_folder(manifests: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random TransformerLM in the demo configuration's LM architecture and a tokenizer
-    trained on the demo transcripts, exported as train_LM.py does."""
-    folder = tmp_path_factory.mktemp("s2s_lm")
-    tokenizer = prepare_tokenizer(folder / "spm", 256, manifests / "train.csv")
-    lm_model = _load("demo", data_folder=str(folder), output_folder=str(folder))["lm_model"]
-    torch.manual_seed(0)
-    return write_lm_folder(folder / "export", lm_model(), tokenizer, dict(lm_model.keywords))
+@pytest.fixture
+def lm_folder(s2s_lm_folder: Path) -> Path:
+    return s2s_lm_folder
 
 
-def _ckpt_metas(out: Path) -> list[dict]:
-    return [yaml.safe_load((d / "CKPT.yaml").read_text()) for d in (out / "save").glob("CKPT+*")]
-
-
-@pytest.fixture(scope="module")
-def run(demo_corpus: Path, lm_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Killed inside its second checkpoint save, then the same command finishes it."""
-    out = tmp_path_factory.mktemp("s2s") / "run"
-    args = [
-        str(S2S / "demo.yaml"), "--data_folder", str(demo_corpus), "--output_folder", str(out),
-        "--select_n_sentences", SELECT, "--number_of_epochs", "2",
-        "--pretrained_lm_path", str(lm_folder), "--noprogressbar", *TINY,
-    ]
-    cmd = [sys.executable, "train_S2S.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, env={**env, KILL_ENV: "2:1"}, timeout=600
-    )
-    after_kill = {"returncode": killed.returncode, "epochs": logged_epochs(out / "train_log.txt"),
-                  "ckpt_epochs": [m["epoch"] for m in _ckpt_metas(out)]}
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {"out": out, "args": args, "after_kill": after_kill, "lm": lm_folder}
+@pytest.fixture
+def run(s2s_run: dict) -> dict:
+    """The shared S2S run (tests/runs.py): killed in its second checkpoint save, finished."""
+    return s2s_run
 
 
 @pytest.mark.slow
@@ -293,7 +253,7 @@ def test_killed_run_resumes_to_the_configured_epochs(run: dict) -> None:
                                  "ckpt_epochs": [1]}
     # The rerun resumed from epoch 1 and trained epoch 2 again.
     assert logged_epochs(out / "train_log.txt") == [1, 2, 2]
-    metas = sorted(_ckpt_metas(out), key=lambda m: m["epoch"])
+    metas = sorted(ckpt_metas(out), key=lambda m: m["epoch"])
     assert [m["epoch"] for m in metas] == [1, 2]
     assert all(0.0 <= m["ACC"] <= 1.0 for m in metas)
     assert "WER" not in metas[0] and "WER" in metas[1]  # valid search every 2 epochs
