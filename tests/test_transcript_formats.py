@@ -166,8 +166,13 @@ def test_json_validates_and_parses_as_openai_verbose_transcription(speech: Trans
         lambda d: d["segments"][0].pop("avg_logprob"),
         lambda d: d.update(task="translate"),
         lambda d: d["timings"].update(load=-1.0),
+        lambda d: d.update(speaker="A"),
+        lambda d: d["segments"][0].update(speaker="A"),
     ],
-    ids=["no-segments", "probability", "word-space", "tokens", "no-avg_logprob", "task", "timing"],
+    ids=[
+        "no-segments", "probability", "word-space", "tokens", "no-avg_logprob", "task", "timing",
+        "extra-key", "extra-segment-key",
+    ],
 )
 def test_json_schema_rejects_a_broken_object(speech: Transcript, broken) -> None:
     data = verbose_json(speech)
