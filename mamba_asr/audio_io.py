@@ -11,7 +11,8 @@ float32 waveform at the model's sample rate; and the transcription command's inp
 
 Every failure of a file is an :class:`AudioError` whose message is one line, ``<file>: <reason>``.
 A file of digital silence is read as it is (zeros); a file that holds no samples at all is an
-error.
+error. A file that decodes to fewer frames than its header says is truncated, except an MP3
+without a Xing header, whose length libsndfile only estimates.
 """
 
 from __future__ import annotations
