@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import numpy as np
+    import soundfile
 
 
 class AudioInfo(NamedTuple):
@@ -76,11 +81,27 @@ def _read_with_soundfile(path: str) -> AudioInfo:
     return AudioInfo(info.samplerate, info.channels, frames)
 
 
+def decoded_blocks(
+    sound: soundfile.SoundFile, blocksize: int = 1 << 16, dtype: str = "float32"
+) -> Iterator[np.ndarray]:
+    """The frames of an open file from its position on, as decoded, in (<= blocksize, channels)
+    blocks; ends at the first short read, so a file that holds fewer frames than its header
+    says yields only those (``soundfile.blocks`` repeats stale buffer contents up to the
+    header's count instead). Raises soundfile's error when decoding fails."""
+    while True:
+        block = sound.read(blocksize, dtype=dtype, always_2d=True)
+        if len(block):
+            yield block
+        if len(block) < blocksize:
+            return
+
+
 def count_decoded_frames(path: str) -> int:
     """Decode the whole file and count its frames (finds damage the header cannot show)."""
     import soundfile
 
     try:
-        return sum(len(b) for b in soundfile.blocks(path, blocksize=1 << 16, dtype="int16"))
+        with soundfile.SoundFile(path) as sound:
+            return sum(len(b) for b in decoded_blocks(sound, dtype="int16"))
     except Exception as exc:  # soundfile raises its own error type or RuntimeError
         raise AudioHeaderError(f"decoding failed ({exc})") from exc

@@ -27,15 +27,14 @@ from typing import Any
 
 import speechbrain as sb
 import torch
-from speechbrain.dataio import audio_io
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.encoder import CTCTextEncoder
-from speechbrain.dataio.preprocess import AudioNormalizer
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mamba_asr.atomic import atomic_path
 from mamba_asr.audio_info import AudioHeaderError, read_audio_info
+from mamba_asr.audio_io import load_audio
 from mamba_asr.librispeech import librispeech_root, prepare_librispeech
 
 logger = logging.getLogger(__name__)
@@ -224,29 +223,24 @@ def add_audio_pipelines(hparams: dict[str, Any], train: Any, evaluation: Sequenc
     to the ``evaluation`` sets.
 
     Files at another rate are resampled and multi-channel files averaged to mono
-    (SpeechBrain's ``AudioNormalizer``); the main process warns once, with their count
-    (:func:`audio_format_warning`), and fails naming a missing or unreadable file.
+    (``audio_io.load_audio``, as transcription reads them); the main process warns once, with
+    their count (:func:`audio_format_warning`), and fails naming a missing or unreadable file.
     """
     rate = hparams["sample_rate"]
     if if_main_process():
         warning = audio_format_warning([d for d in [train, *evaluation] if d is not None], rate)
         if warning is not None:
             logger.warning(warning)
-    normalizer = AudioNormalizer(sample_rate=rate, mix="avg-to-mono")
-
-    def read(wav: str) -> torch.Tensor:
-        sig, file_rate = audio_io.load(wav, channels_first=False)  # (samples, channels)
-        return normalizer(sig, file_rate)
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav: str) -> torch.Tensor:
-        return read(wav)
+        return load_audio(wav, rate)
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline_train(wav: str) -> torch.Tensor:
-        sig = read(wav)
+        sig = load_audio(wav, rate)
         if hparams["speed_perturb"] is not None:  # here, so that loader workers do it
             sig = hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
         return sig

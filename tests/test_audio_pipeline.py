@@ -14,6 +14,7 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 
 from mamba_asr import data
 from mamba_asr.audio_info import AudioHeaderError
+from mamba_asr.audio_io import AudioError
 
 RATE = 16000
 FREQ = 440.0  # Hz
@@ -106,3 +107,13 @@ def test_missing_or_broken_audio_is_named(tmp_path: Path, files) -> None:
     broken.write_bytes(b"RIFF\x00\x00")
     with pytest.raises(AudioHeaderError, match=f"audio file {broken} of utterance u3: "):
         pipeline_output({"u3": str(broken)})
+
+
+def test_pipeline_reads_audio_as_transcription_does(tmp_path: Path, files) -> None:
+    """A WAV cut short passes the header scan (libsndfile sizes it to what is there) but the
+    pipeline refuses it, naming the file, as audio_io.load_audio does."""
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(Path(files["ref"]).read_bytes()[:44 + 1000])
+    with pytest.raises(AudioError, match=f"^{cut}: truncated: its header says 16000 bytes of "
+                       "audio, the file holds 1000$"):
+        pipeline_output({"u1": files["ref"], "u2": str(cut)})

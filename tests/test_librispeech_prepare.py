@@ -19,7 +19,7 @@ import soundfile as sf
 from conftest import REPO, make_librispeech, write_flac
 
 from mamba_asr import librispeech as lp
-from mamba_asr.audio_info import AudioHeaderError, read_audio_info
+from mamba_asr.audio_info import AudioHeaderError, count_decoded_frames, read_audio_info
 
 SPLITS = {
     "tr_splits": ["train-clean-100"],
@@ -111,6 +111,16 @@ def test_audio_info_matches_decoded_length(tmp_path):
     (tmp_path / "empty.flac").write_bytes(b"")
     with pytest.raises(AudioHeaderError, match="zero-length"):
         read_audio_info(str(tmp_path / "empty.flac"))
+
+
+def test_count_decoded_frames_stops_where_decoding_stops(tmp_path):
+    """soundfile.blocks pads a short read up to the header's count with stale samples."""
+    sf.write(tmp_path / "full.mp3", [0.5, -0.5] * 8000, 16000)
+    mp3 = (tmp_path / "full.mp3").read_bytes()
+    (tmp_path / "cut.mp3").write_bytes(mp3[: len(mp3) // 2])
+    decoded = len(sf.read(tmp_path / "cut.mp3")[0])
+    assert decoded < sf.info(tmp_path / "cut.mp3").frames == 16000
+    assert count_decoded_frames(str(tmp_path / "cut.mp3")) == decoded
 
 
 # --------------------------------------------------------------------------- bad input
