@@ -8,9 +8,6 @@ import io
 import itertools
 import logging
 import math
-import sys
-import types
-from dataclasses import dataclass
 
 import pytest
 import sentencepiece as spm
@@ -19,21 +16,7 @@ from conftest import WORDS
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.decoders import ctc_greedy_decode
 
-try:
-    from mamba_asr.transcript import Word
-except ModuleNotFoundError:  # the shared result types are not merged yet: their Word fields
-
-    @dataclass
-    class Word:
-        word: str
-        start: float
-        end: float
-        probability: float
-
-    sys.modules["mamba_asr.transcript"] = types.ModuleType("mamba_asr.transcript")
-    sys.modules["mamba_asr.transcript"].Word = Word
-
-from mamba_asr.alignment import (  # noqa: E402  (after the stand-in above)
+from mamba_asr.alignment import (
     BoundaryStats,
     align_words,
     boundary_errors,
@@ -41,6 +24,7 @@ from mamba_asr.alignment import (  # noqa: E402  (after the stand-in above)
     split_at_blanks,
     word_targets,
 )
+from mamba_asr.transcript import Word
 
 BLANK = 0
 FRAME = 0.04  # seconds per CTC frame (4 x 10 ms)
