@@ -1,16 +1,25 @@
-"""Long recordings in one pass: the windowed feature normaliser (modules/normalization.py)."""
+"""Long recordings in one pass: the windowed feature normaliser (modules/normalization.py) and
+the chunked Fbank + CNN front-end (mamba_asr/long_audio.py)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
+from hyperpyyaml import load_hyperpyyaml
 from speechbrain.processing.features import InputNormalization
 from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.parameter_transfer import Pretrainer
 
+from mamba_asr.long_audio import chunked_fbank, frontend, peak_memory
 from modules.normalization import WindowedInputNormalization
+
+RATE = 16000
+HOUR_FRAMES = 360_000  # 10 ms frames
+N_MELS = 80  # ConMamba-S
 
 # --------------------------------------------------------------------------- normalisation
 
@@ -58,6 +67,22 @@ def test_long_rows_are_normalised_by_the_window_around_each_frame(options: dict)
     assert (out[0] - whole[0]).abs().mean() > 0.5  # the drift is taken out locally
 
 
+def _hour_of_features() -> torch.Tensor:
+    return torch.randn(1, HOUR_FRAMES, N_MELS)
+
+
+def _normalise(feats: torch.Tensor) -> None:
+    WindowedInputNormalization()(feats, torch.ones(1))
+
+
+def test_an_hour_of_features_normalises_in_linear_small_memory() -> None:
+    # The output is one copy of the input (115 MB); a (T, T) tensor would be 500 GB, and
+    # float64 cumulative sums over the whole hour 230 MB each.
+    peak = peak_memory(_normalise, _hour_of_features)
+    size = HOUR_FRAMES * N_MELS * 4
+    assert peak < 2 * size, f"{peak / 1e6:.0f} MB for {size / 1e6:.0f} MB of features"
+
+
 def test_windowed_loads_the_recipes_normalizer_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(2)
     recipe = InputNormalization(norm_type="global", update_until_epoch=4)
@@ -92,3 +117,83 @@ def test_windowed_rejects_what_it_cannot_window() -> None:
         WindowedInputNormalization(window_frames=0)
     with pytest.raises(ValueError, match="length_dim must be 1"):
         WindowedInputNormalization(length_dim=2)
+
+
+# --------------------------------------------------------------------------- front-end
+
+
+def _config(name: str, output_folder: Path) -> dict:
+    with open(REPO / "hparams" / "CTC" / f"{name}.yaml", encoding="utf-8") as f:
+        return load_hyperpyyaml(
+            f, {"data_folder": str(output_folder), "output_folder": str(output_folder)}
+        )
+
+
+def _recording(seconds: float, seed: int = 3) -> torch.Tensor:
+    """(1, samples) of noise with 4 s of digital silence and a second 60 dB quieter, so that
+    the Fbank's dB floor (80 dB below the loudest bin of the recording) is reached."""
+    torch.manual_seed(seed)
+    wav = torch.randn(1, int(seconds * RATE)) * 0.1
+    wav[:, 5 * RATE:9 * RATE] = 0
+    wav[:, 20 * RATE:21 * RATE] *= 1e-3
+    return wav
+
+
+@pytest.mark.parametrize("name", ["demo", "conmamba_small"])
+def test_chunked_frontend_equals_one_call(name: str, tmp_path: Path) -> None:
+    hparams = _config(name, tmp_path)
+    fbank, cnn = hparams["compute_features"], hparams["CNN"].eval()
+    normalize = WindowedInputNormalization(window_frames=1000)  # the file is 3732 frames long
+    wav = _recording(37.31)
+    with torch.no_grad():
+        expected = cnn(normalize(fbank(wav), torch.ones(1)))
+    assert expected.shape[1] == 933  # ceil(3732 / 4)
+    for chunk_frames in (997, 1234):  # neither divides 3732, nor is a multiple of 4
+        got = frontend(fbank, normalize, cnn, wav, chunk_frames=chunk_frames)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_chunked_fbank_keeps_the_recordings_db_floor(tmp_path: Path) -> None:
+    fbank = _config("demo", tmp_path)["compute_features"]
+    wav = _recording(12.0)
+    expected = fbank(wav)
+    got = chunked_fbank(fbank, wav, chunk_frames=100)  # chunks 4 s inside the silence
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    silence = got[0, 520:880]
+    assert torch.equal(silence, torch.full_like(silence, float(expected.max()) - 80.0))
+
+
+def test_frontend_rejects_what_it_cannot_chunk(tmp_path: Path) -> None:
+    hparams = _config("demo", tmp_path)
+    fbank, cnn = hparams["compute_features"], hparams["CNN"]
+    normalize = WindowedInputNormalization()
+    with pytest.raises(ValueError, match="training mode"):
+        frontend(fbank, normalize, cnn.train(), _recording(31.0))
+    with pytest.raises(ValueError, match=r"wav must be \(batch, samples\), got shape \(16000,\)"):
+        frontend(fbank, normalize, cnn.eval(), torch.zeros(RATE))
+    with pytest.raises(ValueError, match="chunk_frames must be a positive number.*got 0"):
+        frontend(fbank, normalize, cnn.eval(), torch.zeros(1, RATE), chunk_frames=0)
+
+
+def _build_frontend(output_folder: str, seconds: float) -> tuple:
+    hparams = _config("conmamba_small", Path(output_folder))
+    return (hparams["compute_features"], WindowedInputNormalization(), hparams["CNN"].eval(),
+            _recording(seconds))
+
+
+def _run_chunked(parts: tuple) -> None:
+    frontend(*parts, chunk_frames=1000)
+
+
+def _run_one_call(parts: tuple) -> None:
+    fbank, normalize, cnn, wav = parts
+    with torch.no_grad():
+        cnn(normalize(fbank(wav), torch.ones(1)))
+
+
+@pytest.mark.slow
+def test_chunked_frontend_memory_is_set_by_the_chunk(tmp_path: Path) -> None:
+    setup = functools.partial(_build_frontend, str(tmp_path), 240.0)  # 4 minutes, ConMamba-S
+    chunked, one_call = peak_memory(_run_chunked, setup), peak_memory(_run_one_call, setup)
+    assert chunked < 0.25 * one_call, f"{chunked / 1e6:.0f} MB vs {one_call / 1e6:.0f} MB"
