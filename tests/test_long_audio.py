@@ -1,19 +1,24 @@
-"""Long recordings in one pass: the windowed feature normaliser (modules/normalization.py) and
-the chunked Fbank + CNN front-end (mamba_asr/long_audio.py)."""
+"""Long recordings in one pass: the windowed feature normaliser (modules/normalization.py), the
+chunked Fbank + CNN front-end (mamba_asr/long_audio.py) and the voice-activity segmentation
+(mamba_asr/vad.py)."""
 
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
-from conftest import REPO
+import torchaudio
+from conftest import DEMO_DATA, REPO
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.processing.features import InputNormalization
 from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.parameter_transfer import Pretrainer
 
+from mamba_asr import vad
 from mamba_asr.long_audio import chunked_fbank, frontend, peak_memory
 from modules.normalization import WindowedInputNormalization
 
@@ -197,3 +202,97 @@ def test_chunked_frontend_memory_is_set_by_the_chunk(tmp_path: Path) -> None:
     setup = functools.partial(_build_frontend, str(tmp_path), 240.0)  # 4 minutes, ConMamba-S
     chunked, one_call = peak_memory(_run_chunked, setup), peak_memory(_run_one_call, setup)
     assert chunked < 0.25 * one_call, f"{chunked / 1e6:.0f} MB vs {one_call / 1e6:.0f} MB"
+
+
+# --------------------------------------------------------------------------- VAD
+
+JOIN = 0.2  # seconds between the two utterances of a region: shorter than vad.MIN_SILENCE_MS
+SILENCE = 1.5  # seconds between regions
+
+
+def _demo_utterances(count: int) -> list[torch.Tensor]:
+    """``count`` demo test utterances of 1.5 to 3 s, trimmed to their speech."""
+    files = sorted((DEMO_DATA / "LibriSpeech" / "test-clean").glob("*/*/*.flac"))
+    if not files:
+        pytest.skip(f"the demo corpus is not generated ({DEMO_DATA})")
+    utterances = []
+    for path in files:
+        audio, rate = sf.read(path, dtype="float32")
+        assert rate == RATE
+        speech = torch.from_numpy(audio).abs().gt(0.01).nonzero().flatten()
+        trimmed = torch.from_numpy(audio[int(speech[0]):int(speech[-1]) + 1])
+        if 1.5 * RATE <= len(trimmed) <= 3 * RATE:
+            utterances.append(trimmed)
+        if len(utterances) == count:
+            return utterances
+    pytest.skip("the demo corpus has too few utterances of 1.5 to 3 s")
+
+
+def _cover(segments: list[tuple[int, int]], n_samples: int) -> torch.Tensor:
+    covered = torch.zeros(n_samples, dtype=torch.bool)
+    for start, end in segments:
+        covered[start:end] = True
+    return covered
+
+
+def test_speech_segments_cover_the_utterances_within_max_seconds() -> None:
+    first, second, third = _demo_utterances(3)
+    silence, join = torch.zeros(int(SILENCE * RATE)), torch.zeros(int(JOIN * RATE))
+    pieces = [silence, first, join, second, silence, third, silence]
+    wav = torch.cat(pieces)
+    speech = wav.abs() > 0.01
+    ends = torch.tensor([len(piece) for piece in pieces]).cumsum(0).tolist()
+    silences = [(0, ends[0]), (ends[3], ends[4]), (ends[5], ends[6])]
+    # Long enough for either utterance with the padding, too short for both: a cut is needed.
+    max_seconds = (max(len(first), len(second)) / RATE) + JOIN + 2 * vad.PAD_MS / 1000
+    for limit in (30.0, max_seconds):
+        segments = vad.speech_segments(wav, RATE, limit)
+        covered = _cover(segments, len(wav))
+        assert all(0 <= s < e <= t for (s, e), (t, _) in zip(segments, segments[1:], strict=False))
+        assert segments[-1][1] <= len(wav)
+        assert all(end - start <= limit * RATE for start, end in segments)
+        assert (covered & speech).sum() >= 0.99 * speech.sum()
+        for start, end in silences:  # the middle of each long silence is not speech
+            middle = (start + end) // 2
+            assert not covered[middle - RATE // 4:middle + RATE // 4].any()
+    pairs = zip(segments, segments[1:], strict=False)
+    cuts = [end for (_, end), (start, _) in pairs if end == start]
+    assert cuts  # the first region was split, in a pause: silence around each cut
+    level = wav[speech].square().mean().sqrt()
+    for cut in cuts:
+        assert wav[cut - 256:cut + 256].square().mean().sqrt() < 0.05 * level
+
+    # Another sample rate: the same segments, in that rate's samples.
+    cd = torchaudio.functional.resample(wav, RATE, 44100)
+    resampled = vad.speech_segments(cd, 44100, max_seconds)
+    assert len(resampled) == len(segments)
+    for (start, end), (cd_start, cd_end) in zip(segments, resampled, strict=True):
+        assert abs(cd_start / 44100 - start / RATE) < 0.1
+        assert abs(cd_end / 44100 - end / RATE) < 0.1
+
+
+def test_vad_keeps_torch_thread_count(monkeypatch) -> None:
+    # Importing silero_vad sets torch to one thread: a fresh import is checked.
+    for module in [m for m in sys.modules if m == "silero_vad" or m.startswith("silero_vad.")]:
+        monkeypatch.delitem(sys.modules, module)
+    vad.vad_model.cache_clear()
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        vad.vad_model()
+        assert torch.get_num_threads() == 3
+        torch.manual_seed(4)
+        vad.speech_segments(torch.randn(RATE) * 0.1, RATE, 10.0)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_speech_segments_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"float tensor \(samples,\), got \(1, 16000\)"):
+        vad.speech_segments(torch.zeros(1, RATE), RATE, 10.0)
+    with pytest.raises(ValueError, match="sample_rate must be a positive int, got 16000.0"):
+        vad.speech_segments(torch.zeros(RATE), 16000.0, 10.0)
+    with pytest.raises(ValueError, match="max_seconds must be a positive number.*got 0"):
+        vad.speech_segments(torch.zeros(RATE), RATE, 0)
+    assert vad.speech_segments(torch.zeros(100), RATE, 10.0) == []  # less than a VAD frame
