@@ -57,13 +57,15 @@ def frontend(
         return chunked_cnn(cnn, feats, chunk_frames)
 
 
+@torch.no_grad()
 def chunked_fbank(compute_features: Fbank, wav: torch.Tensor, chunk_frames: int) -> torch.Tensor:
     """``compute_features(wav)`` (batch, T, n_mels) of ``wav`` (batch, samples), computed
     ``chunk_frames`` frames at a time.
 
     Each chunk of audio starts on a frame boundary (a multiple of the hop) and carries an FFT
     length of extra samples on both sides, so its STFT frames are those of the whole signal;
-    the frames next to a cut, which see the chunk's padding, are dropped.
+    the frames next to a cut, which see the chunk's padding, are dropped. Like ``Fbank``, it
+    runs in float32 without autocast when autocast is on.
     """
     if not isinstance(compute_features, Fbank):
         raise TypeError(
@@ -82,6 +84,18 @@ def chunked_fbank(compute_features: Fbank, wav: torch.Tensor, chunk_frames: int)
     n_frames = 1 + (wav.shape[1] + 2 * pad - n_fft) // hop  # torch.stft's frame count
     if n_frames <= chunk_frames:
         return compute_features(wav)
+    if torch.is_autocast_enabled(wav.device.type):  # as Fbank.forward does
+        wav = wav.float()
+    with torch.autocast(wav.device.type, enabled=False):
+        return _fbank_chunks(compute_features, wav, n_frames, chunk_frames)
+
+
+def _fbank_chunks(
+    compute_features: Fbank, wav: torch.Tensor, n_frames: int, chunk_frames: int
+) -> torch.Tensor:
+    """The body of ``chunked_fbank`` for ``n_frames`` > ``chunk_frames``."""
+    stft = compute_features.compute_STFT
+    hop, n_fft = stft.hop_length, stft.n_fft
     # The filterbank of the chunks leaves out the dB floor, which depends on the whole file.
     fbanks = copy.copy(compute_features.compute_fbanks)
     fbanks.top_db = math.inf
@@ -98,10 +112,11 @@ def chunked_fbank(compute_features: Fbank, wav: torch.Tensor, chunk_frames: int)
     if fbanks.log_mel:  # the floor of Filterbank._amplitude_to_DB, per recording
         top_db = compute_features.compute_fbanks.top_db
         floor = out.amax(dim=(-2, -1)) - top_db
-        out = torch.max(out, floor.view(out.shape[0], 1, 1))
+        torch.maximum(out, floor.view(out.shape[0], 1, 1), out=out)
     return out
 
 
+@torch.no_grad()
 def chunked_cnn(cnn: torch.nn.Module, feats: torch.Tensor, chunk_frames: int) -> torch.Tensor:
     """``cnn(feats)`` of ``feats`` (batch, T, ...), computed about ``chunk_frames`` input frames
     at a time.

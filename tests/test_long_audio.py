@@ -167,6 +167,8 @@ def test_chunked_fbank_keeps_the_recordings_db_floor(tmp_path: Path) -> None:
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     silence = got[0, 520:880]
     assert torch.equal(silence, torch.full_like(silence, float(expected.max()) - 80.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # Fbank keeps to float32 under autocast
+        torch.testing.assert_close(chunked_fbank(fbank, wav, 100), expected, atol=1e-4, rtol=0)
 
 
 def test_frontend_rejects_what_it_cannot_chunk(tmp_path: Path) -> None:
