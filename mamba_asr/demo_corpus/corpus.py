@@ -255,7 +255,7 @@ def render(job: Job) -> np.ndarray:
 
     raw = _ENGINE.synthesize(
         _speech_text(job.text), job.voice, job.rate, job.pitch, job.pitch_range, job.noise_seed
-    )
+    ).samples
     g = math.gcd(SAMPLE_RATE, _ENGINE.sample_rate)  # 22050 -> 16000 Hz: 320/441
     y = resample_poly(raw.astype(np.float64) / 32768.0, SAMPLE_RATE // g, _ENGINE.sample_rate // g)
     level = np.abs(y)
