@@ -35,18 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mamba_asr.demo_corpus",
         description="Synthesise the Mamba-ASR demo corpus with the pinned eSpeak NG engine, in "
-        "LibriSpeech layout: OUT/LibriSpeech/{train-clean-100,dev-clean,test-clean,test-other}/"
-        "<speaker>/<chapter>/, 16 kHz FLAC, plus SPEAKERS.TXT. Every file is verified against "
-        "the committed checksums; a finished build is recorded in OUT/demo_corpus.json and "
-        "later runs are no-ops.",
+        "LibriSpeech layout: OUT/LibriSpeech/{train-clean-100,dev-clean,test-clean,test-other,"
+        "adapt-train,adapt-dev,adapt-test}/<speaker>/<chapter>/, 16 kHz FLAC, transcripts and "
+        "word times (<speaker>-<chapter>.words.tsv), plus SPEAKERS.TXT. Every file is verified "
+        "against the committed checksums; a finished build is recorded in OUT/demo_corpus.json "
+        "and later runs are no-ops (a corpus of an older version is rebuilt).",
     )
     parser.add_argument("--out", required=True, help="folder that receives LibriSpeech/")
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="demo (default): 3,820 utterances, 2.1 h, of which 3,040 and 1.7 h in "
-        "train-clean-100; tiny: 2 speakers x 3 short utterances per split, for unit tests",
+        help="demo (default): 4,280 utterances, 2.3 h, of which 3,040 and 1.7 h in "
+        "train-clean-100 and 460 in the adapt splits; tiny: 2 speakers x 3 short utterances "
+        "per LibriSpeech split and 4 adapt utterances, for unit tests",
     )
     parser.add_argument(
         "--workers",

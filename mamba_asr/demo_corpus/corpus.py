@@ -3,9 +3,12 @@
 A speaker is one eSpeak NG voice (language voice + variant) with its own base speaking rate,
 pitch and pitch range; every utterance jitters these a little. dev-clean, test-clean and
 test-other are spoken by variants that train-clean-100 never uses (and test voices are not in
-dev-clean either); test-other also speaks faster and adds seeded noise at 15-20 dB SNR.
-Every file is checked against the committed ``checksums_<preset>.tsv``: sha256 of the decoded
-int16 samples for audio (independent of the FLAC encoder's bytes), of the bytes for text.
+dev-clean either); test-other also speaks faster and adds seeded noise at 15-20 dB SNR. The
+adapt splits (adapt-train, adapt-dev, adapt-test) are spoken by the test-other voices, with
+their settings, as speakers of their own, for fine-tuning to those voices. Every utterance has
+word times (``<spk>-<chapter>.words.tsv``, see ``word_times``); no sentence occurs twice in the
+corpus. Every file is checked against the committed ``checksums_<preset>.tsv``: sha256 of the
+decoded int16 samples for audio (independent of the FLAC encoder's bytes), of the bytes for text.
 """
 
 from __future__ import annotations
@@ -23,20 +26,23 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from mamba_asr.atomic import atomic_open
+from mamba_asr.demo_corpus import word_times
 from mamba_asr.demo_corpus.sentences import SentenceGenerator
 from mamba_asr.workers import exit_with_parent
 
-SPEC_VERSION = 2
+SPEC_VERSION = 3  # 3: word times and the adapt splits
 SEED = 20240611
 SAMPLE_RATE = 16000
 LEAD_S, TRAIL_S = 0.12, 0.15  # silence kept (or padded) around the speech
 STAMP = "demo_corpus.json"
 HEADER = "; Mamba-ASR synthetic demo corpus: eSpeak NG voices (NAME = voice+variant)"
-SPLITS = ("train-clean-100", "dev-clean", "test-clean", "test-other")
+ADAPT_SPLITS = ("adapt-train", "adapt-dev", "adapt-test")
+SPLITS = ("train-clean-100", "dev-clean", "test-clean", "test-other", *ADAPT_SPLITS)
 HERE = Path(__file__).resolve().parent
 
 
@@ -103,13 +109,15 @@ VOICES: dict[str, list[Voice]] = {
         Voice("en-gb-x-rp", "belinda", "F", 205, 50, 45),
     ],
 }
-NOISE_SNR_DB = {"test-other": (15.0, 20.0)}
+VOICES.update({split: VOICES["test-other"] for split in ADAPT_SPLITS})
+NOISE_SNR_DB = {split: (15.0, 20.0) for split in ("test-other", *ADAPT_SPLITS)}
 
 
 @dataclass(frozen=True)
 class Preset:
     """Speakers per split, utterances per speaker, most chapters a speaker reads, longest
-    sentence and peak level range (tiny: short and quiet, to keep its committed FLACs small)."""
+    sentence and peak level range (tiny: short and quiet, to keep its committed FLACs small;
+    one speaker per adapt split, whose noise compresses badly)."""
 
     name: str
     speakers: dict[str, int]
@@ -124,13 +132,29 @@ PRESETS = {
     "demo": Preset(
         "demo",
         speakers={s: len(VOICES[s]) for s in SPLITS},
-        utterances={"train-clean-100": 190, "dev-clean": 65, "test-clean": 65, "test-other": 65},
-        max_chapters={"train-clean-100": 3, "dev-clean": 2, "test-clean": 2, "test-other": 2},
+        utterances={
+            "train-clean-100": 190,
+            "dev-clean": 65,
+            "test-clean": 65,
+            "test-other": 65,
+            "adapt-train": 75,
+            "adapt-dev": 15,
+            "adapt-test": 25,
+        },
+        max_chapters={
+            "train-clean-100": 3,
+            "dev-clean": 2,
+            "test-clean": 2,
+            "test-other": 2,
+            "adapt-train": 3,
+            "adapt-dev": 1,
+            "adapt-test": 2,
+        },
     ),
     "tiny": Preset(
         "tiny",
-        speakers={s: 2 for s in SPLITS},
-        utterances={s: 3 for s in SPLITS},
+        speakers={s: 1 if s in ADAPT_SPLITS else 2 for s in SPLITS},
+        utterances={s: 3 for s in SPLITS} | {"adapt-train": 2, "adapt-dev": 1, "adapt-test": 1},
         max_chapters={s: 1 for s in SPLITS},
         max_words=3,
         gain=(0.02, 0.04),
@@ -168,7 +192,8 @@ def plan(preset: Preset) -> tuple[list[Speaker], list[Job]]:
     """The speakers and utterances of a preset: a pure function of the preset and SEED.
 
     Sentences are drawn without repetition over the whole corpus, so no sentence of a test
-    split occurs in train-clean-100 (or anywhere else).
+    split occurs in train-clean-100 (or anywhere else). The adapt splits come last: adding
+    them left the speakers, sentences and settings of the other splits as they were.
     """
     total = sum(preset.speakers[s] * preset.utterances[s] for s in SPLITS)
     sentences = SentenceGenerator(SEED).unique_sentences(total, max_words=preset.max_words)
@@ -213,6 +238,7 @@ def spec_hash(preset: Preset) -> str:
     spec = {
         "version": SPEC_VERSION,
         "render": [SAMPLE_RATE, LEAD_S, TRAIL_S],
+        "word_times": [word_times.ENVELOPE_S, word_times.SILENCE_DB, word_times.LEVEL_PERCENTILE],
         "speakers": [asdict(s) for s in speakers],
         "jobs": [asdict(j) for j in jobs],
     }
@@ -244,29 +270,49 @@ def _speech_text(text: str) -> str:
     return text.lower() + ("?" if question else ".")
 
 
-def render(job: Job) -> np.ndarray:
-    """Synthesise one utterance: (samples,) int16 at 16 kHz.
+class Rendered(NamedTuple):
+    """One synthesised utterance as its file holds it."""
+
+    samples: np.ndarray  # (samples,) int16 at SAMPLE_RATE
+    words: list[word_times.WordTime]  # (word, start, end) in seconds of the file, 3 decimals
+
+
+def render(job: Job) -> Rendered:
+    """Synthesise one utterance: (samples,) int16 at 16 kHz and its word times.
 
     The speech (from 20 ms before the first to 20 ms after the last sample above 1 % of the
     peak, with 10 ms fades) is framed by exactly LEAD_S and TRAIL_S of digital silence and
-    scaled to the job's peak level; test-other then gets its seeded white noise.
+    scaled to the job's peak level; test-other and the adapt splits then get their seeded
+    white noise. Word times are measured on the clean speech at 16 kHz (``word_times``) and
+    moved by the trimming and the lead.
     """
     from scipy.signal import resample_poly
 
-    raw = _ENGINE.synthesize(
+    speech = _ENGINE.synthesize(
         _speech_text(job.text), job.voice, job.rate, job.pitch, job.pitch_range, job.noise_seed
     )
+    starts_ms = word_times.word_starts_ms(job.text, speech, _ENGINE.phonemes)
     g = math.gcd(SAMPLE_RATE, _ENGINE.sample_rate)  # 22050 -> 16000 Hz: 320/441
-    y = resample_poly(raw.astype(np.float64) / 32768.0, SAMPLE_RATE // g, _ENGINE.sample_rate // g)
+    y = resample_poly(
+        speech.samples.astype(np.float64) / 32768.0, SAMPLE_RATE // g, _ENGINE.sample_rate // g
+    )
     level = np.abs(y)
     loud = np.flatnonzero(level > 0.01 * level.max())
     margin, fade = round(0.02 * SAMPLE_RATE), round(0.01 * SAMPLE_RATE)
-    speech = y[max(0, loud[0] - margin) : loud[-1] + 1 + margin].copy()
+    first = max(0, loud[0] - margin)
+    starts = [ms * SAMPLE_RATE // 1000 for ms in starts_ms]
+    bounds = word_times.word_bounds(y, starts, loud[0], loud[-1] + 1, SAMPLE_RATE)
+    shift = round(LEAD_S * SAMPLE_RATE) - first  # sample of y -> sample of the file
+    words = [
+        (word, round((a + shift) / SAMPLE_RATE, 3), round((b + shift) / SAMPLE_RATE, 3))
+        for word, (a, b) in zip(job.text.split(" "), bounds, strict=True)
+    ]
+    kept = y[first : loud[-1] + 1 + margin].copy()
     ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(fade) / fade)
-    speech[:fade] *= ramp
-    speech[-fade:] *= ramp[::-1]
+    kept[:fade] *= ramp
+    kept[-fade:] *= ramp[::-1]
     y = np.concatenate(
-        [np.zeros(round(LEAD_S * SAMPLE_RATE)), speech, np.zeros(round(TRAIL_S * SAMPLE_RATE))]
+        [np.zeros(round(LEAD_S * SAMPLE_RATE)), kept, np.zeros(round(TRAIL_S * SAMPLE_RATE))]
     )
     y *= job.gain / np.abs(y).max()
     if job.snr_db is not None:
@@ -274,7 +320,7 @@ def render(job: Job) -> np.ndarray:
         noise *= np.sqrt(np.mean(y**2) / 10 ** (job.snr_db / 10) / np.mean(noise**2))
         y += noise
         y *= min(1.0, 0.95 / np.abs(y).max())
-    return np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16)
+    return Rendered(np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16), words)
 
 
 def pcm_sha256(samples: np.ndarray) -> str:
@@ -282,17 +328,26 @@ def pcm_sha256(samples: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(samples, dtype="<i2").tobytes()).hexdigest()
 
 
-def _synthesise_to(folder: Path, job: Job) -> tuple[str, str, int]:
+class Written(NamedTuple):
+    """What synthesising one job wrote: its file, checksum, length and word times."""
+
+    rel_path: str
+    sha256: str
+    samples: int
+    words: list[word_times.WordTime]
+
+
+def _synthesise_to(folder: Path, job: Job) -> Written:
     import soundfile as sf
 
-    samples = render(job)
+    samples, words = render(job)
     path = folder / job.rel_path
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, samples, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-    return job.rel_path, pcm_sha256(samples), len(samples)
+    return Written(job.rel_path, pcm_sha256(samples), len(samples), words)
 
 
-def _synthesise_isolated(folder: Path, job: Job) -> tuple[str, str, int]:
+def _synthesise_isolated(folder: Path, job: Job) -> Written:
     """Synthesise ``job`` in a forked child of this process, whose engine has never spoken.
 
     eSpeak NG carries state from one utterance to the next, so the same request sounds
@@ -321,8 +376,8 @@ def _synthesise_isolated(folder: Path, job: Job) -> tuple[str, str, int]:
     result = json.loads(payload) if payload else {"error": f"child exited with status {status}"}
     if isinstance(result, dict):
         raise RuntimeError(f"synthesis of {job.rel_path} failed: {result['error']}")
-    rel, digest, n = result
-    return rel, digest, n
+    rel, digest, n, words = result
+    return Written(rel, digest, n, [(w, a, b) for w, a, b in words])
 
 
 class _Writer:
@@ -331,12 +386,12 @@ class _Writer:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def __call__(self, job: Job) -> tuple[str, str, int]:
+    def __call__(self, job: Job) -> Written:
         return _synthesise_isolated(self.folder, job)
 
 
-def synthesise_all(folder: Path, jobs: list[Job], workers: int) -> list[tuple[str, str, int]]:
-    """Write every job's FLAC under ``folder``; (rel_path, sha256, samples) in job order."""
+def synthesise_all(folder: Path, jobs: list[Job], workers: int) -> list[Written]:
+    """Write every job's FLAC under ``folder``; what each wrote, in job order."""
     if workers <= 1 or len(jobs) < 2:
         _init_worker()
         return [_synthesise_isolated(folder, job) for job in jobs]
@@ -348,17 +403,30 @@ def synthesise_all(folder: Path, jobs: list[Job], workers: int) -> list[tuple[st
 # --------------------------------------------------------------------------- text files
 
 
+def _chapter_file(rel_path: str, suffix: str) -> tuple[str, str]:
+    """The chapter file ``<folder>/<spk>-<chapter><suffix>`` of an utterance's FLAC path, and
+    the utterance's id."""
+    folder, name = rel_path.rsplit("/", 1)
+    utt_id = name.removesuffix(".flac")
+    return f"{folder}/{utt_id.rsplit('-', 1)[0]}{suffix}", utt_id
+
+
 def transcripts(jobs: list[Job]) -> dict[str, str]:
     """``{rel_path of <spk>-<chapter>.trans.txt: content}``, lines in utterance order."""
     chapters: dict[str, list[str]] = {}
     for job in jobs:
-        folder, name = job.rel_path.rsplit("/", 1)
-        utt_id = name.removesuffix(".flac")
-        spk, chapter, _ = utt_id.split("-")
-        chapters.setdefault(f"{folder}/{spk}-{chapter}.trans.txt", []).append(
-            f"{utt_id} {job.text}\n"
-        )
+        path, utt_id = _chapter_file(job.rel_path, word_times.TRANS_SUFFIX)
+        chapters.setdefault(path, []).append(f"{utt_id} {job.text}\n")
     return {path: "".join(lines) for path, lines in chapters.items()}
+
+
+def word_time_files(written: list[Written]) -> dict[str, str]:
+    """``{rel_path of <spk>-<chapter>.words.tsv: content}``, utterances in job order."""
+    chapters: dict[str, list[tuple[str, list[word_times.WordTime]]]] = {}
+    for w in written:
+        path, utt_id = _chapter_file(w.rel_path, word_times.WORDS_SUFFIX)
+        chapters.setdefault(path, []).append((utt_id, w.words))
+    return {path: word_times.format_word_times(utts) for path, utts in chapters.items()}
 
 
 def speakers_txt(speakers: list[Speaker], minutes: dict[int, float]) -> str:
@@ -427,7 +495,7 @@ def compare(found: Record, expected: Record) -> list[str]:
 
 
 def hash_tree(librispeech: str | os.PathLike) -> Record:
-    """Re-hash the FLAC, trans.txt and SPEAKERS.TXT files of a LibriSpeech folder."""
+    """Re-hash the FLAC, trans.txt, words.tsv and SPEAKERS.TXT files of a LibriSpeech folder."""
     import soundfile as sf
 
     root = Path(librispeech)
@@ -437,7 +505,9 @@ def hash_tree(librispeech: str | os.PathLike) -> Record:
         if path.suffix == ".flac":
             samples, _ = sf.read(path, dtype="int16")
             found[rel] = (pcm_sha256(samples), str(len(samples)))
-        elif path.name.endswith(".trans.txt") or rel == "SPEAKERS.TXT":
+        elif path.name.endswith((word_times.TRANS_SUFFIX, word_times.WORDS_SUFFIX)) or (
+            rel == "SPEAKERS.TXT"
+        ):
             found[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), "-")
     return found
 
@@ -543,9 +613,9 @@ def build(
         try:
             speakers, jobs = plan(spec)
             results = synthesise_all(building, jobs, workers)
-            found: Record = {rel: (digest, str(n)) for rel, digest, n in results}
-            samples = {rel: n for rel, _, n in results}
-            texts = transcripts(jobs)
+            found: Record = {w.rel_path: (w.sha256, str(w.samples)) for w in results}
+            samples = {w.rel_path: w.samples for w in results}
+            texts = transcripts(jobs) | word_time_files(results)
             minutes = {s.id: 0.0 for s in speakers}
             for rel, n in samples.items():
                 minutes[int(rel.split("/")[1])] += n / SAMPLE_RATE / 60
@@ -604,9 +674,16 @@ def split_stats(speakers: list[Speaker], jobs: list[Job], samples: dict[str, int
 def verify(out: str | os.PathLike, preset: str | None = None) -> list[str]:
     """Re-hash ``<out>/LibriSpeech`` against the record of ``preset`` (default: the
     stamp's); returns the problems, empty when every file matches."""
+    stamp = read_stamp(out) or {}
     if preset is None:
-        preset = (read_stamp(out) or {}).get("preset", "demo")
+        preset = stamp.get("preset", "demo")
     root = Path(out) / "LibriSpeech"
     if not root.is_dir():
         return [f"{root}: no such folder"]
+    if stamp.get("spec_version", SPEC_VERSION) != SPEC_VERSION:
+        return [
+            f"{root} was built by demo-corpus version {stamp['spec_version']}; this code makes "
+            f"version {SPEC_VERSION} (with word times and the adapt splits): rebuild it with "
+            f"python -m mamba_asr.demo_corpus --out {out}"
+        ]
     return compare(hash_tree(root), read_record(checksum_path(preset)))
