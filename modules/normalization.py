@@ -92,6 +92,11 @@ class WindowedInputNormalization(InputNormalization):
     def _windowed(self, x: torch.Tensor, n_valid: int, out: torch.Tensor) -> None:
         """Writes into ``out`` ``x`` (time, ...), which has ``n_valid`` > window_frames valid
         frames, each frame normalised with the statistics of its window."""
+        if x.device.type == "mps":  # no float64 there: the statistics are computed on the CPU
+            on_cpu = torch.empty(x.shape, dtype=out.dtype)
+            self._windowed(x.cpu(), n_valid, on_cpu)
+            out.copy_(on_cpu)
+            return
         width = self.window_frames
         block = max(2 * width, 4096)  # output frames per block: the window overlap costs 1/2
         frames = x.reshape(x.shape[0], -1)  # (time, features)
@@ -107,11 +112,11 @@ class WindowedInputNormalization(InputNormalization):
             sums = frames.new_zeros(hi - lo + 1, frames.shape[1], dtype=torch.float64)
             torch.sub(frames[lo:hi], shift, out=sums[1:])
             sums[1:].cumsum_(0)
-            mean = _window_sums(sums, starts - lo, width)
+            mean = _window_means(sums, starts - lo, width)
             if self.std_norm:
                 torch.sub(frames[lo:hi], shift, out=sums[1:])
                 sums[1:].square_().cumsum_(0)
-                var = _window_sums(sums, starts - lo, width).addcmul_(mean, mean, value=-1)
+                var = _window_means(sums, starts - lo, width).addcmul_(mean, mean, value=-1)
                 std = var.clamp_(min=0).sqrt_().to(x.dtype)
                 del var
             else:
@@ -126,7 +131,7 @@ class WindowedInputNormalization(InputNormalization):
             out[first:last] /= std.clamp_(min=self.epsilon)
 
 
-def _window_sums(sums: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+def _window_means(sums: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
     """Means of the ``width`` frames from each of ``starts`` (n,), from the cumulative
     ``sums`` (frames + 1, features); (n, features)."""
     total = sums[starts + width]
