@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 DEMO_DATA := data/demo
 DEMO_OUT  := results/demo
 DEMO_CTC  := $(DEMO_OUT)/demo_CTC/3402
+DEMO_MODEL := models/demo-ctc
+# Two test-clean recordings the demo model transcribes at the end (expanded after `corpus`).
+DEMO_AUDIO = $(wordlist 1,2,$(sort $(wildcard $(DEMO_DATA)/LibriSpeech/test-clean/*/*/*.flac)))
 
 .PHONY: install corpus demo test lint clean-demo
 
@@ -24,13 +27,18 @@ corpus: $(STAMP)
 	$(PY) -m mamba_asr.demo_corpus --out $(DEMO_DATA)
 
 # Trains the CTC demo configuration on CPU (rerunning resumes or just re-evaluates), evaluates
-# the average of its best checkpoints on the unseen-voice test sets, plots the curves.
+# the average of its best checkpoints on the unseen-voice test sets, plots the curves, exports
+# the model to models/demo-ctc and transcribes two test recordings with it (text, word times).
 demo: corpus
 	$(PY) train_CTC.py hparams/CTC/demo.yaml --data_folder $(DEMO_DATA) --noprogressbar
 	$(PY) -m mamba_asr.reports.curves $(DEMO_CTC)/train_log.txt --out $(DEMO_CTC)/curves.png \
 		--title "CTC demo (hparams/CTC/demo.yaml)"
 	$(PY) -m mamba_asr.reports.wer_table $(DEMO_CTC)
 	@echo "curves: $(DEMO_CTC)/curves.png  WER details: $(DEMO_CTC)/wer_test-*.txt"
+	$(PY) export.py $(DEMO_CTC) --out $(DEMO_MODEL) --overwrite
+	$(PY) transcribe.py $(DEMO_MODEL) $(DEMO_AUDIO) --output_dir $(DEMO_OUT)/transcripts \
+		--verbose --quiet
+	@echo "model: $(DEMO_MODEL)  transcripts (txt json srt vtt tsv): $(DEMO_OUT)/transcripts"
 
 test: corpus
 	$(PY) -m pytest tests
@@ -39,7 +47,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean-demo:
-	rm -rf $(DEMO_DATA) $(DEMO_OUT)
+	rm -rf $(DEMO_DATA) $(DEMO_OUT) $(DEMO_MODEL)
 
 # S2S demo: the demo LM and its tokenizer (hparams/LM/demo.yaml), then the S2S demo model
 # (ConMamba encoder + Mamba decoder, hparams/S2S/demo.yaml) on CPU; decodes the unseen-voice

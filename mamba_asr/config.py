@@ -43,6 +43,7 @@ from speechbrain.utils.run_opts import RunOptions
 from mamba_asr.commands import rerun_command
 from mamba_asr.data import check_data_folder, prepare_manifests
 from mamba_asr.librispeech import LibriSpeechPrepError
+from mamba_asr.model_card import CardError
 from mamba_asr.resume import checkpoint_from_dir, newest_checkpoint, pending_resume
 
 logger = logging.getLogger(__name__)
@@ -176,10 +177,10 @@ def cli(main: Callable[[list[str]], Any]) -> None:
     ``error: ...`` line on stderr and exit status 2; Ctrl-C (KeyboardInterrupt) one line on
     where the same command resumes from (:func:`interrupt_message`; the main process only,
     as under torchrun every process gets the signal) and exit status 130. Other exceptions
-    keep their traceback."""
+    keep their traceback. An ``int`` returned by ``main`` is the exit status."""
     try:
-        main(sys.argv[1:])
-    except (ConfigError, LibriSpeechPrepError, FileNotFoundError) as exc:
+        status = main(sys.argv[1:])
+    except (ConfigError, LibriSpeechPrepError, FileNotFoundError, CardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -191,6 +192,8 @@ def cli(main: Callable[[list[str]], Any]) -> None:
         if _first_process():
             print(interrupt_message(_started_run), file=sys.stderr, flush=True)
         sys.exit(130)
+    if type(status) is int:  # a command's own exit status (e.g. some inputs failed)
+        sys.exit(status)
 
 
 def split_command_line(argv: list[str]) -> tuple[list[str], list[str] | None]:

@@ -99,6 +99,23 @@ def trained_overrides(save_folder: Path, keys: tuple[str, ...], given: list[str]
     return overrides
 
 
+def relocated_overrides(run_folder: Path) -> list[str]:
+    """``--key path`` for the run's paths under its ``output_folder`` (the token map, the
+    manifests, ...) when the run folder has moved since training: its ``hyperparams.yaml``
+    holds them resolved, under the old place. [] when it has not moved."""
+    config = trained_config(run_folder / SAVE_FOLDER)
+    old = config.get("output_folder")
+    if not isinstance(old, str) or Path(old).resolve() == run_folder.resolve():
+        return []
+    overrides = []
+    for key, value in config.items():
+        if key == "output_folder" or not isinstance(value, str):
+            continue
+        if value == old or value.startswith(old.rstrip("/") + "/"):
+            overrides += [f"--{key}", json.dumps(str(run_folder) + value[len(old.rstrip("/")):])]
+    return [*overrides, "--output_folder", json.dumps(str(run_folder))]
+
+
 def best_checkpoints(brain: RecipeBrain, save_folder: Path) -> list[Checkpoint]:
     """:meth:`RecipeBrain.best_checkpoints`, the checkpoints the recipe averages at its test
     stage; ConfigError when there are none."""
@@ -168,11 +185,13 @@ def load_trained(
     overrides: list[str],
     recipe: str | None = None,
     before_build: Callable[[dict[str, Any]], None] | None = None,
+    no_lm: bool = False,
 ) -> TrainedModel:
     """The brain of ``hparams_file`` (+ ``overrides``, YAML keys or run options) for the
     checkpoints ``--ckpt`` names (:func:`checkpoint_source`); nothing is written. Keys of
     :data:`TRAINED_DEFAULTS` the command line leaves out take the run's values.
-    ``before_build(hparams)`` may change the loaded hparams before the brain is built."""
+    ``before_build(hparams)`` may change the loaded hparams before the brain is built;
+    ``no_lm`` builds an S2S brain without its LM (the LM file is not read)."""
     family = config_family(hparams_file, recipe)
     module = importlib.import_module(RECIPES[family])
     save_folder, ckpts = checkpoint_source(ckpt)
@@ -187,9 +206,13 @@ def load_trained(
             f"{hparams['tokenizer_file']} not found: the checkpoint's token map is needed "
             "(pass --tokenizer_file PATH)"
         )
+    if no_lm and "no_lm" in hparams:
+        hparams["no_lm"] = True
     if before_build is not None:
         before_build(hparams)
     brain = module.build_brain(hparams, run_opts, hparams["checkpointer"])
+    # A run's own hyperparams.yaml names its save folder as it was when training (moved runs)
+    brain.checkpointer.checkpoints_dir = save_folder
     key, higher = brain.best_key()
     chosen = best_checkpoints(brain, save_folder) if ckpts is None else ckpts
     brain.eval_checkpoints = [checkpoint_from_dir(c.path, brain.checkpointer) for c in chosen]

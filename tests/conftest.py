@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import soundfile as sf
-from runs import ctc_run, s2s_lm_folder, s2s_manifests, s2s_run  # noqa: F401  (fixtures)
+from runs import (  # noqa: F401  (session fixtures)
+    ctc_export,
+    ctc_random_run,
+    ctc_run,
+    s2s_lm_folder,
+    s2s_manifests,
+    s2s_run,
+)
 
 if TYPE_CHECKING:
     from torch import nn

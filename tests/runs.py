@@ -107,3 +107,31 @@ def s2s_run(
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"out": out, "args": args, "after_kill": after_kill, "lm": s2s_lm_folder}
+
+
+@pytest.fixture(scope="session")
+def ctc_random_run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CTC demo configuration's run with a zero learning rate: its checkpoint holds the
+    random initial weights, whose transcripts are long strings of characters (a trained short
+    run only emits blanks), so comparing them tests every step of a pipeline; its test stage
+    runs one utterance per batch (no padding)."""
+    out = tmp_path_factory.mktemp("ctc_random") / "run"
+    cmd = [
+        sys.executable, "train_CTC.py", str(CTC_DEMO), "--data_folder", str(demo_corpus),
+        "--output_folder", str(out), "--select_n_sentences", "[16, 8, 16, 8]",
+        "--number_of_epochs", "1", "--lr_model", "0.0", "--noprogressbar",
+        "--test_dataloader_opts", "{batch_size: 1}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def ctc_export(ctc_random_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random-weight CTC demo run exported by export.py."""
+    out = tmp_path_factory.mktemp("export") / "demo-ctc"
+    cmd = [sys.executable, "export.py", str(ctc_random_run), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

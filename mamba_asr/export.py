@@ -1,0 +1,328 @@
+"""Export a trained model to a self-contained folder that SpeechBrain's inference classes load.
+
+The folder (written atomically: built in a temporary sibling, then renamed into place)::
+
+    hyperparams.yaml   inference only (mamba_asr.inference_yaml): EncoderASR / EncoderDecoderASR
+    asr.ckpt           the averaged weights of the recipe's ``model`` (upstream's names)
+    normalizer.ckpt    the feature normaliser's statistics (of the best checkpoint)
+    tokenizer.ckpt     CTC: the character map; S2S: the SentencePiece model
+    lm.ckpt            S2S models that fuse an LM (not with ``no_lm``)
+    model_card.json    what, how trained, test results, provenance, sha256 of every file
+    README.md          the card for people
+
+Every file is named ``<pretrainer key>.ckpt``, so ``from_hparams(source=folder,
+savedir=folder)`` loads them in place: nothing is linked or written into the folder.
+
+Usage:
+    from mamba_asr.export import export_model
+    export_model(load_trained("<run>/hyperparams.yaml", ["<run>/save"], []), "models/x")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from hyperpyyaml import resolve_references
+
+from mamba_asr import data, inference_yaml
+from mamba_asr.atomic import atomic_open
+from mamba_asr.config import ConfigError, load_config
+from mamba_asr.model_card import (
+    CARD_FILE,
+    CARD_VERSION,
+    README_FILE,
+    file_checksums,
+    render_readme,
+    sha256_file,
+)
+from mamba_asr.reports._common import ReportError
+from mamba_asr.reports.scores import read_scores
+from mamba_asr.trained import TrainedModel, config_family
+
+REPO = Path(__file__).resolve().parent.parent
+HPARAMS_FILE = "hyperparams.yaml"
+SPEECHBRAIN_CLASS = {"CTC": "EncoderASR", "S2S": "EncoderDecoderASR"}
+# Statistics window of the exported normaliser for per-utterance ("sentence") configurations:
+# utterances up to this long are normalised exactly as in training; longer inputs by the
+# statistics of the window around each frame, whatever the file's length.
+NORM_WINDOW_SECONDS = 30.0
+
+
+class ExportError(ConfigError):
+    """The model cannot be exported as asked."""
+
+
+def output_frame_seconds(hparams: dict[str, Any]) -> float:
+    """Seconds per encoder output frame: the features' hop times the CNN's total stride."""
+    hop = hparams["compute_features"].compute_STFT.hop_length  # samples
+    stride = 1
+    for block in hparams["CNN"].children():
+        for layer in block.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                stride *= layer.stride[0]
+    return hop / hparams["sample_rate"] * stride
+
+
+def _feature_frame_seconds(hparams: dict[str, Any]) -> float:
+    return hparams["compute_features"].compute_STFT.hop_length / hparams["sample_rate"]
+
+
+def resolved_config(model: TrainedModel) -> str:
+    """The configuration the model was built from, references resolved (the run's
+    ``hyperparams.yaml`` is already resolved; resolving it again changes nothing)."""
+    text = Path(model.hparams_file).read_text(encoding="utf-8")
+    return resolve_references(text, model.overrides).getvalue()
+
+
+def git_commit() -> str | None:
+    """The code's git commit (``+dirty`` with uncommitted changes), None outside a checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def training_data(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The training splits and, from the run's training manifest, utterances and hours."""
+    info: dict[str, Any] = {"splits": list(hparams.get("train_splits") or []),
+                            "utterances": None, "hours": None}
+    manifest = Path(hparams.get("train_csv") or "")
+    if manifest.is_file():
+        with open(manifest, newline="", encoding="utf-8") as f:
+            durations = [float(row["duration"]) for row in csv.DictReader(f)]
+        info["utterances"] = len(durations)
+        info["hours"] = round(sum(durations) / 3600, 3)
+        limit = hparams.get("avoid_if_longer_than")
+        if limit:
+            info["utterances_used"] = sum(d <= limit for d in durations)
+    return info
+
+
+def test_results(run_folder: Path) -> list[dict[str, Any]]:
+    """The run's test scores (``wer_<set>.json``; S2S also ``no_lm/``)."""
+    rows = []
+    for folder, search in ((run_folder, "test search"), (run_folder / "no_lm", "without LM")):
+        for path in sorted(folder.glob("wer_*.json")):
+            try:
+                scores = read_scores(path)
+            except ReportError:
+                continue
+            wer = scores["WER"]["summary"]
+            cer = scores.get("CER", {}).get("summary")
+            rows.append({
+                "test_set": scores["test_set"], "search": search,
+                "WER": round(wer["WER"], 2), "CER": round(cer["WER"], 2) if cer else None,
+                "utterances": wer["num_scored_sents"],
+            })
+    return rows
+
+
+def architecture(hparams: dict[str, Any], family: str) -> str:
+    """E.g. "ConMamba encoder (2 layers, d_model 144) + Mamba decoder (1 layer), CTC head"."""
+    t = hparams["Transformer"]
+    names = {"conmamba": "ConMamba", "conformer": "Conformer", "transformer": "Transformer",
+             "mamba": "Mamba"}
+    enc = getattr(t, "encoder_module", None) or hparams.get("encoder_module", "")
+    text = (f"{names.get(str(enc), str(enc))} encoder ({hparams.get('num_encoder_layers')} "
+            f"layers, d_model {hparams.get('d_model')})")
+    if family == "S2S":
+        dec = getattr(t, "decoder_module", None) or "transformer"
+        text += (f" + {names.get(str(dec), str(dec))} decoder "
+                 f"({hparams.get('num_decoder_layers')} layers), joint CTC/attention")
+    else:
+        text += ", CTC"
+    return text + f" ({hparams.get('output_neurons')} output tokens)"
+
+
+@contextlib.contextmanager
+def _staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of ``out`` renamed into place on success, removed on failure."""
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists: pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield stage
+        umask = os.umask(0)
+        os.umask(umask)
+        stage.chmod(0o777 & ~umask)  # mkdtemp makes it 0o700; a folder made by mkdir would not be
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def export_model(
+    model: TrainedModel,
+    out: str | os.PathLike,
+    no_lm: bool = False,
+    overwrite: bool = False,
+    name: str | None = None,
+    norm_window_seconds: float | None = NORM_WINDOW_SECONDS,
+) -> dict[str, Any]:
+    """Writes the export folder ``out`` for ``model`` (its averaged weights); returns the card.
+    ``norm_window_seconds`` None keeps a per-utterance normaliser's statistics over the whole
+    input, whatever its length (only for models used on short utterances)."""
+    hparams = model.hparams
+    with_lm = model.family == "S2S" and not no_lm and getattr(model.brain, "lm", None) is not None
+    model.load_weights()
+
+    def write_weights(stage: Path) -> None:
+        torch.save(hparams["model"].state_dict(), stage / "asr.ckpt")
+        shutil.copyfile(Path(model.checkpoints[0].path) / "normalizer.ckpt",
+                        stage / "normalizer.ckpt")
+        shutil.copyfile(hparams["tokenizer_file"], stage / "tokenizer.ckpt")
+        if with_lm:
+            torch.save(model.brain.lm.state_dict(), stage / "lm.ckpt")
+
+    provenance = {
+        "lm_parameters": sum(p.numel() for p in model.brain.lm.parameters()) if with_lm else None,
+        "training_data": training_data(hparams),
+        "test_results": test_results(model.run_folder),
+        "checkpoints": model.chosen_by,
+        "source": str(model.run_folder),
+        "config_sha256": sha256_file(model.hparams_file),
+        "config_overrides": model.overrides or "",
+    }
+    return write_folder(Path(out), model.family, hparams, resolved_config(model), write_weights,
+                        provenance, with_lm, overwrite, name, norm_window_seconds)
+
+
+def export_untrained(
+    hparams_file: str,
+    out: str | os.PathLike,
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+    name: str | None = None,
+    norm_window_seconds: float | None = NORM_WINDOW_SECONDS,
+) -> dict[str, Any]:
+    """Writes an export folder of a CTC configuration's model as initialised (random weights,
+    the configuration's seed): for speed and memory measurements, which do not depend on the
+    weights. Returns the card."""
+    if config_family(hparams_file) != "CTC":
+        raise ExportError(f"{hparams_file}: only CTC configurations export untrained")
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [hparams_file, "--data_folder", tmp, "--output_folder", tmp, *(overrides or [])]
+        _, hparams, _, yaml_overrides = load_config(argv, write_output=False)
+        labels = Path(tmp) / "label_encoder.txt"
+        data.char_encoder(labels, hparams["characters"], hparams["blank_index"],
+                          hparams["bos_index"], hparams["eos_index"], hparams["output_neurons"])
+
+        def write_weights(stage: Path) -> None:
+            torch.save(hparams["model"].state_dict(), stage / "asr.ckpt")
+            hparams["normalize"]._save(stage / "normalizer.ckpt")
+            shutil.copyfile(labels, stage / "tokenizer.ckpt")
+
+        provenance = {
+            "lm_parameters": None,
+            "training_data": {"splits": [], "utterances": None, "hours": None},
+            "test_results": [],
+            "checkpoints": "none: the weights as initialised (random, the configuration's "
+                           "seed), for speed and memory measurements",
+            "source": hparams_file,
+            "config_sha256": sha256_file(hparams_file),
+            "config_overrides": yaml_overrides or "",
+        }
+        text = resolve_references(Path(hparams_file).read_text(encoding="utf-8"),
+                                  yaml_overrides).getvalue()
+        return write_folder(Path(out), "CTC", hparams, text, write_weights, provenance, False,
+                            overwrite, name, norm_window_seconds)
+
+
+def write_folder(
+    out: Path,
+    family: str,
+    hparams: dict[str, Any],
+    config_text: str,
+    write_weights: Callable[[Path], None],
+    provenance: dict[str, Any],
+    with_lm: bool,
+    overwrite: bool,
+    name: str | None,
+    norm_window_seconds: float | None,
+) -> dict[str, Any]:
+    """The folder ``out``: ``hyperparams.yaml`` from the resolved ``config_text``, the
+    ``.ckpt`` files ``write_weights(stage)`` writes, the card (``provenance`` in it) and
+    README; built in a temporary sibling, renamed into place."""
+    config = inference_yaml.load_resolved(config_text)
+    sentence_norm = inference_yaml.uses_sentence_norm(config)
+    windowed = sentence_norm and norm_window_seconds is not None
+    window = round(norm_window_seconds / _feature_frame_seconds(hparams)) if windowed else None
+    frame_seconds = output_frame_seconds(hparams)
+    info = {
+        "family": family,
+        "sample_rate": hparams["sample_rate"],
+        "output_frame_seconds": frame_seconds,
+        "blank_index": hparams["blank_index"],
+        "bos_index": hparams["bos_index"],
+        "eos_index": hparams["eos_index"],
+    }
+    header = (
+        f"# Inference configuration of {name or out.name}, exported by Mamba-ASR's export.py\n"
+        f"# (its source and checksums: model_card.json). Load it with SpeechBrain:\n"
+        f"# speechbrain.inference.ASR.{SPEECHBRAIN_CLASS[family]}.from_hparams("
+        "source=<folder>, savedir=<folder>)\n\n"
+    )
+    if family == "CTC":
+        text = inference_yaml.ctc_hparams(config, header, info, window)
+    else:
+        text = inference_yaml.s2s_hparams(config, header, info, window, with_lm)
+    normalization = "global statistics of the training data (normalizer.ckpt)"
+    if windowed:
+        normalization = (
+            f"per utterance for inputs up to {norm_window_seconds:g} s (as trained), over the "
+            f"{norm_window_seconds:g} s around each frame for longer inputs"
+        )
+    elif sentence_norm:
+        normalization = "per input (utterance or file), whatever its length"
+    card = {
+        "version": CARD_VERSION,
+        "name": name or out.name,
+        "family": family,
+        "speechbrain_class": SPEECHBRAIN_CLASS[family],
+        "architecture": architecture(hparams, family),
+        "parameters": sum(p.numel() for p in hparams["model"].parameters()),
+        "sample_rate": hparams["sample_rate"],
+        "output_frame_seconds": frame_seconds,
+        "normalization": normalization,
+        **provenance,
+        "git_commit": git_commit(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "files": {},
+    }
+    with _staged_folder(out, overwrite) as stage:
+        with atomic_open(stage / HPARAMS_FILE, "w", encoding="utf-8") as f:
+            f.write(text)
+        write_weights(stage)
+        card["files"] = file_checksums(stage, [p.name for p in stage.iterdir()])
+        with atomic_open(stage / README_FILE, "w", encoding="utf-8") as f:
+            f.write(render_readme({**card, "name": str(out)}))
+        card["files"][README_FILE] = sha256_file(stage / README_FILE)
+        with atomic_open(stage / CARD_FILE, "w", encoding="utf-8") as f:
+            json.dump(card, f, indent=2)
+            f.write("\n")
+    return card

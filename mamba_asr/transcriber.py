@@ -1,0 +1,348 @@
+"""Transcribe audio with an exported model (or a run, exported on the fly): text, word times.
+
+Usage:
+    from mamba_asr.transcriber import Transcriber
+    asr = Transcriber.from_folder("models/demo-ctc", device="cpu")
+    for t in asr.transcribe(["a.wav", "b.mp3"]):          # also (waveform, sample_rate) pairs
+        print(t.text, t.words[0].start, t.words[0].end)
+
+The model is loaded by SpeechBrain's own ``EncoderASR`` (CTC) or ``EncoderDecoderASR`` (S2S)
+after the folder's checksums are verified; this class runs its modules itself so that long
+files stay linear:
+
+- Files up to ``batch_file_seconds`` go through in length-sorted, padded batches of at most
+  ``max_batch_seconds`` of audio, exactly as the recipes' test stage runs utterances.
+- A CTC model with a ConMamba encoder (linear in time and memory) transcribes a longer file in
+  ONE pass up to ``max_pass_seconds``: features and CNN front-end in overlapping chunks
+  (exact), the encoder over the whole file, then decoding and alignment per stretch between
+  long pauses (``mamba_asr.alignment.split_at_blanks``).
+- Beyond ``max_pass_seconds``, and always for attention encoders (Conformer) and attention
+  decoders (S2S), long files are split at pauses by a voice-activity detector (silero-vad)
+  into segments of at most ``segment_seconds`` (``max_pass_seconds`` for ConMamba CTC
+  models), transcribed as utterances; times stay in the file's time.
+
+Word times come from CTC forced alignment of the hypothesis on the CTC posteriors (S2S: its
+CTC head), ``mamba_asr.alignment``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from speechbrain.decoders.ctc import CTCPrefixBeamSearcher, ctc_greedy_decode
+from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
+
+from mamba_asr import alignment, audio_io, long_audio
+from mamba_asr.model_card import CARD_FILE, verify_folder
+from mamba_asr.transcript import Transcript, Word
+
+logger = logging.getLogger(__name__)
+
+AudioInput = str | Path | tuple[torch.Tensor, int]
+SEARCHES = ("default", "greedy", "beam")
+# A pause in the CTC posteriors: this long a run of blanks may end a stretch decoded alone.
+PAUSE_SECONDS = 0.3
+# Stretches between pauses are decoded and aligned separately up to this length.
+STRETCH_SECONDS = 30.0
+# Attention models (Conformer encoders, attention decoders) see VAD segments this long at most.
+SEGMENT_SECONDS = 30.0
+# One-pass limit of ConMamba CTC models: peak memory grows linearly (see docs/performance.md).
+MAX_PASS_SECONDS = 2 * 3600.0
+BATCH_FILE_SECONDS = 60.0
+MAX_BATCH_SECONDS = 120.0
+_PREFETCH = 64  # files loaded and length-sorted together
+
+
+@dataclass
+class _Piece:
+    """A stretch of one input's audio transcribed as an utterance."""
+
+    index: int  # the input's position
+    wav: torch.Tensor  # (samples,)
+    offset: float  # seconds from the file's start
+
+
+class Transcriber:
+    """An ASR model ready to transcribe files and waveforms (see the module docstring)."""
+
+    def __init__(
+        self,
+        asr: EncoderASR | EncoderDecoderASR,
+        card: dict[str, Any],
+        search: str = "default",
+        beam_size: int | None = None,
+        no_lm: bool = False,
+        max_pass_seconds: float = MAX_PASS_SECONDS,
+        max_batch_seconds: float = MAX_BATCH_SECONDS,
+        segment_seconds: float = SEGMENT_SECONDS,
+        one_pass: bool | None = None,
+    ) -> None:
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, not {search!r}")
+        self.asr = asr
+        self.card = card
+        self.hparams = asr.hparams
+        self.device = asr.device
+        self.family: str = card["family"]
+        self.sample_rate: int = int(card["sample_rate"])
+        self.frame_seconds: float = float(card["output_frame_seconds"])
+        self.blank: int = int(self.hparams.blank_index)
+        self.max_batch_seconds = max_batch_seconds
+        encoder = getattr(self.hparams.Transformer, "encoder_module", "transformer")
+        if one_pass is None:  # linear in length: ConMamba encoders with a CTC head
+            one_pass = self.family == "CTC" and encoder == "conmamba"
+        elif one_pass and self.family != "CTC":
+            raise ValueError("one_pass is for CTC models (S2S decoders see VAD segments)")
+        self.one_pass = one_pass
+        self.max_pass_seconds = max_pass_seconds
+        self.segment_seconds = max_pass_seconds if self.one_pass else segment_seconds
+        self.batch_file_seconds = min(BATCH_FILE_SECONDS, self.segment_seconds)
+        self._set_search(search, beam_size, no_lm)
+        # CTC character models: labels that are not characters (<bos>, <eos>) are dropped
+        labels = getattr(asr.tokenizer, "lab2ind", {}) if self.family == "CTC" else {}
+        self._special_labels = [lab for lab in labels if len(lab) > 1]
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, device: str = "cpu", **options: Any) -> Transcriber:
+        """A model exported by ``export.py``, checksums verified (CardError if a file changed)."""
+        card = verify_folder(folder)
+        loader = EncoderDecoderASR if card["family"] == "S2S" else EncoderASR
+        asr = loader.from_hparams(
+            source=str(folder), savedir=str(folder), run_opts={"device": device}
+        )
+        if card["family"] == "CTC":
+            asr.tokenizer.expect_len(asr.hparams.ctc_lin.w.out_features)
+        return cls(asr, card, **options)
+
+    @classmethod
+    def from_run(cls, run: str | Path, device: str = "cpu", no_lm: bool = False,
+                 **options: Any) -> Transcriber:
+        """A training run's averaged best checkpoints, exported to a temporary folder (removed
+        once loaded; nothing is written into the run)."""
+        from mamba_asr.export import export_model
+        from mamba_asr.trained import load_trained, relocated_overrides
+
+        run = Path(run)
+        model = load_trained(str(run / "hyperparams.yaml"), [str(run / "save")],
+                             [*relocated_overrides(run), "--device", device], no_lm=no_lm)
+        with tempfile.TemporaryDirectory(prefix="mamba-asr-export-") as tmp:
+            export_model(model, Path(tmp) / run.name, no_lm=no_lm)
+            return cls.from_folder(Path(tmp) / run.name, device=device, no_lm=no_lm, **options)
+
+    @classmethod
+    def load(cls, model: str | Path, device: str = "cpu", **options: Any) -> Transcriber:
+        """An export folder (``model_card.json``) or a run folder (``hyperparams.yaml`` +
+        ``save/``)."""
+        path = Path(model)
+        if (path / CARD_FILE).is_file() or not (path / "save").is_dir():
+            return cls.from_folder(path, device=device, **options)
+        return cls.from_run(path, device=device, **options)
+
+    def _set_search(self, search: str, beam_size: int | None, no_lm: bool) -> None:
+        """The decoder: CTC greedy / prefix beam search; S2S beam search with or without LM."""
+        h = self.hparams
+        self.ctc_beam: CTCPrefixBeamSearcher | None = None
+        self.decoder = None
+        if self.family == "CTC":
+            default_beam = isinstance(h.decoding_function, type)  # a searcher class, not greedy
+            use_beam = search == "beam" or (search == "default" and default_beam)
+            if use_beam or beam_size is not None:
+                options = dict(h.ctc_beam_search)
+                if beam_size is not None:
+                    options["beam_size"] = beam_size
+                vocab = [self.asr.tokenizer.ind2lab[i] for i in range(len(self.asr.tokenizer))]
+                self.ctc_beam = CTCPrefixBeamSearcher(vocab_list=vocab, **options)
+            self.search = "beam" if self.ctc_beam else "greedy"
+            return
+        if search == "greedy":
+            raise ValueError("S2S models decode by beam search only (search 'beam' or 'default')")
+        self.decoder = getattr(h, "decoder_no_lm", None) if no_lm else None
+        self.decoder = self.decoder or h.decoder
+        if no_lm and not hasattr(h, "decoder_no_lm"):
+            logger.info("the model has no LM: --no_lm changes nothing")
+        self.decoder = self.decoder.to(self.device).eval()
+        if beam_size is not None:
+            self.decoder.beam_size = beam_size
+        self.search = "beam"
+
+    # ------------------------------------------------------------------ transcription
+
+    def transcribe(
+        self,
+        inputs: Iterable[AudioInput],
+        on_error: Callable[[AudioInput, Exception], None] | None = None,
+    ) -> Iterator[Transcript]:
+        """Transcripts of ``inputs`` (files, or ``(waveform, sample_rate)``), in input order.
+        A file that cannot be read raises ``audio_io.AudioError``, or, with ``on_error``, is
+        reported to it and skipped."""
+        group: list[AudioInput] = []
+        for item in inputs:
+            group.append(item)
+            if len(group) == _PREFETCH:
+                yield from self._transcribe_group(group, on_error)
+                group = []
+        if group:
+            yield from self._transcribe_group(group, on_error)
+
+    def transcribe_file(self, path: str | Path) -> Transcript:
+        """The transcript of one file."""
+        return next(iter(self.transcribe([path])))
+
+    def _load(self, item: AudioInput) -> tuple[torch.Tensor, str]:
+        if isinstance(item, tuple):
+            wav, rate = item
+            return audio_io.prepare_waveform(wav, rate, self.sample_rate), "<waveform>"
+        return audio_io.load_audio(item, self.sample_rate), str(item)
+
+    def _transcribe_group(
+        self, group: list[AudioInput], on_error: Callable[[AudioInput, Exception], None] | None
+    ) -> Iterator[Transcript]:
+        loaded: dict[int, tuple[torch.Tensor, str, float]] = {}
+        for i, item in enumerate(group):
+            start = time.perf_counter()
+            try:
+                wav, name = self._load(item)
+            except audio_io.AudioError as exc:
+                if on_error is None:
+                    raise
+                on_error(item, exc)
+                continue
+            loaded[i] = (wav, name, time.perf_counter() - start)
+        words: dict[int, list[Word]] = {i: [] for i in loaded}
+        spent: dict[int, float] = dict.fromkeys(loaded, 0.0)
+        pieces: list[_Piece] = []
+        for i, (wav, _, _) in loaded.items():
+            seconds = len(wav) / self.sample_rate
+            if seconds <= self.batch_file_seconds or (
+                self.one_pass and seconds <= self.max_pass_seconds
+            ):
+                pieces.append(_Piece(i, wav, 0.0))
+            else:
+                pieces += [_Piece(i, wav[a:b], a / self.sample_rate)
+                           for a, b in self._segments(wav)]
+        short = []
+        for piece in pieces:
+            if len(piece.wav) <= self.batch_file_seconds * self.sample_rate:
+                short.append(piece)
+                continue
+            start = time.perf_counter()  # a ConMamba CTC model: the whole piece in one pass
+            words[piece.index] += self._one_pass(piece.wav, piece.offset)
+            spent[piece.index] += time.perf_counter() - start
+        for batch in self._batches(short):
+            start = time.perf_counter()
+            results = self._transcribe_batch(batch)
+            share = (time.perf_counter() - start) / sum(len(p.wav) for p in batch)
+            for piece, piece_words in zip(batch, results, strict=True):
+                words[piece.index] += piece_words
+                spent[piece.index] += share * len(piece.wav)
+        for i, (wav, name, load_s) in loaded.items():
+            duration = len(wav) / self.sample_rate
+            # the last 40 ms frame may run past the audio's end
+            file_words = [
+                replace(w, start=min(w.start, duration), end=min(w.end, duration))
+                for w in sorted(words[i], key=lambda w: w.start)
+            ]
+            yield Transcript(
+                text=" ".join(w.word for w in file_words),
+                duration=duration,
+                words=file_words,
+                source=name,
+                timings={"load": load_s, "transcribe": spent[i],
+                         "real_time_factor": (load_s + spent[i]) / duration if duration else 0.0},
+            )
+
+    def _segments(self, wav: torch.Tensor) -> list[tuple[int, int]]:
+        """Voice-activity segments of at most ``segment_seconds`` (sample ranges)."""
+        from mamba_asr import vad
+
+        return vad.speech_segments(wav, self.sample_rate, self.segment_seconds)
+
+    def _batches(self, pieces: list[_Piece]) -> Iterator[list[_Piece]]:
+        """Length-sorted batches of at most ``max_batch_seconds`` of padded audio."""
+        pieces = sorted(pieces, key=lambda p: len(p.wav))
+        batch: list[_Piece] = []
+        for piece in pieces:
+            padded = len(piece.wav) * (len(batch) + 1) / self.sample_rate
+            if batch and padded > self.max_batch_seconds:
+                yield batch
+                batch = []
+            batch.append(piece)
+        if batch:
+            yield batch
+
+    @torch.no_grad()
+    def _transcribe_batch(self, batch: list[_Piece]) -> list[list[Word]]:
+        """Words (in file time) of each piece, padded into one batch."""
+        lengths = torch.tensor([len(p.wav) for p in batch])
+        wavs = torch.zeros(len(batch), int(lengths.max()))
+        for row, piece in enumerate(batch):
+            wavs[row, : len(piece.wav)] = piece.wav
+        wavs = wavs.to(self.device)
+        wav_lens = (lengths / lengths.max()).to(self.device)
+        h = self.hparams
+        feats = h.compute_features(wavs)
+        feats = h.normalize(feats, wav_lens)
+        enc = h.Transformer.encode(h.CNN(feats), wav_lens)
+        log_probs = h.log_softmax(h.ctc_lin(enc).float()).cpu()
+        frames = torch.round(wav_lens.cpu() * log_probs.shape[1]).int()
+        if self.family == "S2S":
+            tokens, _, _, _ = self.decoder(enc, wav_lens)
+            texts = [self.asr.tokenizer.decode_ids(t) for t in tokens]
+            return [
+                self._align(log_probs[i, : frames[i]], texts[i].split(), piece.offset)
+                for i, piece in enumerate(batch)
+            ]
+        return [self._ctc_words(log_probs[i, : frames[i]], piece.offset)
+                for i, piece in enumerate(batch)]
+
+    @torch.no_grad()
+    def _one_pass(self, wav: torch.Tensor, offset: float) -> list[Word]:
+        """A ConMamba CTC model over the whole file: chunked front-end, one encoder pass."""
+        h = self.hparams
+        src = long_audio.frontend(h.compute_features, h.normalize, h.CNN,
+                                  wav.unsqueeze(0).to(self.device))
+        enc = h.Transformer.encode(src, torch.ones(1, device=self.device))
+        log_probs = h.log_softmax(h.ctc_lin(enc).float())[0].cpu()
+        return self._ctc_words(log_probs, offset)
+
+    def _ctc_words(self, log_probs: torch.Tensor, offset: float) -> list[Word]:
+        """Decode and align CTC log-probabilities (T, V) stretch by stretch between pauses."""
+        pause = max(1, round(PAUSE_SECONDS / self.frame_seconds))
+        longest = max(pause + 1, round(STRETCH_SECONDS / self.frame_seconds))
+        words: list[Word] = []
+        for a, b in alignment.split_at_blanks(log_probs, self.blank, pause, longest):
+            part = log_probs[a:b]
+            if self.ctc_beam is not None:
+                text = self.ctc_beam(part.unsqueeze(0), torch.ones(1))[0][0].text
+            else:
+                ids = ctc_greedy_decode(part.unsqueeze(0), torch.ones(1), blank_id=self.blank)[0]
+                text = "".join(self.asr.tokenizer.decode_ndim(ids))
+            for label in self._special_labels:  # <bos>/<eos>: never targets, not words
+                text = text.replace(label, " ")
+            words += self._align(part, text.split(), offset + a * self.frame_seconds)
+        return words
+
+    def _align(self, log_probs: torch.Tensor, words: list[str], offset: float) -> list[Word]:
+        """Word times of ``words`` on the CTC log-probabilities (T, V) of their audio."""
+        if not words:
+            return []
+        if self.family == "CTC":
+            lab2ind = self.asr.tokenizer.lab2ind
+            tokens, spans = alignment.word_targets(
+                words, lambda w: [lab2ind[c] for c in w], lab2ind[" "]
+            )
+        else:
+            sp = self.asr.tokenizer
+            tokens, spans = alignment.word_targets(words, sp.encode_as_ids, None)
+        return alignment.align_words(
+            log_probs, words, tokens, spans, self.blank, self.frame_seconds, offset
+        )
