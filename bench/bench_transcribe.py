@@ -43,11 +43,9 @@ import mamba_asr  # noqa: E402,F401  (drops SpeechBrain's torchvision notice)
 
 # isort: split
 import torch  # noqa: E402
-from hyperpyyaml import load_hyperpyyaml, resolve_references  # noqa: E402
-from speechbrain.inference.ASR import EncoderASR  # noqa: E402
 
-from mamba_asr import audio_io, data, inference_yaml  # noqa: E402
-from mamba_asr.export import output_frame_seconds  # noqa: E402
+from mamba_asr import audio_io  # noqa: E402
+from mamba_asr.export import export_untrained  # noqa: E402
 from mamba_asr.transcriber import Transcriber  # noqa: E402
 
 DEMO = REPO / "data" / "demo"
@@ -58,23 +56,10 @@ SPAN_TOLERANCE = 0.2
 
 
 def random_transcriber(config: str, **options: object) -> Transcriber:
-    """A CTC configuration's model with random weights (seeded), as an export would load it."""
-    torch.manual_seed(0)
+    """A CTC configuration's model as initialised (random weights), through an export folder."""
     with tempfile.TemporaryDirectory() as tmp:
-        text = resolve_references(
-            (REPO / config).read_text(), {"data_folder": tmp, "output_folder": tmp}
-        ).getvalue()
-        tree = inference_yaml.load_resolved(text)
-        info = {"family": "CTC", "sample_rate": 16000, "blank_index": 0}
-        hparams = load_hyperpyyaml(inference_yaml.ctc_hparams(tree, "", info, None))
-        hparams["tokenizer"] = data.char_encoder(
-            Path(tmp) / "labels.txt", str(tree["characters"]), 0, 1, 2,
-            hparams["ctc_lin"].w.out_features,
-        )
-    asr = EncoderASR(modules=hparams["modules"], hparams=hparams)
-    card = {"family": "CTC", "sample_rate": 16000,
-            "output_frame_seconds": output_frame_seconds(hparams)}
-    return Transcriber(asr, card, **options)
+        export_untrained(str(REPO / config), Path(tmp) / "model")
+        return Transcriber.from_folder(Path(tmp) / "model", **options)
 
 
 def demo_utterances(split: str = "test-clean") -> list[Path]:

@@ -232,9 +232,14 @@ def export_untrained(
         data.char_encoder(labels, hparams["characters"], hparams["blank_index"],
                           hparams["bos_index"], hparams["eos_index"], hparams["output_neurons"])
 
+        norm = hparams["normalize"]
+        if norm.norm_type == "global" and norm.count == 0:  # no statistics yet: identity
+            norm.glob_mean = torch.zeros(hparams["n_mels"])
+            norm.glob_std = torch.ones(hparams["n_mels"])
+
         def write_weights(stage: Path) -> None:
             torch.save(hparams["model"].state_dict(), stage / "asr.ckpt")
-            hparams["normalize"]._save(stage / "normalizer.ckpt")
+            norm._save(stage / "normalizer.ckpt")
             shutil.copyfile(labels, stage / "tokenizer.ckpt")
 
         provenance = {

@@ -18,6 +18,7 @@ from conftest import REPO, n_params
 from runs import S2S_N_TEST, S2S_TINY
 from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
+import evaluate
 import export
 from mamba_asr import data
 from mamba_asr.config import ConfigError
@@ -68,18 +69,23 @@ def ctc_folder(ctc_export: Path) -> Path:
 
 @pytest.mark.slow
 def test_ctc_folder_loads_in_speechbrain_as_evaluated(
-    ctc_random_run: Path, ctc_folder: Path
+    ctc_random_run: Path, ctc_folder: Path, tmp_path: Path
 ) -> None:
-    """SpeechBrain's EncoderASR, from the folder in place, transcribes the test set as the
-    recipe's test stage did (evaluate.py writes the same, tests/test_evaluate.py), every
-    random-weight transcript character for character (one utterance per batch, no padding);
-    the folder is left byte for byte as it was, with no link or file added; our Transcriber
-    gives the same words, one file at a time."""
+    """SpeechBrain's EncoderASR, from the folder in place, transcribes the test set as
+    evaluate.py decodes the same checkpoints, every random-weight transcript character for
+    character (one utterance per batch: no padding); the folder is left byte for byte as it
+    was, with no link or file added; our Transcriber gives the same words."""
     before = _snapshot(ctc_folder)
+    evaluate.main([
+        str(REPO / "hparams" / "CTC" / "demo.yaml"), "--ckpt", str(ctc_random_run / "save"),
+        "--test_csv", str(ctc_random_run / "prepared" / "test-clean.csv"), "--out_dir",
+        str(tmp_path), "--test_dataloader_opts", "{batch_size: 1}", "--noprogressbar",
+    ])
+    expected = _run_hypotheses(tmp_path / "wer_test-clean.json")
+    assert expected == _run_hypotheses(ctc_random_run / "wer_test-clean.json")
+    assert len(expected) == 16 and sum(len("".join(h)) for h in expected.values()) > 200
     asr = EncoderASR.from_hparams(source=str(ctc_folder), savedir=str(ctc_folder))
-    expected = _run_hypotheses(ctc_random_run / "wer_test-clean.json")
     files = _test_files(ctc_random_run)
-    assert len(expected) == 16
     got = {uid: asr.transcribe_file(files[uid]).split() for uid in expected}
     assert got == expected
     assert _snapshot(ctc_folder) == before

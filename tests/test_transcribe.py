@@ -178,3 +178,32 @@ def test_ten_minutes_in_one_pass(ctc_export: Path, demo_corpus: Path, monkeypatc
     # what the pass adds to a process holding the model and the audio (10 min = 19 MB)
     extra = peak_memory(_run, functools.partial(_setup, str(ctc_export), str(demo_corpus)))
     assert extra < 400 << 20, extra
+
+
+@pytest.mark.slow
+def test_beyond_the_one_pass_limit_vad_segments(ctc_export: Path, demo_corpus: Path,
+                                               monkeypatch) -> None:
+    """A file longer than max_pass_seconds is split at pauses by the VAD into segments of at
+    most that length, each transcribed (in one pass when it is long); times stay the file's."""
+    from mamba_asr import vad
+
+    wav = _ten_minutes(demo_corpus)[0][: 90 * SR]
+    segments: list[list[tuple[int, int]]] = []
+    original = vad.speech_segments
+
+    def spy(*args, **kwargs):
+        segments.append(original(*args, **kwargs))
+        return segments[-1]
+
+    monkeypatch.setattr(vad, "speech_segments", spy)
+    asr = Transcriber.from_folder(ctc_export, max_pass_seconds=40.0)
+    t = next(iter(asr.transcribe([(wav, SR)])))
+    (found,) = segments
+    assert len(found) >= 3 and all(b - a <= 40 * SR for a, b in found)
+    assert found == sorted(found) and found[-1][1] <= len(wav)
+    ends = [0.0] + [w.end for w in t.words]
+    assert all(w.start >= prev for w, prev in zip(t.words, ends, strict=False))
+    # every word inside the segment it was heard in
+    assert all(any(a / SR <= w.start and w.end <= b / SR + 0.04 for a, b in found)
+               for w in t.words)
+    assert t.words[-1].end > 80.0 and t.duration == 90.0
