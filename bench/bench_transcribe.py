@@ -17,18 +17,17 @@ cannot allocate is reported as not fitting). The audio is demo-corpus speech til
 ``batching``: 200 demo test utterances, length-sorted batches vs one at a time.
 ``timestamps``: mean absolute word-boundary error on the demo test-clean set against the
 corpus' word times (needs an exported demo model and the corpus' word-time files).
-``long``: a 10-minute file made of demo test-clean utterances (0.3-1.0 s apart) in one pass
-vs the utterances one by one: the WER between the two transcripts, and how many words fall
-inside their source utterance's span (+-0.2 s).
+``long``: a 10-minute file made of demo test-clean utterances end to end in one pass vs the
+utterances one by one: each one's WER against the transcripts, the WER between the two, and
+how many of the words they share fall inside their source utterance's span (+-0.2 s).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
-import os
 import platform
-import random
 import resource
 import subprocess
 import sys
@@ -166,25 +165,21 @@ def batching(model: str, count: int = 200) -> None:
 
 
 def timestamps(model: str) -> None:
-    from mamba_asr.alignment import boundary_errors
+    from mamba_asr.alignment import BoundaryStats, boundary_errors
     from mamba_asr.demo_corpus import read_word_times
 
     reference = read_word_times(DEMO, "test-clean")
     files = {f.stem: f for f in demo_utterances("test-clean")}
     asr = Transcriber.load(model)
-    starts, ends, matched, total = [], [], 0, 0
+    total = BoundaryStats()
     for uid, t in zip(files, asr.transcribe(list(files.values())), strict=True):
-        stats = boundary_errors(reference[uid], t.words)
-        starts += stats.start_errors
-        ends += stats.end_errors
-        matched += stats.matched
-        total += len(reference[uid])
-    both = starts + ends
+        total += boundary_errors(reference[uid], t.words)
     print(f"\nWord boundaries on demo test-clean ({len(files)} utterances), {model}")
-    print("| words matched | start error (ms) | end error (ms) | mean |boundary error| (ms) |")
+    print("| words matched / reference | mean start error (ms) | mean end error (ms) | "
+          "mean boundary error (ms) |")
     print("|---|---|---|---|")
-    print(f"| {matched} of {total} | {1000 * sum(starts) / len(starts):.0f} | "
-          f"{1000 * sum(ends) / len(ends):.0f} | {1000 * sum(both) / len(both):.0f} |")
+    print(f"| {total.matched} / {total.reference_words} | {1000 * total.start_error:.0f} | "
+          f"{1000 * total.end_error:.0f} | {1000 * total.boundary_error:.0f} |")
 
 
 # --------------------------------------------------------------------------- one pass
@@ -193,27 +188,38 @@ def timestamps(model: str) -> None:
 def long_file(model: str, minutes: float = 10.0) -> None:
     from speechbrain.utils.edit_distance import accumulatable_wer_stats
 
-    rng = random.Random(0)
+    def wer(refs: list[list[str]], hyps: list[list[str]]) -> float:
+        return accumulatable_wer_stats(refs, hyps, collections.Counter())["WER"]
+
     asr = Transcriber.load(model)
-    pieces, spans, at = [], [], 0
     files = demo_utterances("test-clean")
-    while at < minutes * 60 * 16000:
-        wav = audio_io.load_audio(files[len(spans) % len(files)], 16000)
-        gap = torch.zeros(int(rng.uniform(0.3, 1.0) * 16000))
-        pieces += [wav, gap]
+    truth = {}
+    for path in sorted(files[0].parents[2].glob("*/*/*.trans.txt")):
+        for line in path.read_text().splitlines():
+            uid, text = line.split(" ", 1)
+            truth[uid] = text.split()
+    pieces, spans, names, at = [], [], [], 0
+    while at < minutes * 60 * 16000:  # end to end: each keeps its own ~0.27 s of silence
+        path = files[len(spans) % len(files)]
+        wav = audio_io.load_audio(path, 16000)
+        pieces.append(wav)
+        names.append(path.stem)
         spans.append((at / 16000, (at + len(wav)) / 16000))
-        at += len(wav) + len(gap)
+        at += len(wav)
     whole = torch.cat(pieces)
     start = time.perf_counter()
     one = next(iter(asr.transcribe([(whole, 16000)])))
     one_s = time.perf_counter() - start
-    utterances = [(pieces[2 * i], 16000) for i in range(len(spans))]
     start = time.perf_counter()
-    each = list(asr.transcribe(utterances))
+    each = list(asr.transcribe([(p, 16000) for p in pieces]))
     each_s = time.perf_counter() - start
+    segmented = Transcriber.load(model, max_pass_seconds=30.0)  # VAD segments of <= 30 s
+    start = time.perf_counter()
+    vad = next(iter(segmented.transcribe([(whole, 16000)])))
+    vad_s = time.perf_counter() - start
     ref = [w for t in each for w in t.text.split()]
     hyp = [w.word for w in one.words]
-    stats = accumulatable_wer_stats([ref], [hyp], {"num_edits": 0, "num_scored_tokens": 0})
+    reference = [w for n in names for w in truth[n]]
     # each one-pass word matched to an utterance-by-utterance word: inside that utterance?
     source = [i for i, t in enumerate(each) for _ in t.text.split()]
     inside = total = 0
@@ -224,13 +230,18 @@ def long_file(model: str, minutes: float = 10.0) -> None:
             total += 1
             inside += a - SPAN_TOLERANCE <= w.start and w.end <= b + SPAN_TOLERANCE
     print(f"\n{whole.numel() / 16000 / 60:.1f}-minute file of {len(spans)} demo test-clean "
-          f"utterances, {model}")
-    print("| transcription | seconds | words | WER vs utterance by utterance | words inside "
-          "their utterance (+-0.2 s) |")
-    print("|---|---|---|---|---|")
-    print(f"| utterance by utterance | {each_s:.1f} | {len(ref)} | - | - |")
-    print(f"| one pass | {one_s:.1f} | {len(hyp)} | {stats['WER']:.2f} % | "
-          f"{inside} of {total} ({100 * inside / max(total, 1):.1f} %) |")
+          f"utterances end to end, {model}")
+    print("| transcription | seconds | words | WER vs the transcripts | WER vs utterance by "
+          "utterance | matched words inside their utterance (+-0.2 s) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| utterance by utterance | {each_s:.1f} | {len(ref)} | "
+          f"{wer([reference], [ref]):.2f} % | - | - |")
+    print(f"| one pass | {one_s:.1f} | {len(hyp)} | {wer([reference], [hyp]):.2f} % | "
+          f"{wer([ref], [hyp]):.2f} % | {inside} of {total} "
+          f"({100 * inside / max(total, 1):.1f} %) |")
+    vad_words = vad.text.split()
+    print(f"| VAD segments (<= 30 s) | {vad_s:.1f} | {len(vad_words)} | "
+          f"{wer([reference], [vad_words]):.2f} % | {wer([ref], [vad_words]):.2f} % | - |")
 
 
 def _align(ref: list[str], hyp: list[str]) -> list[tuple[str, int, int]]:
@@ -241,24 +252,23 @@ def _align(ref: list[str], hyp: list[str]) -> list[tuple[str, int, int]]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["_speed_child"]:  # one speed measurement, in a fresh process
+        print(json.dumps(speed_child(sys.argv[2], float(sys.argv[3]))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["speed", "batching", "timestamps", "long", "all",
-                                         "_speed_child"])
-    parser.add_argument("args", nargs="*")
+    parser.add_argument("what", nargs="+", choices=["speed", "batching", "timestamps", "long",
+                                                    "all"])
     parser.add_argument("--model", default="models/demo-ctc", help="an export or run folder")
     parser.add_argument("--seconds", type=float, nargs="+", default=[10, 60, 600, 3600])
     args = parser.parse_args()
-    if args.what == "_speed_child":
-        print(json.dumps(speed_child(args.args[0], float(args.args[1]))))
-        return
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    if args.what in ("speed", "all"):
+    what = {"speed", "batching", "timestamps", "long"} if "all" in args.what else set(args.what)
+    if "speed" in what:
         speed(args.seconds)
-    if args.what in ("batching", "all"):
+    if "batching" in what:
         batching(args.model)
-    if args.what in ("timestamps", "all"):
+    if "timestamps" in what:
         timestamps(args.model)
-    if args.what in ("long", "all"):
+    if "long" in what:
         long_file(args.model)
 
 

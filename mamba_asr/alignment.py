@@ -229,6 +229,24 @@ def _cut_point(
     return (a + b) // 2
 
 
+def split_at_pauses(
+    log_probs: torch.Tensor, blank: int, min_blank_frames: int
+) -> list[tuple[int, int]]:
+    """Consecutive frame ranges [start, end) covering [0, T) of ``log_probs`` (T, V), cut in
+    the middle of every pause: a run of at least ``min_blank_frames`` frames whose argmax is
+    ``blank``. Decoded apart, no word spans a pause (a character model trained on single
+    utterances never emits a space between two of them: decoded whole, the last word of one
+    and the first of the next would merge)."""
+    _check_frames(log_probs)
+    frames = log_probs.shape[0]
+    if frames == 0:
+        return []
+    runs = _blank_runs(log_probs.argmax(dim=-1) == blank)
+    cuts = [(a + b) // 2 for a, b in runs if b - a >= min_blank_frames and 0 < a and b < frames]
+    bounds = [0, *cuts, frames]
+    return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+
+
 def split_at_blanks(
     log_probs: torch.Tensor, blank: int, min_blank_frames: int, max_frames: int
 ) -> list[tuple[int, int]]:

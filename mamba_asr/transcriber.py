@@ -47,8 +47,10 @@ logger = logging.getLogger(__name__)
 
 AudioInput = str | Path | tuple[torch.Tensor, int]
 SEARCHES = ("default", "greedy", "beam")
-# A pause in the CTC posteriors: this long a run of blanks may end a stretch decoded alone.
-PAUSE_SECONDS = 0.3
+# A pause in the CTC posteriors: this long a run of blanks ends a stretch decoded alone (no word
+# spans it). Words inside an utterance are at most ~0.15 s apart (the demo corpus: 0.13 s),
+# utterances put end to end ~0.27 s (their own silences).
+PAUSE_SECONDS = 0.2
 # Stretches between pauses are decoded and aligned separately up to this length.
 STRETCH_SECONDS = 30.0
 # Attention models (Conformer encoders, attention decoders) see VAD segments this long at most.
@@ -246,11 +248,7 @@ class Transcriber:
                 spent[piece.index] += share * len(piece.wav)
         for i, (wav, name, load_s) in loaded.items():
             duration = len(wav) / self.sample_rate
-            # the last 40 ms frame may run past the audio's end
-            file_words = [
-                replace(w, start=min(w.start, duration), end=min(w.end, duration))
-                for w in sorted(words[i], key=lambda w: w.start)
-            ]
+            file_words = _in_order(sorted(words[i], key=lambda w: w.start), duration)
             yield Transcript(
                 text=" ".join(w.word for w in file_words),
                 duration=duration,
@@ -308,18 +306,28 @@ class Transcriber:
     def _one_pass(self, wav: torch.Tensor, offset: float) -> list[Word]:
         """A ConMamba CTC model over the whole file: chunked front-end, one encoder pass."""
         h = self.hparams
-        src = long_audio.frontend(h.compute_features, h.normalize, h.CNN,
-                                  wav.unsqueeze(0).to(self.device))
-        enc = h.Transformer.encode(src, torch.ones(1, device=self.device))
+        # no reference kept to the front-end's output: the encoder frees it once projected
+        enc = h.Transformer.encode(
+            long_audio.frontend(h.compute_features, h.normalize, h.CNN,
+                                wav.unsqueeze(0).to(self.device)),
+            torch.ones(1, device=self.device),
+        )
         log_probs = h.log_softmax(h.ctc_lin(enc).float())[0].cpu()
+        del enc
         return self._ctc_words(log_probs, offset)
 
     def _ctc_words(self, log_probs: torch.Tensor, offset: float) -> list[Word]:
-        """Decode and align CTC log-probabilities (T, V) stretch by stretch between pauses."""
+        """Decode and align CTC log-probabilities (T, V) stretch by stretch between pauses
+        (at most ``STRETCH_SECONDS`` each)."""
         pause = max(1, round(PAUSE_SECONDS / self.frame_seconds))
         longest = max(pause + 1, round(STRETCH_SECONDS / self.frame_seconds))
         words: list[Word] = []
-        for a, b in alignment.split_at_blanks(log_probs, self.blank, pause, longest):
+        stretches = [
+            (lo + a, lo + b)
+            for lo, hi in alignment.split_at_pauses(log_probs, self.blank, pause)
+            for a, b in alignment.split_at_blanks(log_probs[lo:hi], self.blank, pause, longest)
+        ]
+        for a, b in stretches:
             part = log_probs[a:b]
             if self.ctc_beam is not None:
                 text = self.ctc_beam(part.unsqueeze(0), torch.ones(1))[0][0].text
@@ -346,3 +354,14 @@ class Transcriber:
         return alignment.align_words(
             log_probs, words, tokens, spans, self.blank, self.frame_seconds, offset
         )
+
+
+def _in_order(words: list[Word], duration: float) -> list[Word]:
+    """``words`` (sorted by start) with times inside [0, duration] that never overlap: a
+    word's last 40 ms frame may run past the audio's end, or past the start of the next
+    segment's first word where voice-activity segments touch."""
+    out: list[Word] = []
+    for w in words:
+        start = min(max(w.start, out[-1].end if out else 0.0), duration)
+        out.append(replace(w, start=start, end=min(max(w.end, start), duration)))
+    return out
