@@ -22,6 +22,7 @@ from mamba_asr.alignment import (
     boundary_errors,
     ctc_feasible,
     split_at_blanks,
+    split_at_pauses,
     word_targets,
 )
 from mamba_asr.transcript import Word
@@ -247,6 +248,21 @@ def test_split_at_blanks_without_pauses_or_when_short() -> None:
     assert split_at_blanks(torch.zeros(0, VOCAB), BLANK, 5, 40) == []
     with pytest.raises(ValueError, match=r"max_frames \(0\)"):
         split_at_blanks(speech, BLANK, 5, 0)
+
+
+def test_split_at_pauses_cuts_every_long_pause_so_words_do_not_merge() -> None:
+    """Two utterances end to end, "HI" and "YO" with no space between them: decoded whole,
+    one word "HIYO"; cut in the middle of the 6-frame pause between them, two words. Shorter
+    blank runs (inside a word) and the leading/trailing silence are not cut."""
+    spec = "--HH-II" + "-" * 6 + "Y--OO---"
+    log_probs = posteriors(frames(spec))
+    assert split_at_pauses(log_probs, BLANK, 5) == [(0, 10), (10, 21)]
+    assert split_at_pauses(log_probs, BLANK, 7) == [(0, 21)]
+    texts = ["".join(char_encoder().decode_ndim(ctc_greedy_decode(
+        log_probs[None, a:b], torch.ones(1), BLANK)[0])) for a, b in
+        split_at_pauses(log_probs, BLANK, 5)]
+    assert texts == ["HI", "YO"]
+    assert split_at_pauses(log_probs[:0], BLANK, 5) == []
 
 
 def test_boundary_errors_compare_matched_words_only() -> None:

@@ -209,3 +209,15 @@ def test_beyond_the_one_pass_limit_vad_segments(ctc_export: Path, demo_corpus: P
     assert all(any(a / SR <= w.start and w.end <= b / SR + 0.04 for a, b in found)
                for w in t.words)
     assert t.words[-1].end > 80.0 and t.duration == 90.0
+
+
+def test_word_times_stay_in_order_and_inside_the_audio() -> None:
+    """Where two segments' words meet (the last frame of one runs 40 ms past the next's
+    start) and at the end of the audio, times are clipped, never reordered."""
+    from mamba_asr.transcriber import _in_order
+    from mamba_asr.transcript import Word
+
+    words = [Word("A", 0.0, 1.04, 0.9), Word("B", 1.0, 1.5, 0.8), Word("C", 1.96, 2.04, 0.7)]
+    fixed = _in_order(words, duration=2.0)
+    assert [(w.start, w.end) for w in fixed] == [(0.0, 1.04), (1.04, 1.5), (1.96, 2.0)]
+    assert [w.probability for w in fixed] == [0.9, 0.8, 0.7]
