@@ -11,14 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from hyperpyyaml import load_hyperpyyaml
 
-from mamba_asr import data
-from mamba_asr.checkpoints import KILL_ENV
-from mamba_asr.pretrained import write_lm_folder
-from mamba_asr.tokenizer import prepare_tokenizer
+# The project's modules are imported in the fixtures: scripts the tests run with only tests/ on
+# their path (record_ops.py) import conftest, and so this module, too.
 
 REPO = Path(__file__).resolve().parents[1]
 CTC_DEMO = REPO / "hparams" / "CTC" / "demo.yaml"
@@ -39,6 +35,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def load_s2s_demo(**overrides: object) -> dict:
     """hparams/S2S/demo.yaml loaded with ``overrides``."""
+    from hyperpyyaml import load_hyperpyyaml
+
     with open(S2S_DEMO, encoding="utf-8") as f:
         return load_hyperpyyaml(f, overrides)
 
@@ -65,6 +63,8 @@ def ctc_run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="session")
 def s2s_manifests(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo corpus' training manifest (all 3,040 utterances) in a temporary folder."""
+    from mamba_asr import data
+
     folder = tmp_path_factory.mktemp("s2s_prep")
     data.prepare_manifests({
         "data_folder": str(demo_corpus), "prep_folder": str(folder),
@@ -78,6 +78,11 @@ def s2s_manifests(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -
 def s2s_lm_folder(s2s_manifests: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random TransformerLM in the demo configuration's LM architecture and a tokenizer
     trained on the demo transcripts, exported as train_LM.py does."""
+    import torch
+
+    from mamba_asr.pretrained import write_lm_folder
+    from mamba_asr.tokenizer import prepare_tokenizer
+
     folder = tmp_path_factory.mktemp("s2s_lm")
     tokenizer = prepare_tokenizer(folder / "spm", 256, s2s_manifests / "train.csv")
     lm_model = load_s2s_demo(data_folder=str(folder), output_folder=str(folder))["lm_model"]
@@ -91,6 +96,8 @@ def s2s_run(
 ) -> dict:
     """Killed inside its second checkpoint save, then the same command finishes it."""
     from conftest import logged_epochs
+
+    from mamba_asr.checkpoints import KILL_ENV
 
     out = tmp_path_factory.mktemp("s2s") / "run"
     args = [

@@ -35,6 +35,7 @@ PRIVATE = {
     "Checkpointer._new_checkpoint_dirpath": "(self)",
     "Checkpointer._custom_checkpoint_dirpath": "(self, name)",
     "Checkpointer._list_checkpoint_dirs": "(self)",
+    "InputNormalization._save": "(self, path)",  # its checkpoint saver (export_untrained)
 }
 
 
