@@ -61,21 +61,15 @@ def _export(argv: list[str]) -> Path:
     return Path(argv[argv.index("--out") + 1])
 
 
-@pytest.fixture
-def ctc_folder(ctc_export: Path) -> Path:
-    """The CTC demo run's export (tests/runs.py)."""
-    return ctc_export
-
-
 @pytest.mark.slow
-def test_ctc_folder_loads_in_speechbrain_as_evaluated(
-    ctc_random_run: Path, ctc_folder: Path, tmp_path: Path
+def test_ctc_export_loads_in_speechbrain_as_evaluated(
+    ctc_random_run: Path, ctc_export: Path, tmp_path: Path
 ) -> None:
     """SpeechBrain's EncoderASR, from the folder in place, transcribes the test set as
     evaluate.py decodes the same checkpoints, every random-weight transcript character for
     character (one utterance per batch: no padding); the folder is left byte for byte as it
     was, with no link or file added; our Transcriber gives the same words."""
-    before = _snapshot(ctc_folder)
+    before = _snapshot(ctc_export)
     evaluate.main([
         str(REPO / "hparams" / "CTC" / "demo.yaml"), "--ckpt", str(ctc_random_run / "save"),
         "--test_csv", str(ctc_random_run / "prepared" / "test-clean.csv"), "--out_dir",
@@ -84,24 +78,24 @@ def test_ctc_folder_loads_in_speechbrain_as_evaluated(
     expected = _run_hypotheses(tmp_path / "wer_test-clean.json")
     assert expected == _run_hypotheses(ctc_random_run / "wer_test-clean.json")
     assert len(expected) == 16 and sum(len("".join(h)) for h in expected.values()) > 200
-    asr = EncoderASR.from_hparams(source=str(ctc_folder), savedir=str(ctc_folder))
+    asr = EncoderASR.from_hparams(source=str(ctc_export), savedir=str(ctc_export))
     files = _test_files(ctc_random_run)
     got = {uid: asr.transcribe_file(files[uid]).split() for uid in expected}
     assert got == expected
-    assert _snapshot(ctc_folder) == before
+    assert _snapshot(ctc_export) == before
 
-    ours = Transcriber.from_folder(ctc_folder, max_batch_seconds=0)
+    ours = Transcriber.from_folder(ctc_export, max_batch_seconds=0)
     texts = [t.text.split() for t in ours.transcribe([files[u] for u in expected])]
     assert dict(zip(expected, texts, strict=True)) == expected
 
 
 @pytest.mark.slow
-def test_ctc_card_describes_the_run(ctc_random_run: Path, ctc_folder: Path) -> None:
-    card = verify_folder(ctc_folder)
+def test_ctc_card_describes_the_run(ctc_random_run: Path, ctc_export: Path) -> None:
+    card = verify_folder(ctc_export)
     assert sorted(card["files"]) == sorted(
         ["asr.ckpt", "normalizer.ckpt", "tokenizer.ckpt", "hyperparams.yaml", "README.md"]
     )
-    assert sorted(p.name for p in ctc_folder.iterdir()) == sorted([*card["files"], CARD_FILE])
+    assert sorted(p.name for p in ctc_export.iterdir()) == sorted([*card["files"], CARD_FILE])
     run = ctc_random_run
     model = load_trained(str(run / "hyperparams.yaml"), [str(run / "save")], [])
     assert card["parameters"] == n_params(model.hparams["model"])
@@ -121,10 +115,10 @@ def test_ctc_card_describes_the_run(ctc_random_run: Path, ctc_folder: Path) -> N
     sha = hashlib.sha256((ctc_random_run / "hyperparams.yaml").read_bytes()).hexdigest()
     assert card["config_sha256"] == sha
     assert len(card["git_commit"].split("+")[0]) == 40
-    readme = (ctc_folder / "README.md").read_text()
+    readme = (ctc_export / "README.md").read_text()
     assert f"{card['parameters']:,} parameters" in readme and "| test-clean |" in readme
 
-    hparams_text = (ctc_folder / "hyperparams.yaml").read_text()
+    hparams_text = (ctc_export / "hyperparams.yaml").read_text()
     keys = re.findall(r"^(\w+):", hparams_text, flags=re.MULTILINE)  # the top-level keys
     assert "encoder" in keys and "pretrainer" in keys
     assert not [k for k in TRAINING_ONLY if k in keys]
@@ -132,9 +126,9 @@ def test_ctc_card_describes_the_run(ctc_random_run: Path, ctc_folder: Path) -> N
 
 
 @pytest.mark.slow
-def test_changed_file_is_refused(ctc_folder: Path, tmp_path: Path) -> None:
+def test_changed_file_is_refused(ctc_export: Path, tmp_path: Path) -> None:
     folder = tmp_path / "copy"
-    shutil.copytree(ctc_folder, folder)
+    shutil.copytree(ctc_export, folder)
     verify_folder(folder)
     with open(folder / "tokenizer.ckpt", "a") as f:
         f.write("' => 31\n")
@@ -150,7 +144,7 @@ def test_changed_file_is_refused(ctc_folder: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_export_is_atomic(
-    ctc_random_run: Path, ctc_folder: Path, tmp_path: Path, monkeypatch
+    ctc_random_run: Path, ctc_export: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """An export that fails while writing leaves nothing (nor its temporary folder), and
     with --overwrite the existing folder as it was; one that cannot start writes nothing."""
@@ -164,7 +158,7 @@ def test_export_is_atomic(
         return copy(src, dst, *args, **kwargs)
 
     models = tmp_path / "models"
-    shutil.copytree(ctc_folder, models / "x")
+    shutil.copytree(ctc_export, models / "x")
     before = _snapshot(models / "x")
     monkeypatch.setattr(mamba_asr.export.shutil, "copyfile", disk_full)
     for out, extra in ((models / "y", []), (models / "x", ["--overwrite"])):
