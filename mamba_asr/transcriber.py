@@ -55,8 +55,9 @@ PAUSE_SECONDS = 0.2
 STRETCH_SECONDS = 30.0
 # Attention models (Conformer encoders, attention decoders) see VAD segments this long at most.
 SEGMENT_SECONDS = 30.0
-# One-pass limit of ConMamba CTC models: peak memory grows linearly (see docs/performance.md).
-MAX_PASS_SECONDS = 2 * 3600.0
+# One-pass limit of ConMamba CTC models: peak memory grows linearly, 3.3 GB for an hour at
+# ConMamba-S sizes (docs/performance.md); longer files are cut into VAD segments this long.
+MAX_PASS_SECONDS = 3600.0
 BATCH_FILE_SECONDS = 60.0
 MAX_BATCH_SECONDS = 120.0
 _PREFETCH = 64  # files loaded and length-sorted together
