@@ -30,6 +30,7 @@ from typing import Any
 
 from mamba_asr import audio_io
 from mamba_asr.config import ConfigError, cli
+from mamba_asr.model_card import CardError
 from mamba_asr.transcriber import MAX_BATCH_SECONDS, MAX_PASS_SECONDS, SEARCHES, Transcriber
 from mamba_asr.transcript import (
     ALL_FORMATS,
@@ -108,11 +109,16 @@ def main(argv: list[str]) -> int:
             )
         out_dir.mkdir(parents=True, exist_ok=True)
     output_formats(fmt)  # an unknown name fails here, before the model loads
-    asr = Transcriber.load(
-        args.model, device=args.device, search=args.search, beam_size=args.beam_size,
-        no_lm=no_lm, max_batch_seconds=args.max_batch_seconds,
-        max_pass_seconds=args.max_pass_seconds,
-    )
+    try:
+        asr = Transcriber.load(
+            args.model, device=args.device, search=args.search, beam_size=args.beam_size,
+            no_lm=no_lm, max_batch_seconds=args.max_batch_seconds,
+            max_pass_seconds=args.max_pass_seconds,
+        )
+    except ValueError as exc:  # an option the model cannot take (--search greedy for S2S)
+        if isinstance(exc, ConfigError | CardError):
+            raise
+        raise ConfigError(f"{args.model}: {exc}") from exc
     failed: list[Any] = list(missing)
 
     def report(item: Any, exc: Exception) -> None:
