@@ -24,7 +24,9 @@ import contextlib
 import csv
 import datetime
 import json
+import math
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -48,6 +50,7 @@ from mamba_asr.model_card import (
 )
 from mamba_asr.reports._common import ReportError
 from mamba_asr.reports.scores import read_scores
+from mamba_asr.reports.wer_table import summary_row
 from mamba_asr.trained import TrainedModel, config_family
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,19 +66,14 @@ class ExportError(ConfigError):
     """The model cannot be exported as asked."""
 
 
-def output_frame_seconds(hparams: dict[str, Any]) -> float:
-    """Seconds per encoder output frame: the features' hop times the CNN's total stride."""
-    hop = hparams["compute_features"].compute_STFT.hop_length  # samples
-    stride = 1
-    for block in hparams["CNN"].children():
-        for layer in block.modules():
-            if isinstance(layer, torch.nn.Conv2d):
-                stride *= layer.stride[0]
-    return hop / hparams["sample_rate"] * stride
-
-
 def _feature_frame_seconds(hparams: dict[str, Any]) -> float:
     return hparams["compute_features"].compute_STFT.hop_length / hparams["sample_rate"]
+
+
+def output_frame_seconds(hparams: dict[str, Any]) -> float:
+    """Seconds per encoder output frame: the features' hop times the CNN's total stride (from
+    SpeechBrain's filter analysis, as the chunked front-end reads it)."""
+    return _feature_frame_seconds(hparams) * hparams["CNN"].get_filter_properties().stride
 
 
 def resolved_config(model: TrainedModel) -> str:
@@ -125,12 +123,11 @@ def test_results(run_folder: Path) -> list[dict[str, Any]]:
                 scores = read_scores(path)
             except ReportError:
                 continue
-            wer = scores["WER"]["summary"]
-            cer = scores.get("CER", {}).get("summary")
+            row = summary_row(scores)
             rows.append({
-                "test_set": scores["test_set"], "search": search,
-                "WER": round(wer["WER"], 2), "CER": round(cer["WER"], 2) if cer else None,
-                "utterances": wer["num_scored_sents"],
+                "test_set": scores["test_set"], "search": search, "WER": round(row["WER"], 2),
+                "CER": None if math.isnan(row["CER"]) else round(row["CER"], 2),
+                "utterances": row["sentences"],
             })
     return rows
 
@@ -158,12 +155,15 @@ def _staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists: pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    while True:
+        stage = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            stage.mkdir(0o777)  # the umask applies, as to the folder a plain mkdir makes
+            break
+        except FileExistsError:
+            continue
     try:
         yield stage
-        umask = os.umask(0)
-        os.umask(umask)
-        stage.chmod(0o777 & ~umask)  # mkdtemp makes it 0o700; a folder made by mkdir would not be
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

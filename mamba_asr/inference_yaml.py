@@ -22,7 +22,6 @@ from ruamel.yaml.scalarstring import ScalarString
 
 INDENT = "    "
 WINDOWED_NORM = "!new:modules.normalization.WindowedInputNormalization"
-SENTENCE_NORM = "!new:speechbrain.processing.features.InputNormalization"
 ENCODER_WRAPPER = "!new:speechbrain.lobes.models.transformer.TransformerASR.EncoderWrapper"
 
 
@@ -65,7 +64,7 @@ class Emitter:
         if isinstance(node, TaggedScalar):
             return f"{node.tag.value} {node.value}".rstrip()
         if isinstance(node, CommentedMap | dict):
-            return "{}" if not node and not _tag(node) else (_tag(node) if not node else None)
+            return (_tag(node) or "{}") if not node else None
         if isinstance(node, CommentedSeq | list):
             items = [self.inline(item) for item in node]
             if _tag(node) is None and all(i is not None and "\n" not in i for i in items):
@@ -110,21 +109,30 @@ def _refs(names: Iterable[str]) -> str:
 
 def _model_entries(config: CommentedMap, keys: list[str], refs: dict[int, str],
                    norm_window_frames: int | None) -> list[str]:
-    emitter = Emitter(refs)
+    """``key: definition`` of each of ``keys``, other keys' objects inside as references; a
+    windowed normaliser when ``norm_window_frames`` is given."""
     out = []
     for key in keys:
-        node = config[key]
-        own = {i: n for i, n in refs.items() if n != key}
-        emitter.refs = own
+        emitter = Emitter({i: n for i, n in refs.items() if n != key})
         if key == "normalize" and norm_window_frames is not None:
-            args = CommentedMap(node)
+            args = CommentedMap(config[key])
             args["window_frames"] = norm_window_frames
             out.append(emitter.entry(key, args, WINDOWED_NORM))
-        elif isinstance(node, TaggedScalar) or _tag(node) is None:
-            out.append(emitter.entry(key, node))
         else:
-            out.append(emitter.entry(key, node))
+            out.append(emitter.entry(key, config[key]))
     return out
+
+
+def _encoder(*tail: str) -> str:
+    """SpeechBrain's ``encoder``: features -> normaliser -> CNN -> encoder, then ``tail``."""
+    return "encoder: " + _obj(
+        "!new:speechbrain.nnet.containers.LengthsCapableSequential",
+        input_shape="[null, null]", compute_features="!ref <compute_features>",
+        normalize="!ref <normalize>", CNN="!ref <CNN>",
+        transformer_encoder=_obj(ENCODER_WRAPPER, transformer="!ref <Transformer>")
+        .replace("\n", "\n" + INDENT),
+        **{key: f"!ref <{key}>" for key in tail},
+    ) + "\n"
 
 
 def uses_sentence_norm(config: CommentedMap) -> bool:
@@ -146,14 +154,7 @@ def ctc_hparams(
     greedy = config["test_search"] != "beam"
     parts += [
         "\n# SpeechBrain EncoderASR: encoder (waveform -> CTC log-probabilities), decoding\n",
-        "encoder: " + _obj(
-            "!new:speechbrain.nnet.containers.LengthsCapableSequential",
-            input_shape="[null, null]", compute_features="!ref <compute_features>",
-            normalize="!ref <normalize>", CNN="!ref <CNN>",
-            transformer_encoder=_obj(ENCODER_WRAPPER, transformer="!ref <Transformer>")
-            .replace("\n", "\n" + INDENT),
-            ctc_lin="!ref <ctc_lin>", log_softmax="!ref <log_softmax>",
-        ) + "\n",
+        _encoder("ctc_lin", "log_softmax"),
         "# CTC prefix beam search options (transcribe.py --search beam)\n",
         Emitter({}).entry("ctc_beam_search", CommentedMap(beam)),
     ]
@@ -226,13 +227,7 @@ def s2s_hparams(
         return out + [text]
 
     parts.append("\n# SpeechBrain EncoderDecoderASR: encoder and the test beam search\n")
-    parts.append("encoder: " + _obj(
-        "!new:speechbrain.nnet.containers.LengthsCapableSequential",
-        input_shape="[null, null]", compute_features="!ref <compute_features>",
-        normalize="!ref <normalize>", CNN="!ref <CNN>",
-        transformer_encoder=_obj(ENCODER_WRAPPER, transformer="!ref <Transformer>")
-        .replace("\n", "\n" + INDENT),
-    ) + "\n")
+    parts.append(_encoder())
     names = [*scorers, *(["lm_scorer"] if with_lm else [])]
     all_weights = {**weights, **({"transformerlm": float(config["lm_weight"])} if with_lm else {})}
     parts += decoder("decoder", names, all_weights)

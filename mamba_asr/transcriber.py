@@ -164,18 +164,15 @@ class Transcriber:
                     options["beam_size"] = beam_size
                 vocab = [self.asr.tokenizer.ind2lab[i] for i in range(len(self.asr.tokenizer))]
                 self.ctc_beam = CTCPrefixBeamSearcher(vocab_list=vocab, **options)
-            self.search = "beam" if self.ctc_beam else "greedy"
             return
         if search == "greedy":
             raise ValueError("S2S models decode by beam search only (search 'beam' or 'default')")
-        self.decoder = getattr(h, "decoder_no_lm", None) if no_lm else None
-        self.decoder = self.decoder or h.decoder
         if no_lm and not hasattr(h, "decoder_no_lm"):
             logger.info("the model has no LM: --no_lm changes nothing")
-        self.decoder = self.decoder.to(self.device).eval()
+        decoder = getattr(h, "decoder_no_lm", h.decoder) if no_lm else h.decoder
+        self.decoder = decoder.to(self.device).eval()
         if beam_size is not None:
             self.decoder.beam_size = beam_size
-        self.search = "beam"
 
     # ------------------------------------------------------------------ transcription
 
