@@ -142,6 +142,13 @@ def _delete_tree(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
+def card_digest(card_bytes: bytes) -> tuple[str, str]:
+    """``(sha256, version id)`` of an export from its model card's bytes (the card holds the
+    sha256 of every other file, so it names the whole content)."""
+    digest = hashlib.sha256(card_bytes).hexdigest()
+    return digest, digest[:ID_LENGTH]
+
+
 class Registry:
     """The registry folder ``root`` (created by the first :meth:`add`)."""
 
@@ -318,8 +325,7 @@ class Registry:
             card_bytes = (folder / CARD_FILE).read_bytes()
         except (CardError, OSError) as exc:
             raise RegistryError(f"{folder}: cannot be added: {exc}") from exc
-        digest = hashlib.sha256(card_bytes).hexdigest()
-        version = digest[:ID_LENGTH]
+        digest, version = card_digest(card_bytes)
         staged = None
         if version not in self._read_index()["models"].get(name, {}).get("versions", {}):
             staged = self._stage(folder, card, digest)
