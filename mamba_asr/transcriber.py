@@ -59,6 +59,7 @@ SEGMENT_SECONDS = 30.0
 # ConMamba-S sizes (docs/performance.md); longer files are cut into VAD segments this long.
 MAX_PASS_SECONDS = 3600.0
 BATCH_FILE_SECONDS = 60.0
+MIN_BATCH_SECONDS = 0.1
 MAX_BATCH_SECONDS = 120.0
 _PREFETCH = 64  # files loaded and length-sorted together
 
@@ -279,11 +280,14 @@ class Transcriber:
     def _transcribe_batch(self, batch: list[_Piece]) -> list[list[Word]]:
         """Words (in file time) of each piece, padded into one batch."""
         lengths = torch.tensor([len(p.wav) for p in batch])
-        wavs = torch.zeros(len(batch), int(lengths.max()))
+        # at least MIN_BATCH_SECONDS wide: the front-end's convolutions need a few frames, so
+        # a clip of a few ms is padded as it would be beside a longer one in a batch
+        width = max(int(lengths.max()), round(MIN_BATCH_SECONDS * self.sample_rate))
+        wavs = torch.zeros(len(batch), width)
         for row, piece in enumerate(batch):
             wavs[row, : len(piece.wav)] = piece.wav
         wavs = wavs.to(self.device)
-        wav_lens = (lengths / lengths.max()).to(self.device)
+        wav_lens = (lengths / width).to(self.device)
         h = self.hparams
         feats = h.compute_features(wavs)
         feats = h.normalize(feats, wav_lens)

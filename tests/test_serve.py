@@ -146,6 +146,10 @@ def test_bad_input_is_a_4xx_with_the_reason(served, clips, tmp_path) -> None:
     import numpy as np
     import soundfile as sf
 
+    tiny = tmp_path / "tiny.wav"  # 5 ms: shorter than the front-end's receptive field
+    sf.write(tiny, np.full(80, 1000, dtype=np.int16), 16000, subtype="PCM_16")
+    r = post(url, {"file": tiny.open("rb")}, {"response_format": "verbose_json"})
+    assert r.status_code == 200 and r.json()["duration"] == 0.005
     long = tmp_path / "long.wav"
     sf.write(long, np.zeros(30 * 16000, dtype=np.int16), 16000, subtype="PCM_16")
     assert "max_audio_seconds" in assert_error(post(url, {"file": long.open("rb")}), 413)
@@ -218,6 +222,8 @@ def test_concurrent_requests_share_a_forward_pass(served, direct, clips) -> None
     assert metric(after, "mamba_asr_queue_depth") == 0
     assert metric(after, "mamba_asr_model_info", ref=service.where.ref) == 1
     assert metric(after, "process_resident_memory_bytes") > 50e6
+    assert (metric(after, "mamba_asr_peak_resident_memory_bytes")
+            >= metric(after, "process_resident_memory_bytes"))
 
 
 @pytest.fixture

@@ -260,9 +260,9 @@ def create_app(service: Service) -> FastAPI:
         if not service.ready:
             raise APIError(503, f"the model is not ready ({service.state})",
                            code="not_ready", headers={"Retry-After": str(RETRY_AFTER_S)})
-        wav, seconds = await _read_audio(service, file)
+        wav, rate = await _read_audio(service, file)
         try:
-            result = await service.transcribe(wav, seconds)
+            result = await service.transcribe(wav, rate)
         except QueueFull as exc:
             raise APIError(503, f"the service is busy: {exc}", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
@@ -294,11 +294,10 @@ def _check_model_name(service: Service, requested: str) -> None:
                    f"{where.name!r} ({where.ref})", param="model", code="model_not_found")
 
 
-async def _read_audio(service: Service, upload: UploadFile) -> tuple[Any, float]:
-    """The upload as a mono waveform at the model's rate, and its seconds: 400 when it is not
+async def _read_audio(service: Service, upload: UploadFile) -> tuple[Any, int]:
+    """The upload as a mono waveform at the model's rate, and that rate: 400 when it is not
     audio, 413 when longer than ``max_audio_seconds``. The copy lives in the service's private
     folder and is removed whatever happens."""
-    settings = service.settings
     name = upload.filename or "file"
     suffix = "".join(c for c in Path(name).suffix if c.isalnum() or c == ".")[:16]
     rate = service.model.transcriber.sample_rate
@@ -312,16 +311,21 @@ async def _read_audio(service: Service, upload: UploadFile) -> tuple[Any, float]
         if await run_in_threadpool(copy) == 0:
             raise APIError(400, f"{name}: empty file", param="file", code="empty_file")
         try:
-            seconds = await run_in_threadpool(audio_io.audio_duration, path)
-            if seconds > settings.max_audio_seconds:
-                raise APIError(413, f"{name}: {seconds:.1f} s of audio, more than the "
-                               f"service's --max_audio_seconds ({settings.max_audio_seconds:g})",
-                               param="file", code="audio_too_long")
+            # the header first (nothing decoded), then the samples (a header may be wrong)
+            _check_duration(service, name, await run_in_threadpool(audio_io.audio_duration, path))
             wav = await run_in_threadpool(audio_io.load_audio, path, rate)
         except audio_io.AudioError as exc:
             raise APIError(400, f"{name}: {exc.reason}", param="file",
                            code="invalid_audio") from exc
-    return wav, len(wav) / rate
+    _check_duration(service, name, len(wav) / rate)
+    return wav, rate
+
+
+def _check_duration(service: Service, name: str, seconds: float) -> None:
+    limit = service.settings.max_audio_seconds
+    if seconds > limit:
+        raise APIError(413, f"{name}: {seconds:.1f} s of audio, more than the service's "
+                       f"--max_audio_seconds ({limit:g})", param="file", code="audio_too_long")
 
 
 def _response(result: Result, response_format: str, granularities: list[str]) -> Response:

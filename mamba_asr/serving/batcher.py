@@ -9,7 +9,8 @@ alone. The queue holds at most ``max_queue`` jobs (:class:`QueueFull` beyond).
 Usage (in a coroutine):
     batcher = Batcher(run_batch, max_batch_seconds=60, max_wait_ms=20)
     batcher.start()
-    result = await batcher.submit(waveform, seconds)   # run_batch's result for this job
+    job = batcher.submit(waveform, sample_rate)
+    result = await job.future                          # run_batch's result for this job
     batcher.stop()
 """
 
@@ -34,7 +35,8 @@ class QueueFull(RuntimeError):
 class Job:
     """One transcription waiting for (or in) a forward pass."""
 
-    wav: torch.Tensor  # (samples,) at the model's rate
+    wav: torch.Tensor  # (samples,) mono
+    rate: int  # its sample rate
     seconds: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -75,7 +77,7 @@ class Batcher:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish the batch running, fail the jobs still queued, end the worker thread."""
+        """Finish the batch running, end the worker thread; jobs still queued get QueueFull."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -83,18 +85,18 @@ class Batcher:
         with self._cond:
             while self._queue:
                 job = self._queue.popleft()
-                _resolve(job, RuntimeError("the service is shutting down"))
+                _resolve(job, QueueFull("the service is shutting down"))
             self._on_queue_change(0)
 
     @property
     def depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, wav: torch.Tensor, seconds: float) -> Job:
+    def submit(self, wav: torch.Tensor, rate: int) -> Job:
         """Queue a job from a coroutine; ``await job.future`` gives its result. QueueFull when
         ``max_queue`` jobs are already waiting."""
         loop = asyncio.get_running_loop()
-        job = Job(wav, seconds, loop, loop.create_future())
+        job = Job(wav, rate, len(wav) / rate, loop, loop.create_future())
         with self._cond:
             if self._stopping:
                 raise QueueFull("the service is shutting down")

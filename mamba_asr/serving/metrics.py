@@ -12,10 +12,14 @@ Exposed at ``GET /metrics`` in Prometheus' text format:
   (requests per forward pass) and ``mamba_asr_batch_audio_seconds``;
 - ``mamba_asr_model_info{name,version,ref,family,architecture}``: the model being served;
   ``mamba_asr_model_reloads_total{result}``;
-- ``process_*`` (resident memory, CPU seconds, open files; Linux) and ``python_*``.
+- ``mamba_asr_peak_resident_memory_bytes`` (the process' peak RSS, any OS) and ``process_*``
+  (resident memory, CPU seconds, open files; Linux), ``python_*``.
 """
 
 from __future__ import annotations
+
+import resource
+import sys
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -66,6 +70,9 @@ class ServiceMetrics:
                                      "Seconds of audio per forward pass",
                                      buckets=AUDIO_BUCKETS, registry=r)
         self.model = Info("mamba_asr_model", "The model being served", registry=r)
+        peak = Gauge("mamba_asr_peak_resident_memory_bytes",
+                     "Peak resident memory of the process (getrusage)", registry=r)
+        peak.set_function(peak_rss_bytes)
         self.reloads = Counter("mamba_asr_model_reloads", "Model reloads, by result",
                                ["result"], registry=r)
 
@@ -76,3 +83,9 @@ class ServiceMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+def peak_rss_bytes() -> float:
+    """The process' peak resident set size (getrusage: kB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)

@@ -182,10 +182,10 @@ class Service:
 
     # ------------------------------------------------------------------ transcription
 
-    async def transcribe(self, wav: Any, seconds: float) -> Result:
-        """Queue one waveform (mono, at the model's rate) and wait for its transcript.
+    async def transcribe(self, wav: Any, rate: int) -> Result:
+        """Queue one mono waveform sampled at ``rate`` and wait for its transcript.
         QueueFull when the queue is full, TimeoutError past ``request_timeout``."""
-        job = self.batcher.submit(wav, seconds)
+        job = self.batcher.submit(wav, rate)
         try:
             return await asyncio.wait_for(asyncio.shield(job.future),
                                           self.settings.request_timeout)
@@ -199,9 +199,8 @@ class Service:
         model = self.model
         if model is None:
             raise RuntimeError("no model loaded")
-        rate = model.transcriber.sample_rate
         start = time.perf_counter()
-        transcripts = list(model.transcriber.transcribe([(job.wav, rate) for job in jobs]))
+        transcripts = list(model.transcriber.transcribe([(job.wav, job.rate) for job in jobs]))
         spent = time.perf_counter() - start
         audio = sum(job.seconds for job in jobs)
         self.metrics.batch_size.observe(len(jobs))
