@@ -1,0 +1,95 @@
+"""Helpers of the service tests: export folders with random weights, a service run by uvicorn
+in a thread of the test process on 127.0.0.1 (port chosen by the OS), bounded polling."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CTC_DEMO = REPO / "hparams" / "CTC" / "demo.yaml"
+START_TIMEOUT_S = 60.0
+
+
+def export_random(out: Path, seed: int = 3402, name: str | None = None) -> Path:
+    """A CTC demo-configuration export folder with the random weights of ``seed``."""
+    from mamba_asr.export import export_untrained
+
+    export_untrained(str(CTC_DEMO), out, overrides=["--seed", str(seed)], name=name)
+    return out
+
+
+def wait_for(check: Callable[[], bool], timeout: float = START_TIMEOUT_S,
+             what: str = "condition") -> None:
+    """Poll ``check`` every 20 ms until it is true; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def is_ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=2.0).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextlib.contextmanager
+def running(service, ready: bool = True) -> Iterator[str]:
+    """Serve ``service`` (a mamba_asr.serving.service.Service) on 127.0.0.1 from a thread;
+    yields the base URL (after /ready answers 200 when ``ready``)."""
+    import uvicorn
+
+    from mamba_asr.serving.app import create_app
+
+    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=0,
+                            log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="test-service", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), what="server start")
+        assert server.started, "the server did not start"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        if ready:
+            wait_for(lambda: is_ready(url) or service.state == "failed", what="/ready")
+            assert service.state == "ready", service.error
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive(), "the server thread did not stop"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of sample ``name`` with ``labels`` in Prometheus text (0.0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+@pytest.fixture(scope="session")
+def random_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight CTC demo export folder named demo-ctc (the service tests' model)."""
+    return export_random(tmp_path_factory.mktemp("serve") / "demo-ctc", name="demo-ctc")
+
+
+@pytest.fixture(scope="session")
+def clips(demo_corpus: Path) -> list[Path]:
+    """Six test-clean recordings of the demo corpus (1.4 to 2.8 s)."""
+    return sorted((demo_corpus / "LibriSpeech" / "test-clean").glob("*/*/*.flac"))[:6]
