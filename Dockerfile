@@ -14,7 +14,7 @@ ARG CUDA_KERNELS=0
 ARG DEVICE=cpu
 # The export folder copied into the image (make demo writes models/demo-ctc).
 ARG MODEL_DIR=models/demo-ctc
-# The service user's id: give the owner's id of a registry folder mounted read-write.
+# The service user's id: the owner's id of a mounted registry, whose files it reads.
 ARG APP_UID=1000
 ARG VENV=/opt/venv
 

@@ -57,8 +57,8 @@ REGISTRY   := models/registry
 serve: $(STAMP)
 	@test -f $(DEMO_MODEL)/model_card.json || \
 		{ echo "make serve: no model in $(DEMO_MODEL): run make demo first" >&2; exit 1; }
-	MAMBA_ASR_MODELS=$(REGISTRY) $(PY) -m mamba_asr.registry add $(DEMO_MODEL) \
-		--name demo-ctc --alias production
+	$(PY) -m mamba_asr.registry add $(DEMO_MODEL) --name demo-ctc --alias production \
+		--models $(REGISTRY)
 	$(PY) serve.py --models $(REGISTRY) --model demo-ctc@production --port $(SERVE_PORT)
 
 # S2S demo: the demo LM and its tokenizer (hparams/LM/demo.yaml), then the S2S demo model
