@@ -9,7 +9,6 @@ Usage:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +58,10 @@ class ServedModel:
 
 
 def folder_version(folder: Path) -> str:
-    """A content id of an export folder: 12 hex characters of the sha256 of its model card
-    (which holds the sha256 of every other file)."""
-    return hashlib.sha256((folder / CARD_FILE).read_bytes()).hexdigest()[:12]
+    """The version id the registry gives (or would give) an export folder's content."""
+    from mamba_asr.registry import card_digest
+
+    return card_digest((folder / CARD_FILE).read_bytes())[1]
 
 
 def locate(model: str, models_root: str | Path) -> ModelLocation:
