@@ -49,6 +49,18 @@ lint: $(STAMP)
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT) $(DEMO_MODEL)
 
+# Serves the model `make demo` exported: adds it to the registry models/registry as demo-ctc
+# with the alias production (adding it again changes nothing) and starts serve.py on it.
+SERVE_PORT ?= 8000
+REGISTRY   := models/registry
+.PHONY: serve
+serve: $(STAMP)
+	@test -f $(DEMO_MODEL)/model_card.json || \
+		{ echo "make serve: no model in $(DEMO_MODEL): run make demo first" >&2; exit 1; }
+	$(PY) -m mamba_asr.registry add $(DEMO_MODEL) --name demo-ctc --alias production \
+		--models $(REGISTRY)
+	$(PY) serve.py --models $(REGISTRY) --model demo-ctc@production --port $(SERVE_PORT)
+
 # S2S demo: the demo LM and its tokenizer (hparams/LM/demo.yaml), then the S2S demo model
 # (ConMamba encoder + Mamba decoder, hparams/S2S/demo.yaml) on CPU; decodes the unseen-voice
 # test sets with the LM (wer_*.txt) and without (no_lm/wer_*.txt), prints both WERs and
