@@ -147,3 +147,25 @@ def _ready_model(url: str) -> str | None:
     except httpx.TransportError:
         return None
     return r.json().get("model") if r.status_code == 200 else None
+
+
+def test_a_model_that_cannot_load_ends_the_process(registry, tmp_path) -> None:
+    root, v1, _ = registry
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    unknown = subprocess.run(
+        [sys.executable, "serve.py", "--models", str(root), "--model", "demo-ctc@nosuch",
+         "--port", str(free_port())], cwd=REPO, capture_output=True, text=True, env=env,
+        timeout=60)
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("error: --model demo-ctc@nosuch:"), unknown.stderr
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in v1.path.iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    with (damaged / "asr.ckpt").open("ab") as f:
+        f.write(b"\0")
+    proc = subprocess.run(
+        [sys.executable, "serve.py", "--model", str(damaged), "--port", str(free_port())],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert "asr.ckpt: changed since export" in proc.stderr
