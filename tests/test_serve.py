@@ -160,7 +160,11 @@ def test_uploads_over_the_limit_are_refused_while_streaming(served, tmp_path) ->
     limit = int(1.5 * (1 << 20))
     big = tmp_path / "big.wav"
     big.write_bytes(os.urandom(limit + 200_000))
+    before = metric(httpx.get(f"{url}/metrics").text, "mamba_asr_requests_total",
+                    route="/v1/audio/transcriptions", status="413")
     assert "max_upload_mb" in assert_error(post(url, {"file": big.open("rb")}), 413)
+    assert metric(httpx.get(f"{url}/metrics").text, "mamba_asr_requests_total",
+                  route="/v1/audio/transcriptions", status="413") == before + 1
     # A chunked upload (no Content-Length) of up to 25 MB, sent 64 KB at a time: the 413 must
     # arrive while it is still streaming.
     host, port = url.removeprefix("http://").split(":")
@@ -266,6 +270,7 @@ def test_busy_service_answers_health_503_when_full_and_504_on_timeout(blocked, c
                                                     file=clips[2].open("rb"))
         assert "request_timeout" in assert_error(first.result(), 504)
         assert_error(second.result(), 504)
+        assert service.batcher.depth == 0  # the timed-out job left the queue at once
     release.set()
     assert post(url, {"file": clips[0].open("rb")}).status_code == 200
     metrics = httpx.get(f"{url}/metrics").text

@@ -83,7 +83,9 @@ class _Metrics:
         finally:
             self.service.in_flight -= 1
             metrics.in_flight.dec()
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:  # the upload limit answers some transcriptions before routing
+                route = TRANSCRIPTIONS if scope["path"] == TRANSCRIPTIONS else "unmatched"
             metrics.requests.labels(route, scope["method"], str(status)).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)
 

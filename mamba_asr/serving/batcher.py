@@ -107,6 +107,15 @@ class Batcher:
             self._cond.notify()
         return job
 
+    def cancel(self, job: Job) -> None:
+        """Its request gave up (timeout, disconnect): drop the job from the queue, or, when its
+        pass already started, let its result go unread."""
+        with self._cond:
+            job.cancelled = True
+            if job in self._queue:
+                self._queue.remove(job)
+                self._on_queue_change(len(self._queue))
+
     # ------------------------------------------------------------------ worker thread
 
     def _next_batch(self) -> list[Job] | None:

@@ -191,7 +191,7 @@ class Service:
                                           self.settings.request_timeout)
         finally:
             if not job.future.done():  # timed out or the client went away
-                job.cancelled = True
+                self.batcher.cancel(job)
                 job.future.cancel()
 
     def _run_batch(self, jobs: list[Job]) -> list[Result]:
