@@ -291,13 +291,18 @@ def load_ctc(folder: str | os.PathLike) -> EncoderASR:
     return asr
 
 
-def write_onnx_files(folder: Path, family: str, quantize: str | None = None) -> list[str]:
-    """Writes the ONNX files into the export folder ``folder`` (its card untouched); returns
-    their names. Each file appears whole or not at all, and none unless all were written."""
+def check_request(family: str, quantize: str | None) -> None:
+    """OnnxExportError unless a ``family`` model exports to ONNX with ``quantize``."""
     if family != "CTC":
         raise OnnxExportError(f"ONNX export of {family} models is not implemented yet")
     if quantize not in (None, *QUANTIZE):
         raise OnnxExportError(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZE)}")
+
+
+def write_onnx_files(folder: Path, family: str, quantize: str | None = None) -> list[str]:
+    """Writes the ONNX files into the export folder ``folder`` (its card untouched); returns
+    their names. Each file appears whole or not at all, and none unless all were written."""
+    check_request(family, quantize)
     asr = load_ctc(folder)
     h = asr.hparams
     sample_rate = int(h.sample_rate)
