@@ -205,3 +205,40 @@ def test_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(OnnxExportError, match="exporter refused"):
         export_untrained("hparams/CTC/demo.yaml", tmp_path / "m", onnx=True)
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def greedy_text(log_probs: np.ndarray, tokens: dict[int, str]) -> str:
+    """CTC greedy decoding with tokens.txt's symbols (``▁`` a space, ``<...>`` dropped)."""
+    best = log_probs.argmax(-1)
+    ids = [t for i, t in enumerate(best) if (i == 0 or t != best[i - 1]) and t != 0]
+    symbols = [tokens[t] for t in ids if not tokens[t].startswith("<")]
+    return "".join(symbols).replace("\u2581", " ")
+
+
+@pytest.mark.slow
+def test_export_py_format_onnx_transcribes_as_eager(ctc_random_run: Path, demo_corpus: Path,
+                                                    tmp_path: Path) -> None:
+    """export.py's --format onnx on a run folder: a verified folder whose ONNX files give the
+    transcriber's (eager) transcripts of demo utterances, greedy CTC."""
+    import soundfile as sf
+
+    from mamba_asr.transcriber import Transcriber
+
+    out = tmp_path / "demo-ctc"
+    card = export.main([str(ctc_random_run), "--out", str(out), "--format", "onnx",
+                        "--quantize", "int8"])
+    assert ONNX_FILES <= set(verify_folder(out)["files"]) == set(card["files"])
+    tokens = {int(i): s for s, i in (line.split(" ") for line in
+                                     (out / TOKENS_FILE).read_text(encoding="utf-8").splitlines())}
+    features = ort.InferenceSession(str(out / FEATURES_FILE))
+    model = ort.InferenceSession(str(out / MODEL_FILE))
+    asr = Transcriber.from_folder(out, search="greedy")
+    flacs = sorted((demo_corpus / "LibriSpeech" / "test-clean").glob("*/*/*.flac"))[:3]
+    for flac in flacs:
+        wav, _ = sf.read(flac, dtype="float32")
+        feats, lengths = features.run(None, {"waveform": wav[None],
+                                             "waveform_lengths": np.array([len(wav)])})
+        log_probs, _ = run_model(model, feats, lengths)
+        expected = asr.transcribe_file(flac).text
+        assert len(expected) > 10  # random weights: long strings of characters
+        assert greedy_text(log_probs[0], tokens).split() == expected.split()
