@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch._higher_order_ops.scan import scan
 
-from modules.mamba.selective_scan_ref import finish_output, prepare_inputs
+from modules.mamba.selective_scan_ref import finish_output, prepare_inputs, time_major_factors
 
 __all__ = ["selective_scan_export"]
 
@@ -47,15 +47,8 @@ def selective_scan_export(
     u_c, delta_c, A_c, B_c, C_c = prepare_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     groups, nstate = B_c.shape[1], A.shape[1]
-    heads = dim // groups
-    A3 = A_c.view(groups, heads, nstate)
-    # Time-major per-frame factors: (L, b, g, d/g, N); C (L, b, g, 1, N).
-    delta5 = delta_c.permute(2, 0, 1).reshape(length, batch, groups, heads, 1)
-    u5 = u_c.permute(2, 0, 1).reshape(length, batch, groups, heads, 1)
-    decay = torch.exp(delta5 * A3)
-    drive = delta5 * u5 * B_c.permute(3, 0, 1, 2).unsqueeze(3)
-    c = C_c.permute(3, 0, 1, 2).unsqueeze(3)
-    h0 = u_c.new_zeros(batch, groups, heads, nstate)
+    decay, drive, c = time_major_factors(u_c, delta_c, A_c, B_c, C_c)
+    h0 = u_c.new_zeros(batch, groups, dim // groups, nstate)
     h, ys = scan(_step, h0, (decay, drive, c), dim=0)  # ys (L, b, g, d/g)
     y = ys.reshape(length, batch, dim).permute(1, 2, 0)
     out = finish_output(y, u_c, D, z, dtype_in)
