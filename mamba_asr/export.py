@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
-import json
 import math
 import os
 import secrets
@@ -43,14 +42,7 @@ from hyperpyyaml import resolve_references
 from mamba_asr import data, inference_yaml
 from mamba_asr.atomic import atomic_open
 from mamba_asr.config import ConfigError, load_config
-from mamba_asr.model_card import (
-    CARD_FILE,
-    CARD_VERSION,
-    README_FILE,
-    file_checksums,
-    render_readme,
-    sha256_file,
-)
+from mamba_asr.model_card import CARD_VERSION, sha256_file, write_card
 from mamba_asr.reports._common import ReportError
 from mamba_asr.reports.scores import read_scores
 from mamba_asr.reports.wer_table import summary_row
@@ -344,11 +336,5 @@ def write_folder(
             from mamba_asr.onnx_export import write_onnx_files
 
             write_onnx_files(stage, family, quantize)
-        card["files"] = file_checksums(stage, [p.name for p in stage.iterdir()])
-        with atomic_open(stage / README_FILE, "w", encoding="utf-8") as f:
-            f.write(render_readme({**card, "name": str(out)}))
-        card["files"][README_FILE] = sha256_file(stage / README_FILE)
-        with atomic_open(stage / CARD_FILE, "w", encoding="utf-8") as f:
-            json.dump(card, f, indent=2)
-            f.write("\n")
+        write_card(stage, card, [p.name for p in stage.iterdir()], str(out))
     return card

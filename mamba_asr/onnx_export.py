@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +48,7 @@ from torch import Tensor, nn
 
 from mamba_asr.atomic import atomic_open, atomic_path
 from mamba_asr.config import ConfigError
-from mamba_asr.model_card import CARD_FILE, README_FILE, render_readme, sha256_file, verify_folder
+from mamba_asr.model_card import verify_folder, write_card
 
 FEATURES_FILE = "features.onnx"
 MODEL_FILE = "model.onnx"
@@ -348,13 +347,5 @@ def export_onnx(folder: str | os.PathLike, quantize: str | None = None) -> dict[
     folder = Path(folder)
     card = verify_folder(folder)
     names = write_onnx_files(folder, card["family"], quantize)
-    files = {k: v for k, v in card["files"].items() if k != README_FILE}
-    files.update({name: sha256_file(folder / name) for name in names})
-    card["files"] = dict(sorted(files.items()))
-    with atomic_open(folder / README_FILE, "w", encoding="utf-8") as f:
-        f.write(render_readme({**card, "name": str(folder)}))
-    card["files"][README_FILE] = sha256_file(folder / README_FILE)
-    with atomic_open(folder / CARD_FILE, "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=2)
-        f.write("\n")
+    write_card(folder, card, sorted({*card["files"], *names}), str(folder))
     return card
