@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,27 @@ def _exportable() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Notices that say nothing about this export kept off the command's output: the
+    exporter's (torchvision's operators not registered, deprecations inside torch, axis
+    renaming) and onnxruntime's quantiser's (its pre-processing advice, the boolean mask
+    tensors it leaves in float)."""
+    loggers = [logging.getLogger("torch.onnx._internal.exporter._registration"),
+               logging.getLogger()]  # the quantiser logs to the root logger
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -261,7 +284,7 @@ def _to_onnx(module: nn.Module, example: tuple[Tensor, Tensor], names: tuple[str
              outputs: tuple[str, str], axis: str, min_size: int) -> onnx.ModelProto:
     """``module`` exported with dynamic batch and axis 1 of its first input."""
     batch, time = torch.export.Dim("batch"), torch.export.Dim(axis, min=min_size)
-    with torch.no_grad(), _exportable():
+    with torch.no_grad(), _exportable(), _quiet():
         program = torch.onnx.export(
             module.eval(), example, dynamo=True, input_names=list(names),
             output_names=list(outputs), dynamic_shapes=({0: batch, 1: time}, {0: batch}),
@@ -278,7 +301,7 @@ def _save(proto: onnx.ModelProto, path: Path) -> None:
 def _quantize(model: Path, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, _quiet():
         quantize_dynamic(model, tmp, weight_type=QuantType.QInt8)
 
 
