@@ -3,15 +3,24 @@ and alignment, voice-activity segments, audio loading, and no torch in its proce
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torchaudio.functional as taf
+from conftest import DEMO_DATA, REPO
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher, ctc_greedy_decode
 
-from mamba_asr import alignment
+from mamba_asr import alignment, audio_io, vad, vad_segments
+from mamba_asr.audio_files import AudioError
 from mamba_asr.ctc_words import word_targets
+from mamba_asr.ort import audio as ort_audio
 from mamba_asr.ort import ctc
+from mamba_asr.ort import vad as ort_vad
 
 BLANK = 0
 CHARS = ["<blank>", " ", "A", "B", "C", "D", "E", "H", "L", "O"]  # a character model's labels
@@ -142,3 +151,127 @@ def test_forced_align_breaks_ties_as_torchaudio(seed: int) -> None:
     path, _ = taf.forced_align(torch.from_numpy(lp)[None],
                                torch.tensor([targets], dtype=torch.int32), blank=BLANK)
     np.testing.assert_array_equal(ctc.forced_align(lp, targets, BLANK), path[0].numpy())
+
+
+# --------------------------------------------------------------------------- VAD
+
+def _speech_and_silence() -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Demo test utterances with 1.5 s silences and a 0.2 s gap between them (16 kHz), and
+    where the silences are."""
+    files = sorted((DEMO_DATA / "LibriSpeech" / "test-clean").glob("*/*/*.flac"))[:4]
+    if len(files) < 4:
+        pytest.skip(f"the demo corpus is not generated ({DEMO_DATA})")
+    silence, gap = np.zeros(24000, np.float32), np.zeros(3200, np.float32)
+    utterances = [sf.read(f, dtype="float32")[0] for f in files]
+    pieces = [silence, utterances[0], gap, utterances[1], silence, utterances[2], silence,
+              utterances[3], silence]
+    ends = np.cumsum([len(p) for p in pieces]).tolist()
+    silences = [(0, ends[0]), (ends[3], ends[4]), (ends[5], ends[6]), (ends[7], ends[8])]
+    return np.concatenate(pieces), silences
+
+
+def test_speech_regions_are_silero_rules() -> None:
+    """The region rules written out give silero-vad's own regions on the same probabilities:
+    runs of 1 to 15 frames of speech, silence or in-between levels."""
+    from silero_vad import get_speech_timestamps_from_probs
+
+    rng = np.random.default_rng(11)
+    levels = [(0.5, 1.0), (0.0, 0.35), (0.35, 0.5)]  # speech, silence, neither
+    counts = []
+    for trial in range(20):
+        runs = [np.full(rng.integers(1, 16), rng.uniform(*levels[rng.integers(0, 3)]))
+                for _ in range(60)]
+        probs = np.concatenate(runs).astype(np.float32)
+        n = len(probs) * 512 - int(rng.integers(0, 511))
+        options = {"threshold": 0.5, "min_silence_ms": [100, 300][trial // 2 % 2],
+                   "pad_ms": [30, 200][trial % 2]}
+        expected = get_speech_timestamps_from_probs(
+            probs.tolist(), sampling_rate=16000, threshold=options["threshold"],
+            min_silence_duration_ms=options["min_silence_ms"],
+            speech_pad_ms=options["pad_ms"], audio_length_samples=n)
+        assert vad_segments.speech_regions(probs, 16000, n, **options) == expected
+        counts.append(len(expected))
+    assert min(counts) >= 2 and max(counts) >= 5
+
+
+def test_vad_probabilities_match_the_torch_model() -> None:
+    wav, _ = _speech_and_silence()
+    expected = vad.vad_model().audio_forward(torch.from_numpy(wav)[None], 16000)[0].numpy()
+    ours = ort_vad.speech_probabilities(wav, 16000)
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, atol=2e-3)
+    assert expected.max() > 0.9 and expected.min() < 0.1  # speech and silence
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_vad_segments_match_the_torch_path_within_a_frame(rate: int) -> None:
+    wav, silences = _speech_and_silence()
+    if rate != 16000:
+        wav = taf.resample(torch.from_numpy(wav), 16000, rate).numpy()
+        silences = [(a * rate // 16000, b * rate // 16000) for a, b in silences]
+    frame = 512 * rate // 16000
+    for max_seconds in (30.0, 2.5):  # 2.5 s: the longer utterances are cut
+        expected = vad.speech_segments(torch.from_numpy(wav), rate, max_seconds)
+        ours = ort_vad.speech_segments(wav, rate, max_seconds)
+        assert len(ours) == len(expected) >= len(silences) - 1
+        np.testing.assert_allclose(np.array(ours), np.array(expected), atol=frame)
+    for start, end in silences:  # the middle of a long silence is no segment's
+        middle = (start + end) // 2
+        assert not any(a <= middle < b for a, b in ours)
+
+
+def test_vad_model_found_without_importing_the_package() -> None:
+    code = ("import sys; from mamba_asr.ort import vad; print(vad.model_path().name); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'silero_vad', 'speechbrain', 'torchaudio')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout.split("\n")
+    assert out[:2] == ["silero_vad.onnx", "[]"]
+
+
+def test_vad_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"float array \(samples,\), got \(1, 16000\)"):
+        ort_vad.speech_segments(np.zeros((1, 16000), np.float32), 16000, 10.0)
+    with pytest.raises(ValueError, match="max_seconds must be a positive number.*got 0"):
+        ort_vad.speech_segments(np.zeros(16000, np.float32), 16000, 0)
+    assert ort_vad.speech_segments(np.zeros(100, np.float32), 16000, 10.0) == []
+
+
+# --------------------------------------------------------------------------- audio
+
+def test_load_audio_matches_audio_io(tmp_path: Path) -> None:
+    t = np.arange(22050) / 22050
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 97 * t)], 1)
+    sf.write(tmp_path / "native.wav", stereo, 16000, subtype="PCM_16")
+    sf.write(tmp_path / "cd.flac", stereo, 22050, subtype="PCM_16")
+    native = ort_audio.load_audio(tmp_path / "native.wav", 16000)
+    assert native.dtype == np.float32
+    np.testing.assert_array_equal(native, audio_io.load_audio(tmp_path / "native.wav",
+                                                              16000).numpy())
+    ours = ort_audio.load_audio(tmp_path / "cd.flac", 16000)
+    expected = audio_io.load_audio(tmp_path / "cd.flac", 16000).numpy()
+    assert ours.shape == expected.shape == (16000,)
+    inner = slice(200, -200)  # the filters differ at the edges
+    assert np.abs(ours[inner] - expected[inner]).max() < 0.01
+
+
+def test_load_audio_errors_match_audio_io(tmp_path: Path) -> None:
+    (tmp_path / "notes.wav").write_text("not audio at all\n")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    for name in ("notes.wav", "empty.wav", "missing.wav"):
+        with pytest.raises(AudioError) as torch_error:
+            audio_io.load_audio(tmp_path / name, 16000)
+        with pytest.raises(AudioError) as ours:
+            ort_audio.load_audio(tmp_path / name, 16000)
+        assert str(ours.value) == str(torch_error.value)
+
+
+def test_prepare_waveform_matches_audio_io() -> None:
+    pcm = (np.random.default_rng(0).normal(0, 3000, (8000, 2))).astype(np.int16)
+    np.testing.assert_allclose(ort_audio.prepare_waveform(pcm, 16000, 16000),
+                               audio_io.prepare_waveform(pcm, 16000, 16000).numpy(), atol=1e-7)
+    for bad, reason in [(np.zeros((2, 8000), np.float32), "more channels than samples"),
+                        (np.array([0.0, np.nan], np.float32), "NaN or infinite"),
+                        (np.zeros(10, np.complex64), "samples of type complex64")]:
+        with pytest.raises(AudioError, match=reason):
+            ort_audio.prepare_waveform(bad, 16000, 16000)
