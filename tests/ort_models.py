@@ -3,7 +3,9 @@ tokens.txt, metadata_props), for testing the onnxruntime runtime without an expo
 
 Its "features" are one waveform sample per 10 ms frame; its CTC head reads a constant
 level: 1.0 -> ``A``, -1.0 -> ``B``, 0.5 -> the word separator, 0 (silence) -> blank. A
-waveform made of such levels spells words whose times are known to the frame.
+waveform made of such levels spells words whose times are known to the frame. Frames past a
+row's length (padding) read as ``B``, as a real model's padded frames are not blank: a runtime
+that decodes padding shows it.
 """
 
 from __future__ import annotations
@@ -61,13 +63,29 @@ def write_level_model(folder: Path, model_type: str = "conmamba_ctc") -> Path:
         helper.make_node("Mul", ["features", "features"], ["squared"]),
         helper.make_node("Concat", ["features", "squared"], ["both"], axis=-1),
         helper.make_node("MatMul", ["both", "weights"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "bias"], ["logits"]),
+        helper.make_node("Add", ["scaled", "bias"], ["level_logits"]),
+        helper.make_node("Shape", ["features"], ["shape"]),
+        helper.make_node("Gather", ["shape", "time_axis"], ["frames"]),
+        helper.make_node("Range", ["zero", "frames", "one"], ["frame_index"]),
+        helper.make_node("Unsqueeze", ["feature_lengths", "minus_one"], ["lengths_column"]),
+        helper.make_node("Less", ["frame_index", "lengths_column"], ["valid"]),
+        helper.make_node("Not", ["valid"], ["padded"]),
+        helper.make_node("Cast", ["padded"], ["padded_float"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["padded_float", "minus_one_axis"], ["padded_column"]),
+        helper.make_node("Mul", ["padded_column", "padding_logits"], ["padding_bias"]),
+        helper.make_node("Add", ["level_logits", "padding_bias"], ["logits"]),
         helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1),
         helper.make_node("Identity", ["feature_lengths"], ["log_prob_lengths"]),
     ]
     constants = [helper.make_tensor("weights", TensorProto.FLOAT, WEIGHTS.shape,
                                     WEIGHTS.flatten().tolist()),
-                 helper.make_tensor("bias", TensorProto.FLOAT, BIAS.shape, BIAS.tolist())]
+                 helper.make_tensor("bias", TensorProto.FLOAT, BIAS.shape, BIAS.tolist()),
+                 helper.make_tensor("padding_logits", TensorProto.FLOAT, [len(SYMBOLS)],
+                                    [0.0, 0.0, 0.0, 50.0]),
+                 helper.make_tensor("time_axis", TensorProto.INT64, [], [1]),
+                 helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+                 helper.make_tensor("one", TensorProto.INT64, [], [1]),
+                 _int64("minus_one", [-1]), _int64("minus_one_axis", [-1])]
     metadata = {"model_type": model_type, "version": "1", "vocab_size": str(len(SYMBOLS)),
                 "blank_id": "0", "word_separator": "▁", "subsampling_factor": "1",
                 "sample_rate": str(RATE), "feature_dim": "1", "frame_shift_ms": "10",

@@ -3,11 +3,14 @@ and alignment, voice-activity segments, audio loading, and no torch in its proce
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import ort_models
 import pytest
 import soundfile as sf
 import torch
@@ -21,6 +24,7 @@ from mamba_asr.ctc_words import word_targets
 from mamba_asr.ort import audio as ort_audio
 from mamba_asr.ort import ctc
 from mamba_asr.ort import vad as ort_vad
+from mamba_asr.ort.transcriber import OnnxTranscriber
 
 BLANK = 0
 CHARS = ["<blank>", " ", "A", "B", "C", "D", "E", "H", "L", "O"]  # a character model's labels
@@ -275,3 +279,109 @@ def test_prepare_waveform_matches_audio_io() -> None:
                         (np.zeros(10, np.complex64), "samples of type complex64")]:
         with pytest.raises(AudioError, match=reason):
             ort_audio.prepare_waveform(bad, 16000, 16000)
+
+
+# --------------------------------------------------------------------------- transcriber
+
+BANNED = ("torch", "torchaudio", "speechbrain", "modules", "silero_vad")
+
+
+@pytest.fixture(scope="module")
+def level_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ort_models.write_level_model(tmp_path_factory.mktemp("onnx") / "level-ctc")
+
+
+def _close_words(words: list, expected: list[tuple[str, float, float]]) -> None:
+    assert [w.word for w in words] == [e[0] for e in expected]
+    frame = ort_models.FRAME_SECONDS
+    for w, (_, start, end) in zip(words, expected, strict=True):
+        assert abs(w.start - start) <= frame + 1e-9 and abs(w.end - end) <= frame + 1e-9
+        assert w.probability > 0.9
+
+
+def test_onnx_transcriber_batches_and_one_pass(level_model: Path, tmp_path: Path) -> None:
+    texts = ["AB BA", "B", "AAB BAB A", "ABBA AB"]
+    clips = [ort_models.spell(text) for text in texts]
+    sf.write(tmp_path / "long.flac", np.tile(clips[0][0], 50), ort_models.RATE)  # 75 s
+    asr = OnnxTranscriber.from_folder(level_model, max_batch_seconds=4.0)
+    inputs = [(wav, ort_models.RATE) for wav, _ in clips] + [tmp_path / "long.flac"]
+    transcripts = list(asr.transcribe(inputs))
+    for t, (wav, expected) in zip(transcripts, clips, strict=False):
+        assert t.text == " ".join(e[0] for e in expected)
+        _close_words(t.words, expected)
+        assert t.duration == len(wav) / ort_models.RATE
+    long = transcripts[-1]  # over 60 s, a conmamba model: one pass
+    assert long.text == " ".join(["AB BA"] * 50)
+    assert long.source == str(tmp_path / "long.flac")
+    period = len(clips[0][0]) / ort_models.RATE
+    _close_words(long.words[-2:], [(w, s + 49 * period, e + 49 * period)
+                                   for w, s, e in clips[0][1]])
+    alone = [next(asr.transcribe([item])).words for item in inputs[:4]]
+    assert alone == [t.words for t in transcripts[:4]]  # padding changes nothing
+
+
+def test_onnx_transcriber_beam_search_and_resampling(level_model: Path) -> None:
+    wav, expected = ort_models.spell("ABAB BB")
+    asr = OnnxTranscriber.from_folder(level_model, search="beam", beam_size=4)
+    assert asr.ctc_beam is not None and asr.ctc_beam.beam_size == 4
+    cd = ort_audio.resample(wav, ort_models.RATE, 44100)
+    t = next(asr.transcribe([(cd, 44100)]))
+    assert t.text == "ABAB BB" and len(cd) > len(wav)
+    _close_words(t.words, expected)
+
+
+def test_onnx_transcriber_refuses_broken_folders(level_model: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(level_model, broken)
+    (broken / "tokens.txt").write_text("<blk> 0\n▁ 2\nA 1\nB 3\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"tokens.txt, line 2: '▁ 2'; expected '<symbol> 1'"):
+        OnnxTranscriber.from_folder(broken)
+    (broken / "tokens.txt").write_text("<blk> 0\n▁ 1\nA 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="3 symbols; the model has 4 outputs"):
+        OnnxTranscriber.from_folder(broken)
+    with pytest.raises(FileNotFoundError, match=r"model.int8.onnx: missing"):
+        OnnxTranscriber.from_folder(broken, quantized=True)
+    with pytest.raises(ValueError, match="search must be one of"):
+        OnnxTranscriber.from_folder(level_model, search="best")
+
+
+def _run_isolated(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """``transcribe.py args`` run as a script in a fresh process; its result and the banned
+    modules (torch, speechbrain, our model code, ...) that the process imported."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['transcribe.py', *{args!r}]\n"
+        "try:\n"
+        "    runpy.run_path('transcribe.py', run_name='__main__')\n"
+        "finally:\n"
+        f"    banned = sorted(m for m in sys.modules if m.split('.')[0] in {BANNED!r})\n"
+        "    print('IMPORTED', banned, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("IMPORTED ")][-1]
+    return proc, eval(line.removeprefix("IMPORTED "))  # a list of names
+
+
+def test_transcribe_onnxruntime_imports_no_torch(level_model: Path, tmp_path: Path) -> None:
+    """transcribe.py --backend onnxruntime on short files, a long file through the VAD (a
+    Conformer-type model) and an unreadable file: no torch, SpeechBrain or model code."""
+    vad_model = tmp_path / "level-conformer"
+    ort_models.write_level_model(vad_model, model_type="conformer_ctc")
+    short, _ = ort_models.spell("AB BA")
+    sf.write(tmp_path / "short.wav", short, ort_models.RATE)
+    speech, _ = _speech_and_silence()
+    sf.write(tmp_path / "long.flac", np.tile(speech, 4), ort_models.RATE)  # > 60 s
+    (tmp_path / "bad.wav").write_text("not audio\n")
+    proc, imported = _run_isolated(
+        [str(vad_model), str(tmp_path / "short.wav"), str(tmp_path / "long.flac"),
+         str(tmp_path / "bad.wav"), "--backend", "onnxruntime", "-o", str(tmp_path / "out"),
+         "-f", "json"], REPO)
+    assert imported == []
+    assert proc.returncode == 1, proc.stderr[-2000:]  # bad.wav
+    assert f"error: {tmp_path / 'bad.wav'}: a text file, not audio" in proc.stderr
+    assert json.loads((tmp_path / "out" / "short.json").read_text())["text"] == "AB BA"
+    assert (tmp_path / "out" / "long.json").is_file()
+    # the default backend is still torch, which imports it
+    proc, imported = _run_isolated([str(vad_model), str(tmp_path / "short.wav")], REPO)
+    assert proc.returncode == 2 and "torch" in imported
