@@ -3,6 +3,7 @@ and alignment, voice-activity segments, audio loading, and no torch in its proce
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -385,3 +386,38 @@ def test_transcribe_onnxruntime_imports_no_torch(level_model: Path, tmp_path: Pa
     # the default backend is still torch, which imports it
     proc, imported = _run_isolated([str(vad_model), str(tmp_path / "short.wav")], REPO)
     assert proc.returncode == 2 and "torch" in imported
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("mamba_asr.onnx_export") is None,
+                    reason="the ONNX exporter (mamba_asr/onnx_export.py, export.py --format "
+                           "onnx) is not on this branch yet")
+def test_onnx_export_transcribes_as_torch(ctc_random_run: Path, demo_corpus: Path,
+                                          tmp_path: Path) -> None:
+    """The demo CTC model exported with ONNX files: onnxruntime's transcripts are PyTorch's
+    (the same words; times within a frame), files up to 60 s in batches and a long file in
+    one pass; and the folder runs in transcribe.py --backend onnxruntime without torch."""
+    from mamba_asr.transcriber import Transcriber
+
+    out = tmp_path / "demo-ctc"
+    cmd = [sys.executable, "export.py", str(ctc_random_run), "--out", str(out),
+           "--format", "onnx"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted((demo_corpus / "LibriSpeech" / "test-clean").glob("*/*/*.flac"))[:6]
+    speech = np.concatenate([sf.read(f, dtype="float32")[0] for f in files])
+    long = np.tile(speech, -(-70 * 16000 // len(speech)))
+    inputs = [*files, (long, 16000)]
+    torch_asr = Transcriber.from_folder(out)
+    onnx_asr = OnnxTranscriber.from_folder(out)
+    frame = torch_asr.frame_seconds
+    for ours, theirs in zip(onnx_asr.transcribe(inputs),
+                            torch_asr.transcribe([*files, (torch.from_numpy(long), 16000)]),
+                            strict=True):
+        assert ours.text == theirs.text
+        assert all(abs(a.start - b.start) <= frame and abs(a.end - b.end) <= frame
+                   for a, b in zip(ours.words, theirs.words, strict=True))
+    proc, imported = _run_isolated([str(out), str(files[0]), "--backend", "onnxruntime"], REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert imported == []
+    assert json.loads(proc.stdout)["text"] == next(torch_asr.transcribe(files[:1])).text
