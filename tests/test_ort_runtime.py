@@ -109,6 +109,15 @@ def test_forced_align_matches_torchaudio(seed: int) -> None:
     np.testing.assert_allclose([s for *_, s in spans], [s for *_, s in expected], rtol=1e-6)
 
 
+def test_forced_align_long_targets_match_torchaudio() -> None:
+    """Hundreds of CTC states (more than the int8 back-pointers' range)."""
+    lp = peaky_log_probs(600, frames=500)
+    targets = np.random.default_rng(600).integers(1, len(CHARS), 150).tolist()
+    path, _ = taf.forced_align(torch.from_numpy(lp)[None],
+                               torch.tensor([targets], dtype=torch.int32), blank=BLANK)
+    np.testing.assert_array_equal(ctc.forced_align(lp, targets, BLANK), path[0].numpy())
+
+
 def test_forced_align_tight_fit_matches_torchaudio() -> None:
     """As many frames as the targets need: every frame is forced."""
     lp = peaky_log_probs(7, frames=7)

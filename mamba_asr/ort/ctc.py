@@ -208,7 +208,7 @@ def forced_align(log_probs: np.ndarray, targets: Sequence[int], blank: int) -> n
     path = np.empty(frames, dtype=np.int64)
     for t in range(frames - 1, -1, -1):
         path[t] = labels[state]
-        state -= back[t, state]
+        state -= int(back[t, state])
     return path
 
 
