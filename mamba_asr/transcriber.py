@@ -37,7 +37,7 @@ import torch
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher, ctc_greedy_decode
 from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
-from mamba_asr import alignment, audio_io, long_audio
+from mamba_asr import alignment, audio_io, long_audio, vad
 from mamba_asr.model_card import CARD_FILE, verify_folder
 from mamba_asr.transcribing import (  # noqa: F401  (re-exported: the command's defaults)
     MAX_BATCH_SECONDS,
@@ -57,6 +57,9 @@ AudioInput = str | Path | tuple[torch.Tensor, int]
 
 class Transcriber(BatchingTranscriber):
     """An ASR model ready to transcribe files and waveforms (see the module docstring)."""
+
+    audio = audio_io
+    vad = vad
 
     def __init__(
         self,
@@ -157,18 +160,6 @@ class Transcriber(BatchingTranscriber):
             self.decoder.beam_size = beam_size
 
     # ------------------------------------------------------------------ transcription
-
-    def _load(self, item: AudioInput) -> tuple[torch.Tensor, str]:
-        if isinstance(item, tuple):
-            wav, rate = item
-            return audio_io.prepare_waveform(wav, rate, self.sample_rate), "<waveform>"
-        return audio_io.load_audio(item, self.sample_rate), str(item)
-
-    def _segments(self, wav: torch.Tensor) -> list[tuple[int, int]]:
-        """Voice-activity segments of at most ``segment_seconds`` (sample ranges)."""
-        from mamba_asr import vad
-
-        return vad.speech_segments(wav, self.sample_rate, self.segment_seconds)
 
     @torch.no_grad()
     def _transcribe_batch(self, batch: list[Piece]) -> list[list[Word]]:

@@ -50,7 +50,13 @@ class Piece:
 class BatchingTranscriber:
     """The scheduling of :mod:`mamba_asr.transcriber`'s module docstring; a subclass sets
     ``sample_rate``, ``frame_seconds``, ``blank``, ``one_pass``, ``max_pass_seconds``,
-    ``segment_seconds``, ``max_batch_seconds``, ``_special_labels`` and runs the model."""
+    ``segment_seconds``, ``max_batch_seconds``, ``_special_labels``, its ``audio`` and ``vad``
+    modules, and runs the model."""
+
+    # modules of the subclass's array type: ``load_audio(path, rate)`` and
+    # ``prepare_waveform(array, sr, rate)``; ``speech_segments(wav, rate, max_seconds)``
+    audio: Any
+    vad: Any
 
     sample_rate: int
     frame_seconds: float
@@ -66,14 +72,6 @@ class BatchingTranscriber:
         return min(BATCH_FILE_SECONDS, self.segment_seconds)
 
     # ------------------------------------------------------------------ to implement
-
-    def _load(self, item: Any) -> tuple[Any, str]:
-        """A file or (waveform, sample rate) as mono audio at ``sample_rate``, and its name."""
-        raise NotImplementedError
-
-    def _segments(self, wav: Any) -> list[tuple[int, int]]:
-        """Voice-activity segments of at most ``segment_seconds`` (sample ranges)."""
-        raise NotImplementedError
 
     def _transcribe_batch(self, batch: list[Piece]) -> list[list[Word]]:
         """Words (in file time) of each piece, padded into one batch."""
@@ -96,6 +94,17 @@ class BatchingTranscriber:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ transcription
+
+    def _load(self, item: Any) -> tuple[Any, str]:
+        """A file or (waveform, sample rate) as mono audio at ``sample_rate``, and its name."""
+        if isinstance(item, tuple):
+            wav, rate = item
+            return self.audio.prepare_waveform(wav, rate, self.sample_rate), "<waveform>"
+        return self.audio.load_audio(item, self.sample_rate), str(item)
+
+    def _segments(self, wav: Any) -> list[tuple[int, int]]:
+        """Voice-activity segments of at most ``segment_seconds`` (sample ranges)."""
+        return self.vad.speech_segments(wav, self.sample_rate, self.segment_seconds)
 
     def transcribe(
         self,

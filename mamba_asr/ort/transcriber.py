@@ -52,6 +52,9 @@ BEAM_DEFAULTS = {"beam_size": 100, "beam_prune_logp": -10.0, "token_prune_min_lo
 class OnnxTranscriber(BatchingTranscriber):
     """A CTC model's ONNX export ready to transcribe files and waveforms (module docstring)."""
 
+    audio = audio
+    vad = vad
+
     def __init__(
         self,
         folder: str | Path,
@@ -124,15 +127,6 @@ class OnnxTranscriber(BatchingTranscriber):
         log_probs, out_lens = self.model.run(
             None, {"features": feats, "feature_lengths": feat_lens})
         return log_probs, out_lens
-
-    def _load(self, item: Any) -> tuple[np.ndarray, str]:
-        if isinstance(item, tuple):
-            wav, rate = item
-            return audio.prepare_waveform(wav, rate, self.sample_rate), "<waveform>"
-        return audio.load_audio(item, self.sample_rate), str(item)
-
-    def _segments(self, wav: np.ndarray) -> list[tuple[int, int]]:
-        return vad.speech_segments(wav, self.sample_rate, self.segment_seconds)
 
     def _transcribe_batch(self, batch: list[Piece]) -> list[list[Word]]:
         lengths = np.array([len(p.wav) for p in batch], dtype=np.int64)
