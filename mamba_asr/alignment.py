@@ -91,9 +91,8 @@ def align_words(
         return [(s.start, s.end, s.score)
                 for s in taf.merge_tokens(path[0], scores[0], blank=blank)]
 
-    frames, vocab = log_probs.shape
-    return ctc_words.timed_words(words, tokens, spans, frames, vocab, blank, frame_seconds,
-                                 offset_seconds, align)
+    return ctc_words.timed_words(words, tokens, spans, tuple(log_probs.shape), blank,
+                                 frame_seconds, offset_seconds, align)
 
 
 def split_at_pauses(

@@ -145,15 +145,16 @@ def timed_words(
     words: Sequence[str],
     tokens: Sequence[int],
     spans: Sequence[tuple[int, int]],
-    frames: int,
-    vocab: int,
+    shape: tuple[int, int],
     blank: int,
     frame_seconds: float,
     offset_seconds: float,
     align: Aligner,
 ) -> list[Word]:
-    """Timed words of a hypothesis (see :func:`mamba_asr.alignment.align_words`): ``align``
-    maps the targets to one (start, end, mean log-prob) span per token on ``frames`` frames."""
+    """Timed words of a hypothesis (see :func:`mamba_asr.alignment.align_words`) on
+    log-probabilities of ``shape`` (frames, vocabulary): ``align`` maps the targets to one
+    (start, end, mean log-prob) span per token."""
+    frames, vocab = shape
     check_targets(words, tokens, spans, vocab)
     if not words:
         return []

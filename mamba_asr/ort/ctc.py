@@ -239,6 +239,5 @@ def align_words(
     def align(targets: list[int]) -> list[tuple[int, int, float]]:
         return token_spans(log_probs, forced_align(log_probs, targets, blank), blank)
 
-    frames, vocab = log_probs.shape
-    return ctc_words.timed_words(words, tokens, spans, frames, vocab, blank, frame_seconds,
-                                 offset_seconds, align)
+    return ctc_words.timed_words(words, tokens, spans, tuple(log_probs.shape), blank,
+                                 frame_seconds, offset_seconds, align)
