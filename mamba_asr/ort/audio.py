@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from mamba_asr.audio_files import AudioError, check_samples, decode_mono
 
@@ -24,6 +23,8 @@ def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
     """``audio`` (samples,) from ``rate`` to ``target`` Hz as float32 (itself when equal)."""
     if rate == target:
         return audio
+    from scipy.signal import resample_poly  # 0.5 s to import: only when a rate differs
+
     common = math.gcd(rate, target)
     return resample_poly(audio, target // common, rate // common).astype(np.float32)
 
