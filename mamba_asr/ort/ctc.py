@@ -185,7 +185,7 @@ def forced_align(log_probs: np.ndarray, targets: Sequence[int], blank: int) -> n
     back = np.zeros((frames, states), dtype=np.int8)
     for t in range(1, frames):
         if frames - t <= n_targets + repeats:
-            if start % 2 == 1 and labels[start] != labels[start + 2]:
+            if start % 2 == 1 and start + 2 < states and labels[start] != labels[start + 2]:
                 start += 1
             start += 1
         if t <= n_targets + repeats:
