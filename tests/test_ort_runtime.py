@@ -22,6 +22,7 @@ from speechbrain.decoders.ctc import CTCPrefixBeamSearcher, ctc_greedy_decode
 from mamba_asr import alignment, audio_io, vad, vad_segments
 from mamba_asr.audio_files import AudioError
 from mamba_asr.ctc_words import word_targets
+from mamba_asr.model_card import CARD_VERSION, CardError, sha256_file
 from mamba_asr.ort import audio as ort_audio
 from mamba_asr.ort import ctc
 from mamba_asr.ort import vad as ort_vad
@@ -353,6 +354,19 @@ def test_onnx_transcriber_refuses_broken_folders(level_model: Path, tmp_path: Pa
         OnnxTranscriber.from_folder(broken, quantized=True)
     with pytest.raises(ValueError, match="search must be one of"):
         OnnxTranscriber.from_folder(level_model, search="best")
+    card = {"version": CARD_VERSION, "family": "S2S",
+            "files": {"model.onnx": sha256_file(broken / "model.onnx")}}
+    (broken / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="a S2S model; the onnxruntime backend runs CTC"):
+        OnnxTranscriber.from_folder(broken)
+    (broken / "model.onnx").write_bytes(b"changed")
+    with pytest.raises(CardError, match="model.onnx: changed since export"):
+        OnnxTranscriber.from_folder(broken)
+    proc = subprocess.run([sys.executable, "transcribe.py", str(tmp_path), str(REPO / "README.md"),
+                           "--backend", "onnxruntime"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {tmp_path / 'features.onnx'}: missing; export the model " \
+        "with export.py --format onnx\n"
 
 
 def _run_isolated(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
