@@ -6,6 +6,8 @@ Usage:
     python export.py hparams/S2S/demo.yaml --ckpt <run>/save/CKPT+<A> <run>/save/CKPT+<B> \
         --out models/demo-s2s                                  # a configuration + checkpoints
     python export.py results/demo/demo_S2S/7775 --out models/demo-s2s-nolm --no_lm
+    python export.py results/demo/demo_CTC/3402 --out models/demo-ctc --format onnx \
+        --quantize int8                              # + features/model/model.int8.onnx, tokens.txt
 
 A run folder gives the average of its best ``avg_checkpoints`` (as its test stage); a
 configuration with ``--ckpt`` folders averages those (or ``--ckpt <run>/save``: its best), as
@@ -14,6 +16,8 @@ configuration with ``--ckpt`` folders averages those (or ``--ckpt <run>/save``: 
 ``model_card.json`` and ``README.md``; it is written to a temporary sibling and renamed into
 place. Load it with ``transcribe.py <folder> audio.flac`` or SpeechBrain's
 ``EncoderASR``/``EncoderDecoderASR.from_hparams(source=<folder>, savedir=<folder>)``.
+``--format onnx`` (CTC models) adds ``features.onnx``, ``model.onnx``, ``tokens.txt`` and, with
+``--quantize int8``, ``model.int8.onnx`` for onnxruntime (``mamba_asr.onnx_export``).
 Other options are YAML overrides of the configuration (e.g. ``--data_folder``).
 """
 
@@ -27,9 +31,17 @@ from pathlib import Path
 
 from mamba_asr.config import ConfigError, cli
 from mamba_asr.export import export_model
-from mamba_asr.trained import RECIPES, SAVE_FOLDER, load_trained, relocated_overrides
+from mamba_asr.onnx_export import QUANTIZE, check_request
+from mamba_asr.trained import (
+    RECIPES,
+    SAVE_FOLDER,
+    config_family,
+    load_trained,
+    relocated_overrides,
+)
 
 RUN_CONFIG = "hyperparams.yaml"
+FORMATS = ("speechbrain", "onnx")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--name", help="the model's name in its card (default: the folder's)")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="default: from the configuration")
+    p.add_argument("--format", choices=FORMATS, default=FORMATS[0],
+                   help="speechbrain: the SpeechBrain folder; onnx: it and the ONNX files "
+                        "(CTC models)")
+    p.add_argument("--quantize", choices=QUANTIZE,
+                   help="with --format onnx: also model.int8.onnx, the weights quantised")
     return p
 
 
@@ -74,10 +91,14 @@ def main(argv: list[str]) -> dict:
     no_lm = args.no_lm.lower()
     if no_lm not in ("true", "false"):
         raise ConfigError(f"--no_lm takes True or False, not {args.no_lm!r}")
+    if args.quantize and args.format != "onnx":
+        raise ConfigError("--quantize applies to the ONNX files: add --format onnx")
     config, ckpt, relocated = source_arguments(args.source, args.ckpt)
+    if args.format == "onnx":  # refused before the model loads
+        check_request(config_family(config, args.recipe), args.quantize)
     model = load_trained(config, ckpt, [*relocated, *rest], args.recipe, no_lm=no_lm == "true")
     card = export_model(model, args.out, no_lm=no_lm == "true", overwrite=args.overwrite,
-                        name=args.name)
+                        name=args.name, onnx=args.format == "onnx", quantize=args.quantize)
     print(f"checkpoints: {card['checkpoints']}")
     print(f"{args.out}: {card['architecture']}, {card['parameters']:,} parameters; "
           f"{', '.join(card['files'])}")

@@ -9,6 +9,9 @@ The folder (written atomically: built in a temporary sibling, then renamed into 
     lm.ckpt            S2S models that fuse an LM (not with ``no_lm``)
     model_card.json    what, how trained, test results, provenance, sha256 of every file
     README.md          the card for people
+    features.onnx, model.onnx, model.int8.onnx, tokens.txt
+                       with ``onnx=True`` (CTC models; int8 with ``quantize="int8"``):
+                       the graphs onnxruntime runs (mamba_asr.onnx_export)
 
 Every file is named ``<pretrainer key>.ckpt``, so ``from_hparams(source=folder,
 savedir=folder)`` loads them in place: nothing is linked or written into the folder.
@@ -23,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
-import json
 import math
 import os
 import secrets
@@ -40,14 +42,7 @@ from hyperpyyaml import resolve_references
 from mamba_asr import data, inference_yaml
 from mamba_asr.atomic import atomic_open
 from mamba_asr.config import ConfigError, load_config
-from mamba_asr.model_card import (
-    CARD_FILE,
-    CARD_VERSION,
-    README_FILE,
-    file_checksums,
-    render_readme,
-    sha256_file,
-)
+from mamba_asr.model_card import CARD_VERSION, sha256_file, write_card
 from mamba_asr.reports._common import ReportError
 from mamba_asr.reports.scores import read_scores
 from mamba_asr.reports.wer_table import summary_row
@@ -183,10 +178,13 @@ def export_model(
     overwrite: bool = False,
     name: str | None = None,
     norm_window_seconds: float | None = NORM_WINDOW_SECONDS,
+    onnx: bool = False,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Writes the export folder ``out`` for ``model`` (its averaged weights); returns the card.
     ``norm_window_seconds`` None keeps a per-utterance normaliser's statistics over the whole
-    input, whatever its length (only for models used on short utterances)."""
+    input, whatever its length (only for models used on short utterances). ``onnx`` adds the
+    ONNX files, ``quantize`` ("int8") their quantised model."""
     hparams = model.hparams
     with_lm = model.family == "S2S" and not no_lm and getattr(model.brain, "lm", None) is not None
     model.load_weights()
@@ -209,7 +207,7 @@ def export_model(
         "config_overrides": model.overrides or "",
     }
     return write_folder(Path(out), model.family, hparams, resolved_config(model), write_weights,
-                        provenance, with_lm, overwrite, name, norm_window_seconds)
+                        provenance, with_lm, overwrite, name, norm_window_seconds, onnx, quantize)
 
 
 def export_untrained(
@@ -219,10 +217,12 @@ def export_untrained(
     overwrite: bool = False,
     name: str | None = None,
     norm_window_seconds: float | None = NORM_WINDOW_SECONDS,
+    onnx: bool = False,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Writes an export folder of a CTC configuration's model as initialised (random weights,
     the configuration's seed): for speed and memory measurements, which do not depend on the
-    weights. Returns the card."""
+    weights. Returns the card. ``onnx``, ``quantize``: as :func:`export_model`."""
     if config_family(hparams_file) != "CTC":
         raise ExportError(f"{hparams_file}: only CTC configurations export untrained")
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,7 +255,7 @@ def export_untrained(
         text = resolve_references(Path(hparams_file).read_text(encoding="utf-8"),
                                   yaml_overrides).getvalue()
         return write_folder(Path(out), "CTC", hparams, text, write_weights, provenance, False,
-                            overwrite, name, norm_window_seconds)
+                            overwrite, name, norm_window_seconds, onnx, quantize)
 
 
 def write_folder(
@@ -269,10 +269,19 @@ def write_folder(
     overwrite: bool,
     name: str | None,
     norm_window_seconds: float | None,
+    onnx: bool = False,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """The folder ``out``: ``hyperparams.yaml`` from the resolved ``config_text``, the
-    ``.ckpt`` files ``write_weights(stage)`` writes, the card (``provenance`` in it) and
-    README; built in a temporary sibling, renamed into place."""
+    ``.ckpt`` files ``write_weights(stage)`` writes, with ``onnx`` the ONNX files (of the
+    folder's model, ``quantize`` as :func:`mamba_asr.onnx_export.write_onnx_files`), the card
+    (``provenance`` in it) and README; built in a temporary sibling, renamed into place."""
+    if onnx:
+        from mamba_asr.onnx_export import check_request
+
+        check_request(family, quantize)
+    elif quantize is not None:
+        raise ExportError("--quantize applies to the ONNX files: add --format onnx")
     config = inference_yaml.load_resolved(config_text)
     sentence_norm = inference_yaml.uses_sentence_norm(config)
     windowed = sentence_norm and norm_window_seconds is not None
@@ -323,11 +332,9 @@ def write_folder(
         with atomic_open(stage / HPARAMS_FILE, "w", encoding="utf-8") as f:
             f.write(text)
         write_weights(stage)
-        card["files"] = file_checksums(stage, [p.name for p in stage.iterdir()])
-        with atomic_open(stage / README_FILE, "w", encoding="utf-8") as f:
-            f.write(render_readme({**card, "name": str(out)}))
-        card["files"][README_FILE] = sha256_file(stage / README_FILE)
-        with atomic_open(stage / CARD_FILE, "w", encoding="utf-8") as f:
-            json.dump(card, f, indent=2)
-            f.write("\n")
+        if onnx:
+            from mamba_asr.onnx_export import write_onnx_files
+
+            write_onnx_files(stage, family, quantize)
+        write_card(stage, card, [p.name for p in stage.iterdir()], str(out))
     return card

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mamba_asr.atomic import atomic_open
+
 CARD_FILE = "model_card.json"
 README_FILE = "README.md"
 CARD_VERSION = 1
@@ -40,6 +42,18 @@ def sha256_file(path: str | os.PathLike) -> str:
 def file_checksums(folder: Path, names: list[str]) -> dict[str, str]:
     """``{name: sha256}`` of the files ``names`` in ``folder``."""
     return {name: sha256_file(folder / name) for name in sorted(names)}
+
+
+def write_card(folder: Path, card: dict[str, Any], files: list[str], name: str) -> None:
+    """Writes README.md (the model called ``name``) and model_card.json into ``folder``, each
+    atomically; ``card["files"]`` becomes the sha256 of ``files`` and of the README."""
+    card["files"] = file_checksums(folder, [f for f in files if f not in (CARD_FILE, README_FILE)])
+    with atomic_open(folder / README_FILE, "w", encoding="utf-8") as f:
+        f.write(render_readme({**card, "name": name}))
+    card["files"][README_FILE] = sha256_file(folder / README_FILE)
+    with atomic_open(folder / CARD_FILE, "w", encoding="utf-8") as f:
+        json.dump(card, f, indent=2)
+        f.write("\n")
 
 
 def read_card(folder: str | os.PathLike) -> dict[str, Any]:

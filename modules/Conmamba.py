@@ -45,8 +45,13 @@ __all__ = [
 
 
 def lengths_from_padding_mask(mask: Tensor | None) -> Tensor | None:
-    """Key padding mask (B, L), True on padding -> valid lengths (B,), or None if no padding."""
-    if mask is None or not bool(mask.any()):
+    """Key padding mask (B, L), True on padding -> valid lengths (B,), or None if no padding.
+
+    While ``torch.export`` traces (no values to test), a mask always gives lengths.
+    """
+    if mask is None:
+        return None
+    if not torch.compiler.is_exporting() and not bool(mask.any()):
         return None
     return (~mask).sum(dim=1)
 

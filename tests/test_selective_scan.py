@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from modules.mamba import selective_scan_chunked as chunked
 from modules.mamba import selective_scan_interface as ssi
+from modules.mamba.bimamba import Mamba
 from modules.mamba.selective_scan_chunked import selective_scan_chunked
+from modules.mamba.selective_scan_export import selective_scan_export
 from modules.mamba.selective_scan_interface import (
     causal_conv1d_fn,
     kernel_status,
@@ -535,6 +537,45 @@ def test_path_is_logged_once(no_env, caplog):
     assert sum(ssi.SCAN_PATHS["torch"] in m for m in messages) == 1
     assert sum(ssi.CONV_PATHS["torch"] in m for m in messages) == 1
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=lambda c: "b{batch}d{dim}n{nstate}L{length}"
+                         .format(**c))
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_export_scan_matches_reference(case, dtype, tol):
+    inputs = make_inputs(case["batch"], case["dim"], case["nstate"], case["length"],
+                         case["groups"], dtype, case["seed"], case["with_d"], case["with_z"],
+                         case["with_bias"])
+    kw = {"delta_softplus": case["softplus"], "return_last_state": True}
+    (ours, ours_last), (ref, ref_last) = (selective_scan_export(**inputs, **kw),
+                                          selective_scan_ref(**inputs, **kw))
+    assert ours.dtype == ours_last.dtype == dtype
+    assert ours.shape == ref.shape and ours_last.shape == ref_last.shape
+    assert (ours - ref).abs().max() <= tol
+    assert (ours_last - ref_last).abs().max() <= tol
+
+
+def test_export_path_is_chosen_while_exporting_only(no_env):
+    """``auto`` traces the scan operator under torch.export (the chunked scan's Python loop
+    would not export) and stays on the chunked scan in eager mode."""
+    assert resolve_scan_impl("cpu", "export") == "export"
+    assert resolve_conv_impl("cpu", "export") == "torch"
+    inputs = make_inputs(length=9, dtype=torch.float32)
+    assert torch.equal(selective_scan_fn(**inputs, impl="export"),
+                       selective_scan_export(**inputs))
+    torch.manual_seed(0)
+    block = Mamba(8, d_state=4, bimamba_type="v2").eval()
+    x, lengths = torch.randn(2, 11, 8), torch.tensor([11, 6])
+    assert ssi.resolve_scan_impl("cpu") == "torch"
+    batch, frames = torch.export.Dim("batch"), torch.export.Dim("frames", min=2)
+    program = torch.export.export(block, (x, lengths),
+                                  dynamic_shapes=({0: batch, 1: frames}, {0: batch}))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any("scan" in op for op in ops), ops
+    # The program runs at other lengths and batch sizes, padding handled as in eager mode.
+    x2, lengths2 = torch.randn(3, 23, 8), torch.tensor([23, 5, 17])
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x2, lengths2), block(x2, lengths2), atol=1e-5)
 
 
 def test_kernel_import_tells_not_installed_from_broken(monkeypatch, tmp_path):

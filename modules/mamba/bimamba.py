@@ -257,12 +257,15 @@ class Mamba(nn.Module):
             raise ValueError("return_state needs a unidirectional Mamba (bimamba_type='none')")
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=hidden_states.device).long()
-            if lengths.shape != (batch,) or bool((lengths < 0).any() | (lengths > length).any()):
-                raise ValueError(
-                    f"lengths must be ({batch},) ints in [0, {length}]; got {lengths.tolist()}"
-                )
-            if bool((lengths == length).all()):
-                lengths = None
+            # Checks and shortcut read the values: eager only (an exported graph has none)
+            if not torch.compiler.is_exporting():
+                if lengths.shape != (batch,) or bool((lengths < 0).any()
+                                                     | (lengths > length).any()):
+                    raise ValueError(
+                        f"lengths must be ({batch},) ints in [0, {length}]; got {lengths.tolist()}"
+                    )
+                if bool((lengths == length).all()):
+                    lengths = None
         valid = None if lengths is None else length_mask(lengths, length)  # (B, L)
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2Di, L)
         y, state = self._scan(xz, False, lengths, valid, return_state)

@@ -11,7 +11,7 @@ device. Shapes follow ``mamba_ssm.ops.selective_scan_interface``: ``u``, ``delta
     h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
     y_t   = <h_t, C_t> + D * u_t                  # then y_t *= silu(z_t) when z is given
 
-Four implementations, chosen in one place (:func:`resolve_scan_impl`):
+Five implementations, chosen in one place (:func:`resolve_scan_impl`):
 
 * ``cuda``: mamba-ssm's fused CUDA kernel, used when ``mamba_ssm`` imports and the tensors
   are on a CUDA device;
@@ -22,10 +22,15 @@ Four implementations, chosen in one place (:func:`resolve_scan_impl`):
 * ``triton``: opt-in, Triton kernels that keep the state in registers
   (:mod:`selective_scan_triton`), for GPUs without mamba-ssm; float32 inside. Checked against
   the oracle through Triton's CPU interpreter (``TRITON_INTERPRET=1``), not yet timed on a GPU,
-  so ``auto`` does not pick it.
+  so ``auto`` does not pick it;
+* ``export``: :func:`selective_scan_export` (:mod:`selective_scan_export`), the recurrence
+  through torch's ``scan`` operator, which ``torch.export`` and the ONNX exporter handle for
+  any batch and length (slow in eager mode).
 
-``auto`` (the default) picks ``cuda`` when possible and ``torch`` otherwise. The environment
-variable ``MAMBA_ASR_SCAN_IMPL`` (``auto``/``cuda``/``torch``/``ref``/``triton``) or the
+``auto`` (the default) picks ``export`` while ``torch.export`` traces the model
+(``torch.compiler.is_exporting()``), else ``cuda`` when possible and ``torch`` otherwise. The
+environment variable ``MAMBA_ASR_SCAN_IMPL`` (``auto``/``cuda``/``torch``/``ref``/``triton``/
+``export``) or the
 ``impl=`` argument forces a path; the same setting selects the causal convolution
 (``causal_conv1d``'s CUDA kernel, ``F.conv1d`` (also for ``triton``), or a sequential
 reference). Which path runs is logged once (INFO). A kernel package that is installed but
@@ -48,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.mamba.selective_scan_chunked import selective_scan_chunked
+from modules.mamba.selective_scan_export import selective_scan_export
 from modules.mamba.selective_scan_ref import (
     causal_conv1d_ref,
     check_conv_args,
@@ -66,6 +72,7 @@ __all__ = [
     "resolve_conv_impl",
     "resolve_scan_impl",
     "selective_scan_chunked",
+    "selective_scan_export",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_scan_triton",
@@ -74,12 +81,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "MAMBA_ASR_SCAN_IMPL"
-IMPLS = ("auto", "cuda", "torch", "ref", "triton")
+IMPLS = ("auto", "cuda", "torch", "ref", "triton", "export")
 SCAN_PATHS = {
     "cuda": "mamba-ssm CUDA kernel",
     "torch": "PyTorch chunked parallel scan",
     "ref": "PyTorch sequential reference",
     "triton": "Triton selective-scan kernels",
+    "export": "PyTorch scan operator (exportable)",
 }
 CONV_PATHS = {
     "cuda": "causal-conv1d CUDA kernel",
@@ -171,6 +179,10 @@ def _resolve(kind: str, device: torch.device | str, impl: str | None) -> str:
     """Shared logic of :func:`resolve_scan_impl` and :func:`resolve_conv_impl`."""
     choice = requested_impl(impl)
     device_type = torch.device(device).type
+    if choice == "auto" and torch.compiler.is_exporting():
+        choice = "export"
+    if choice == "export":
+        return "torch" if kind == "conv" else choice
     if choice == "auto":
         return "cuda" if device_type == "cuda" and _load_kernel(kind).fn is not None else "torch"
     if choice == "triton":
@@ -205,7 +217,8 @@ def _resolve(kind: str, device: torch.device | str, impl: str | None) -> str:
 
 
 def resolve_scan_impl(device: torch.device | str, impl: str | None = None) -> str:
-    """Selective-scan path for tensors on ``device``: "cuda", "torch", "ref" or "triton"."""
+    """Selective-scan path for tensors on ``device``: "cuda", "torch", "ref", "triton" or
+    "export"."""
     return _resolve("scan", device, impl)
 
 
@@ -329,7 +342,8 @@ def selective_scan_fn(
     Same arguments and semantics as mamba-ssm's ``selective_scan_fn``: ``u``, ``delta``,
     ``z`` (batch, dim, L); ``A`` (dim, N) real; ``B``, ``C`` (batch, N, L) or
     (batch, groups, N, L); ``D``, ``delta_bias`` (dim,). ``y`` has the dtype of ``u``. ``impl``
-    ("auto", "cuda", "torch", "ref") overrides ``$MAMBA_ASR_SCAN_IMPL``; see the module doc.
+    ("auto", "cuda", "torch", "ref", "triton", "export") overrides ``$MAMBA_ASR_SCAN_IMPL``;
+    see the module doc.
     """
     path = _dispatch("scan", u.device, impl)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -339,6 +353,8 @@ def selective_scan_fn(
         return selective_scan_ref(*args)
     if path == "triton":
         return selective_scan_triton(*args)
+    if path == "export":
+        return selective_scan_export(*args)
     return selective_scan_chunked(*args)
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "finish_output",
     "prepare_inputs",
     "selective_scan_ref",
+    "time_major_factors",
 ]
 
 Tensor = torch.Tensor
@@ -93,6 +94,24 @@ def finish_output(
     return y.to(dtype_in)
 
 
+def time_major_factors(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-step factors of the recurrence from :func:`prepare_inputs`' tensors, time first.
+
+    Returns decay ``exp(delta_t * A)`` and drive ``delta_t * B_t * u_t``, (L, b, g, d/g, N),
+    and C (L, b, g, 1, N), so that ``h_t = decay_t * h + drive_t``, ``y_t = <h_t, C_t>``.
+    """
+    batch, dim, length = u.shape
+    groups, nstate = B.shape[1], A.shape[1]
+    heads = dim // groups
+    delta5 = delta.permute(2, 0, 1).reshape(length, batch, groups, heads, 1)
+    u5 = u.permute(2, 0, 1).reshape(length, batch, groups, heads, 1)
+    decay = torch.exp(delta5 * A.view(groups, heads, nstate))
+    drive = delta5 * u5 * B.permute(3, 0, 1, 2).unsqueeze(3)
+    return decay, drive, C.permute(3, 0, 1, 2).unsqueeze(3)
+
+
 def selective_scan_ref(
     u: Tensor,
     delta: Tensor,
@@ -112,17 +131,11 @@ def selective_scan_ref(
     """
     dtype_in = u.dtype
     u_c, delta_c, A_c, B_c, C_c = prepare_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
-    batch, dim, length = u.shape
+    batch, dim, _ = u.shape
     groups, nstate = B_c.shape[1], A.shape[1]
-    heads = dim // groups
-    A3 = A_c.view(groups, heads, nstate)
-    # Time-major per-step factors, (L, b, g, d/g, N) / (L, b, g, 1, N).
-    delta5 = delta_c.permute(2, 0, 1).reshape(length, batch, groups, heads, 1)
-    u5 = u_c.permute(2, 0, 1).reshape(length, batch, groups, heads, 1)
-    decay = torch.exp(delta5 * A3)
-    drive = delta5 * u5 * B_c.permute(3, 0, 1, 2).unsqueeze(3)
-    c_steps = C_c.permute(3, 0, 1, 2).unsqueeze(3).unbind(0)
-    h = u_c.new_zeros(batch, groups, heads, nstate)
+    decay, drive, c = time_major_factors(u_c, delta_c, A_c, B_c, C_c)
+    c_steps = c.unbind(0)
+    h = u_c.new_zeros(batch, groups, dim // groups, nstate)
     ys = []
     for decay_t, drive_t, c_t in zip(decay.unbind(0), drive.unbind(0), c_steps, strict=True):
         h = decay_t * h + drive_t

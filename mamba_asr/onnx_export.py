@@ -1,0 +1,351 @@
+"""ONNX export of a CTC model folder: graphs that onnxruntime runs without PyTorch.
+
+Files added to an export folder (``export.py --format onnx``, or :func:`export_onnx` on a
+folder ``export.py`` wrote)::
+
+    features.onnx     waveform (batch, samples) float32, waveform_lengths (batch,) int64
+                      -> features (batch, frames, n_mels), feature_lengths (batch,): the
+                      recipe's SpeechBrain Fbank, not normalised
+    model.onnx        features, feature_lengths -> log_probs (batch, out_frames, vocab),
+                      log_prob_lengths (batch,): normaliser, CNN front-end, encoder, CTC head;
+                      model facts in its metadata_props (:func:`metadata`)
+    model.int8.onnx   with ``quantize="int8"``: model.onnx, weights dynamically quantised to
+                      int8 by onnxruntime
+    tokens.txt        sherpa-onnx's ``<symbol> <id>`` per line; blank ``<blk>``, space ``▁``
+
+Batch and time are dynamic. The features stay outside the model graph, as sherpa-onnx and
+most onnxruntime front-ends compute their own; features.onnx is the exact recipe front-end for
+callers without one. A feature row of a waveform of ``n`` valid samples has ``n // hop + 1``
+valid frames (the frames a lone waveform gives: the STFT is centred with zero padding).
+
+The graphs come from ``torch.onnx.export(..., dynamo=True)``. The selective scan is traced
+through torch's ``scan`` operator (:mod:`modules.mamba.selective_scan_export`); the
+normaliser is written here in tensor operations (SpeechBrain's and ours test values in
+Python, which a graph cannot); two SpeechBrain details the exporter trips on are worked
+around while tracing (:func:`_exportable`).
+
+Usage:
+    from mamba_asr.onnx_export import export_onnx
+    export_onnx("models/demo-ctc", quantize="int8")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import onnx
+import torch
+from speechbrain.inference.ASR import EncoderASR
+from speechbrain.lobes.models.transformer import TransformerASR as sb_transformer_asr
+from speechbrain.nnet.CNN import Conv2d
+from torch import Tensor, nn
+
+from mamba_asr.atomic import atomic_open, atomic_path
+from mamba_asr.config import ConfigError
+from mamba_asr.model_card import verify_folder, write_card
+
+FEATURES_FILE = "features.onnx"
+MODEL_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+TOKENS_FILE = "tokens.txt"
+QUANTIZE = ("int8",)
+FORMAT_VERSION = "1"
+BLANK_SYMBOL = "<blk>"
+WORD_SEPARATOR = "\u2581"  # "▁", sentencepiece's and sherpa-onnx's word boundary
+# The fewest feature frames the model graph takes: the exporter specialises 4x-subsampled
+# lengths of 1 and 2 frames (0.05-0.08 s); the transcriber pads clips to 0.1 s anyway.
+MIN_FRAMES = 9
+
+
+class OnnxExportError(ConfigError):
+    """The model cannot be exported to ONNX as asked."""
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+class FeatureGraph(nn.Module):
+    """waveform (B, S), waveform_lengths (B,) -> features (B, T, n_mels), feature_lengths (B,).
+
+    ``fbank`` is the recipe's SpeechBrain ``Fbank``; T = S // hop + 1.
+    """
+
+    def __init__(self, fbank: nn.Module) -> None:
+        super().__init__()
+        self.fbank = fbank
+        self.hop = int(fbank.compute_STFT.hop_length)
+
+    def forward(self, waveform: Tensor, waveform_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        return self.fbank(waveform), torch.div(waveform_lengths, self.hop,
+                                               rounding_mode="floor") + 1
+
+
+class NormalizeGraph(nn.Module):
+    """features (B, T, F), feature_lengths (B,) -> normalised features (B, T, F).
+
+    The same values as the folder's normaliser (SpeechBrain's ``InputNormalization`` or our
+    ``WindowedInputNormalization``) with absolute lengths: global statistics; or each row's
+    own statistics over its valid frames, at most ``window_frames`` of them centred on the
+    frame (shifted to stay inside the valid frames). Sums are float64 cumulative sums, so
+    every window costs the same.
+    """
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        if norm.norm_type not in ("global", "sentence"):
+            raise OnnxExportError(f"normalize: norm_type {norm.norm_type!r} cannot be exported "
+                                  "(expected 'global' or 'sentence')")
+        self.norm_type = norm.norm_type
+        self.std_norm = bool(norm.std_norm)
+        self.avoid_padding_norm = bool(norm.avoid_padding_norm)
+        self.epsilon = float(norm.epsilon)
+        self.window = getattr(norm, "window_frames", None)  # None: the whole row
+        if self.norm_type == "global":
+            mean, std = torch.as_tensor(norm.glob_mean), torch.as_tensor(norm.glob_std)
+            self.register_buffer("mean", mean.float().reshape(1, 1, -1))
+            self.register_buffer("std", std.float().reshape(1, 1, -1))
+
+    @property
+    def description(self) -> str:
+        """``global``, ``sentence`` or ``windowed:<frames>``, as in the model's metadata."""
+        if self.norm_type == "global":
+            return "global"
+        return "sentence" if self.window is None else f"windowed:{self.window}"
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        frames = x.shape[1]
+        valid = torch.arange(frames, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
+        if self.norm_type == "global":
+            mean, std = self.mean.expand_as(x), self.std.expand_as(x)
+        else:
+            mean, std = self._row_statistics(x, valid, lengths)
+        if not self.std_norm:
+            std = torch.ones_like(std)
+        if self.avoid_padding_norm:
+            padding = ~valid.unsqueeze(-1)
+            mean = mean.masked_fill(padding, 0.0)
+            std = std.masked_fill(padding, 1.0)
+        return (x - mean) / std.clamp(min=self.epsilon)
+
+    def _row_statistics(self, x: Tensor, valid: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-frame mean and std (B, T, F) over each frame's window of valid frames."""
+        batch, frames, dim = x.shape
+        count = lengths.clamp(min=1).unsqueeze(1)  # (B, 1)
+        t = torch.arange(frames, device=x.device).unsqueeze(0)  # (1, T)
+        if self.window is None:
+            width, start = count, torch.zeros_like(t)
+        else:
+            width = count.clamp(max=self.window)
+            start = (t - self.window // 2).clamp(min=0)
+        start = torch.minimum(start, count - width).expand(batch, frames)  # (B, T)
+        values = x.double() * valid.unsqueeze(-1)
+        zero = values.new_zeros(batch, 1, dim)
+        sums = torch.cat([zero, values.cumsum(1)], 1)  # (B, T + 1, F)
+        squares = torch.cat([zero, values.square().cumsum(1)], 1)
+        first = start.unsqueeze(-1).expand(batch, frames, dim)
+        last = (start + width).unsqueeze(-1).expand(batch, frames, dim)
+        n = width.unsqueeze(-1).double()
+        mean = (sums.gather(1, last) - sums.gather(1, first)) / n
+        var = (squares.gather(1, last) - squares.gather(1, first)) / n - mean.square()
+        return mean.to(x.dtype), var.clamp(min=0).sqrt().to(x.dtype)
+
+
+class CTCGraph(nn.Module):
+    """features (B, T, n_mels), feature_lengths (B,) -> log_probs (B, T', vocab),
+    log_prob_lengths (B,): the folder's normaliser, CNN front-end, encoder and CTC head.
+
+    Output lengths as the transcriber computes them: round(length / T * T').
+    """
+
+    def __init__(self, hparams: Any) -> None:
+        super().__init__()
+        self.normalize = NormalizeGraph(hparams.normalize)
+        self.cnn = _cnn_on_4d_input(hparams.CNN)
+        self.transformer = hparams.Transformer
+        self.ctc_lin = hparams.ctc_lin
+        self.log_softmax = hparams.log_softmax
+
+    def forward(self, features: Tensor, feature_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        relative = feature_lengths.float() / features.shape[1]
+        feats = self.normalize(features, feature_lengths)
+        enc = self.transformer.encode(self.cnn(feats.unsqueeze(-1)), relative)
+        log_probs = self.log_softmax(self.ctc_lin(enc).float())
+        lengths = torch.round(relative * log_probs.shape[1]).long()
+        return log_probs, lengths
+
+
+def _cnn_on_4d_input(cnn: nn.Module) -> nn.Module:
+    """A copy of the CNN front-end fed (B, T, F, 1) instead of (B, T, F).
+
+    SpeechBrain's first ``Conv2d`` unsqueezes a 3-D input and squeezes dimension 1 of its
+    output, which has its channels there: a no-op in PyTorch, but exported as an ONNX
+    ``Squeeze`` that onnxruntime rejects. With a trailing unit axis the convolution sees
+    the same 4-D tensor and nothing is squeezed.
+    """
+    cnn = copy.deepcopy(cnn)
+    convs = [m for m in cnn.modules() if isinstance(m, Conv2d) and m.unsqueeze]
+    if len(convs) > 1:
+        raise OnnxExportError(f"the CNN front-end has {len(convs)} Conv2d layers taking 3-D "
+                              "input; expected only its first")
+    for conv in convs:
+        conv.unsqueeze = False
+    return cnn
+
+
+def _length_to_mask(length: Tensor, max_len: int | None = None,
+                    dtype: torch.dtype | None = None,
+                    device: torch.device | None = None) -> Tensor:
+    """SpeechBrain's ``length_to_mask`` for a known ``max_len`` without ``len(length)``, which
+    fixes the batch size while tracing."""
+    if max_len is None:
+        raise OnnxExportError("length_to_mask needs max_len while exporting")
+    mask = torch.arange(max_len, device=length.device, dtype=length.dtype) < length.unsqueeze(1)
+    return mask.to(dtype=dtype or length.dtype, device=device or length.device)
+
+
+@contextlib.contextmanager
+def _exportable() -> Iterator[None]:
+    """SpeechBrain's Transformer masks built without fixing the batch size (while tracing)."""
+    with mock.patch.object(sb_transformer_asr, "length_to_mask", _length_to_mask):
+        yield
+
+
+# --------------------------------------------------------------------------- files
+
+
+def tokens_text(ind2lab: dict[int, str], blank_id: int) -> str:
+    """tokens.txt: ``<symbol> <id>`` for ids 0..vocab-1 (blank ``<blk>``, space ``▁``)."""
+    lines = []
+    for index in range(len(ind2lab)):
+        if index not in ind2lab:
+            raise OnnxExportError(f"the tokenizer has no label for id {index} "
+                                  f"(ids 0..{len(ind2lab) - 1} expected)")
+        label = BLANK_SYMBOL if index == blank_id else ind2lab[index]
+        label = label.replace(" ", WORD_SEPARATOR)
+        if not label or any(c.isspace() for c in label):
+            raise OnnxExportError(f"token {index}: {ind2lab[index]!r} cannot be written to "
+                                  f"{TOKENS_FILE} (empty or white space)")
+        lines.append(f"{label} {index}\n")
+    return "".join(lines)
+
+
+def metadata(hparams: Any, normalize: str, vocab_size: int) -> dict[str, str]:
+    """model.onnx's ``metadata_props`` (all strings, the keys sherpa-onnx-style runners read)."""
+    sample_rate = int(hparams.sample_rate)
+    hop = int(hparams.compute_features.compute_STFT.hop_length)
+    stride = int(hparams.CNN.get_filter_properties().stride)
+    encoder = getattr(hparams.Transformer, "encoder_module", "transformer")
+    return {
+        "model_type": f"{encoder}_ctc",
+        "version": FORMAT_VERSION,
+        "vocab_size": str(vocab_size),
+        "blank_id": str(int(hparams.blank_index)),
+        "word_separator": WORD_SEPARATOR,
+        "subsampling_factor": str(stride),
+        "sample_rate": str(sample_rate),
+        "feature_dim": str(int(hparams.compute_features.compute_fbanks.n_mels)),
+        "frame_shift_ms": f"{1000 * hop / sample_rate:g}",
+        "output_frame_seconds": f"{stride * hop / sample_rate:g}",
+        "normalize": normalize,
+        "tokens": TOKENS_FILE,
+    }
+
+
+def _to_onnx(module: nn.Module, example: tuple[Tensor, Tensor], names: tuple[str, str],
+             outputs: tuple[str, str], axis: str, min_size: int) -> onnx.ModelProto:
+    """``module`` exported with dynamic batch and axis 1 of its first input."""
+    batch, time = torch.export.Dim("batch"), torch.export.Dim(axis, min=min_size)
+    with torch.no_grad(), _exportable():
+        program = torch.onnx.export(
+            module.eval(), example, dynamo=True, input_names=list(names),
+            output_names=list(outputs), dynamic_shapes=({0: batch, 1: time}, {0: batch}),
+            verbose=False,
+        )
+    return program.model_proto  # weights inside: one file
+
+
+def _save(proto: onnx.ModelProto, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, tmp)
+
+
+def _quantize(model: Path, out: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with atomic_path(out) as tmp:
+        quantize_dynamic(model, tmp, weight_type=QuantType.QInt8)
+
+
+def load_ctc(folder: str | os.PathLike) -> EncoderASR:
+    """The folder's model as SpeechBrain's ``EncoderASR`` loads it, on the CPU, eval mode."""
+    asr = EncoderASR.from_hparams(source=str(folder), savedir=str(folder),
+                                  run_opts={"device": "cpu"})
+    asr.mods.eval()
+    return asr
+
+
+def check_request(family: str, quantize: str | None) -> None:
+    """OnnxExportError unless a ``family`` model exports to ONNX with ``quantize``."""
+    if family != "CTC":
+        raise OnnxExportError(f"ONNX export of {family} models is not implemented yet")
+    if quantize not in (None, *QUANTIZE):
+        raise OnnxExportError(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZE)}")
+
+
+def write_onnx_files(folder: Path, family: str, quantize: str | None = None) -> list[str]:
+    """Writes the ONNX files into the export folder ``folder`` (its card untouched); returns
+    their names. Each file appears whole or not at all, and none unless all were written."""
+    check_request(family, quantize)
+    asr = load_ctc(folder)
+    h = asr.hparams
+    sample_rate = int(h.sample_rate)
+    vocab = int(h.ctc_lin.w.out_features)
+    hop = int(h.compute_features.compute_STFT.hop_length)
+    model = CTCGraph(h)
+    lengths = torch.tensor([2 * sample_rate, sample_rate], dtype=torch.int64)
+    feature_proto = _to_onnx(FeatureGraph(h.compute_features), (torch.zeros(2, 2 * sample_rate),
+                             lengths), ("waveform", "waveform_lengths"),
+                             ("features", "feature_lengths"), "samples", hop)
+    frames = 2 * sample_rate // hop + 1
+    example = (torch.randn(2, frames, int(h.compute_features.compute_fbanks.n_mels)),
+               torch.tensor([frames, frames // 2], dtype=torch.int64))
+    model_proto = _to_onnx(model, example, ("features", "feature_lengths"),
+                           ("log_probs", "log_prob_lengths"), "frames", MIN_FRAMES)
+    onnx.helper.set_model_props(model_proto, metadata(h, model.normalize.description, vocab))
+    tokens = tokens_text(asr.tokenizer.ind2lab, int(h.blank_index))
+    if len(asr.tokenizer.ind2lab) != vocab:
+        raise OnnxExportError(f"the tokenizer has {len(asr.tokenizer.ind2lab)} labels, the CTC "
+                              f"head {vocab} outputs")
+    names = [FEATURES_FILE, MODEL_FILE, TOKENS_FILE] + ([INT8_FILE] if quantize else [])
+    written: list[Path] = []
+    try:
+        for name, proto in ((FEATURES_FILE, feature_proto), (MODEL_FILE, model_proto)):
+            _save(proto, folder / name)
+            written.append(folder / name)
+        with atomic_open(folder / TOKENS_FILE, "w", encoding="utf-8") as f:
+            f.write(tokens)
+        written.append(folder / TOKENS_FILE)
+        if quantize:
+            _quantize(folder / MODEL_FILE, folder / INT8_FILE)
+            written.append(folder / INT8_FILE)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return names
+
+
+def export_onnx(folder: str | os.PathLike, quantize: str | None = None) -> dict[str, Any]:
+    """Adds the ONNX files to the export folder ``folder`` (checksums verified first) and to
+    its model card and README; returns the card."""
+    folder = Path(folder)
+    card = verify_folder(folder)
+    names = write_onnx_files(folder, card["family"], quantize)
+    write_card(folder, card, sorted({*card["files"], *names}), str(folder))
+    return card
