@@ -6,6 +6,7 @@ Usage:
     python transcribe.py results/demo/demo_S2S/7775 meeting.wav --beam_size 10 --no_lm
     find recordings -name '*.wav' | python transcribe.py models/demo-ctc - --output_dir out/
     python transcribe.py models/demo-ctc a.flac                  # JSON on standard output
+    python transcribe.py models/demo-ctc a.flac --backend onnxruntime --int8   # no PyTorch
 
 The model is an ``export.py`` folder (its checksums verified) or a run folder (its best
 checkpoints, exported on the fly, nothing written). Inputs are audio files (whatever
@@ -15,6 +16,9 @@ files) and ``-`` (paths on standard input). Each input gets ``<output_dir>/<stem
 output (JSON by default; several inputs: one JSON object per line, with its ``source``).
 A file that cannot be read gets one ``error: <file>: <reason>`` line and the others are
 transcribed; the exit status is then 1.
+
+``--backend onnxruntime`` runs the folder's ONNX files (``export.py --format onnx``; CTC
+models) with onnxruntime and NumPy: that process imports neither torch nor the model code.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mamba_asr import audio_io
-from mamba_asr.config import ConfigError, cli
+from mamba_asr import audio_files
+from mamba_asr.command_line import ConfigError, run_main
 from mamba_asr.model_card import CardError
-from mamba_asr.transcriber import MAX_BATCH_SECONDS, MAX_PASS_SECONDS, SEARCHES, Transcriber
+from mamba_asr.transcribing import MAX_BATCH_SECONDS, MAX_PASS_SECONDS, SEARCHES
 from mamba_asr.transcript import (
     ALL_FORMATS,
     FORMATS,
@@ -42,6 +46,7 @@ from mamba_asr.transcript import (
     write_transcripts,
 )
 
+BACKENDS = ("torch", "onnxruntime")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
@@ -51,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: all with --output_dir, json on standard output")
     p.add_argument("--output_dir", "-o", help="write <stem>.<format> files here")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="onnxruntime: the folder's ONNX files, without PyTorch (CTC, CPU)")
+    p.add_argument("--int8", action="store_true",
+                   help="onnxruntime: the int8 model (model.int8.onnx)")
     p.add_argument("--search", default="default", choices=SEARCHES,
                    help="CTC: greedy or (prefix) beam; default: the model's test search")
     p.add_argument("--beam_size", type=int, help="beam size (CTC beam or S2S search)")
@@ -64,6 +73,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="print each transcript and its word times")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def load_transcriber(args: argparse.Namespace, no_lm: bool) -> Any:
+    """The model of the command line on its backend; ConfigError for an option it cannot
+    take."""
+    options = {"search": args.search, "beam_size": args.beam_size,
+               "max_batch_seconds": args.max_batch_seconds,
+               "max_pass_seconds": args.max_pass_seconds}
+    if args.backend == "onnxruntime":
+        if args.device != "cpu":
+            raise ConfigError(f"--backend onnxruntime runs on the CPU, not --device {args.device}")
+        if no_lm:
+            raise ConfigError("--no_lm is for S2S models; --backend onnxruntime runs CTC models")
+        from mamba_asr.ort.transcriber import OnnxTranscriber
+
+        return OnnxTranscriber.from_folder(args.model, quantized=args.int8, **options)
+    if args.int8:
+        raise ConfigError("--int8 is for --backend onnxruntime (model.int8.onnx)")
+    from mamba_asr.transcriber import Transcriber
+
+    return Transcriber.load(args.model, device=args.device, no_lm=no_lm, **options)
 
 
 def _flag(name: str, value: str) -> bool:
@@ -86,7 +116,7 @@ def main(argv: list[str]) -> int:
     if args.max_batch_seconds <= 0 or args.max_pass_seconds <= 0:
         raise ConfigError("--max_batch_seconds and --max_pass_seconds must be positive")
     try:
-        paths, missing = audio_io.expand_inputs(args.inputs, sys.stdin)
+        paths, missing = audio_files.expand_inputs(args.inputs, sys.stdin)
     except ValueError as exc:  # "-" without a standard input
         raise ConfigError(str(exc)) from exc
     for exc in missing:
@@ -100,7 +130,7 @@ def main(argv: list[str]) -> int:
         fmt = args.output_format or "json"
     else:
         fmt = args.output_format or ALL_FORMATS
-        clashes = audio_io.duplicate_stems(paths)
+        clashes = audio_files.duplicate_stems(paths)
         if clashes:
             stem, same = next(iter(clashes.items()))
             raise ConfigError(
@@ -110,11 +140,7 @@ def main(argv: list[str]) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     output_formats(fmt)  # an unknown name fails here, before the model loads
     try:
-        asr = Transcriber.load(
-            args.model, device=args.device, search=args.search, beam_size=args.beam_size,
-            no_lm=no_lm, max_batch_seconds=args.max_batch_seconds,
-            max_pass_seconds=args.max_pass_seconds,
-        )
+        asr = load_transcriber(args, no_lm)
     except ValueError as exc:  # an option the model cannot take (--search greedy for S2S)
         if isinstance(exc, ConfigError | CardError):
             raise
@@ -153,4 +179,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    cli(main)
+    if _parser().parse_known_args()[0].backend == "onnxruntime":
+        run_main(main)  # without mamba_asr.config, which imports torch
+    else:
+        from mamba_asr.config import cli
+
+        cli(main)

@@ -21,17 +21,17 @@ an edit-distance alignment and only exact matches are compared.
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchaudio.functional as taf
 from speechbrain.utils.edit_distance import EDIT_SYMBOLS, alignment, op_table
 
+from mamba_asr import ctc_words
+from mamba_asr.ctc_words import ctc_feasible, word_targets
 from mamba_asr.transcript import Word
 
 __all__ = [
@@ -43,34 +43,6 @@ __all__ = [
     "word_targets",
 ]
 
-logger = logging.getLogger(__name__)
-
-# How far a row of log_probs may sum away from probability 1 (log-softmax in low precision).
-_LOG_NORM_TOLERANCE = 1e-2
-
-
-def word_targets(
-    words: Sequence[str], encode_word: Callable[[str], list[int]], separator: int | None
-) -> tuple[list[int], list[tuple[int, int]]]:
-    """The CTC target sequence of ``words`` and each word's token span [start, end) in it.
-
-    Character models pass the id of the space token as ``separator``: the model emits it
-    between words, so it is placed between the words' tokens and belongs to no word.
-    SentencePiece models pass ``separator=None`` and an ``encode_word`` that encodes one word
-    with its word-start piece (``sp.encode_as_ids`` adds the leading "▁" to each word).
-    Raises ValueError for a word that encodes to no tokens.
-    """
-    tokens: list[int] = []
-    spans: list[tuple[int, int]] = []
-    for i, word in enumerate(words):
-        ids = [int(t) for t in encode_word(word)]
-        if not ids:
-            raise ValueError(f"word {i} {word!r} encodes to no tokens; expected at least one")
-        if i and separator is not None:
-            tokens.append(separator)
-        spans.append((len(tokens), len(tokens) + len(ids)))
-        tokens.extend(ids)
-    return tokens, spans
 
 
 def _check_frames(log_probs: torch.Tensor) -> None:
@@ -85,62 +57,8 @@ def _check_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
     """``log_probs`` as a float32 CPU tensor (T, V) of log-probabilities; ValueError otherwise."""
     _check_frames(log_probs)
     log_probs = log_probs.detach().to("cpu", torch.float32)
-    if log_probs.shape[0]:
-        worst = torch.logsumexp(log_probs, dim=-1).abs().max().item()
-        if not worst <= _LOG_NORM_TOLERANCE:
-            raise ValueError(
-                f"log_probs rows are not log-probabilities (a row's logsumexp is {worst:.3g} "
-                "from 0); pass the CTC head's log_softmax output"
-            )
+    ctc_words.check_log_probs(log_probs.numpy())
     return log_probs
-
-
-def _check_targets(
-    words: Sequence[str], tokens: Sequence[int], spans: Sequence[tuple[int, int]], vocab: int
-) -> None:
-    """ValueError unless ``spans`` are ordered, disjoint, non-empty spans of ``tokens``, one per
-    word, and every token is an output index of the model."""
-    if len(spans) != len(words):
-        raise ValueError(f"{len(spans)} token spans for {len(words)} words; expected one per word")
-    previous_end = 0
-    for i, (start, end) in enumerate(spans):
-        if not previous_end <= start < end <= len(tokens):
-            raise ValueError(
-                f"span {i} ({start}, {end}) of word {words[i]!r} is not a non-empty span of the "
-                f"{len(tokens)} tokens after the previous word's (ending at {previous_end})"
-            )
-        previous_end = end
-    bad = [t for t in tokens if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"token ids {bad[:5]} are outside the model's {vocab} outputs")
-
-
-def ctc_feasible(tokens: Sequence[int], frames: int, blank: int) -> bool:
-    """Whether CTC can emit ``tokens`` in ``frames`` frames: no token is the blank, and there is
-    a frame per token plus a blank frame between each pair of equal neighbours."""
-    repeats = sum(a == b for a, b in itertools.pairwise(tokens))
-    return blank not in tokens and len(tokens) + repeats <= frames
-
-
-def _spread_words(
-    words: Sequence[str],
-    n_tokens: int,
-    spans: Sequence[tuple[int, int]],
-    seconds: float,
-    offset_seconds: float,
-) -> list[Word]:
-    """Times for a hypothesis CTC cannot emit: the segment shared evenly among the tokens, each
-    word covering its tokens' share; probability 0 (CTC gives the hypothesis probability 0)."""
-    per_token = seconds / n_tokens
-    return [
-        Word(
-            word=word,
-            start=offset_seconds + start * per_token,
-            end=offset_seconds + end * per_token,
-            probability=0.0,
-        )
-        for word, (start, end) in zip(words, spans, strict=True)
-    ]
 
 
 def align_words(
@@ -165,68 +83,16 @@ def align_words(
     so. An empty hypothesis gives [].
     """
     log_probs = _check_log_probs(log_probs)
-    frames, vocab = log_probs.shape
-    _check_targets(words, tokens, spans, vocab)
-    if not words:
-        return []
-    if not ctc_feasible(tokens, frames, blank):
-        logger.warning(
-            "%d tokens (%d words) cannot be aligned to %d frames; their times are spread "
-            "evenly over the segment, probability 0",
-            len(tokens),
-            len(words),
-            frames,
+
+    def align(targets: list[int]) -> list[tuple[int, int, float]]:
+        path, scores = taf.forced_align(
+            log_probs.unsqueeze(0), torch.tensor([targets], dtype=torch.int32), blank=blank
         )
-        return _spread_words(words, len(tokens), spans, frames * frame_seconds, offset_seconds)
-    targets = torch.tensor([tokens], dtype=torch.int32)
-    path, scores = taf.forced_align(log_probs.unsqueeze(0), targets, blank=blank)
-    token_spans = taf.merge_tokens(path[0], scores[0], blank=blank)
-    # The path visits each target once in order, so the merged spans pair up with ``tokens``.
-    assert len(token_spans) == len(tokens), (len(token_spans), len(tokens))
-    timed = []
-    for word, (start, end) in zip(words, spans, strict=True):
-        own = token_spans[start:end]
-        n_frames = sum(len(s) for s in own)
-        mean_log_prob = sum(s.score * len(s) for s in own) / n_frames
-        timed.append(
-            Word(
-                word=word,
-                start=offset_seconds + own[0].start * frame_seconds,
-                end=offset_seconds + own[-1].end * frame_seconds,
-                probability=math.exp(mean_log_prob),
-            )
-        )
-    return timed
+        return [(s.start, s.end, s.score)
+                for s in taf.merge_tokens(path[0], scores[0], blank=blank)]
 
-
-def _blank_runs(is_blank: torch.Tensor) -> list[tuple[int, int]]:
-    """The maximal runs [start, end) of True in the 1-D bool tensor ``is_blank``, in order."""
-    values, counts = torch.unique_consecutive(is_blank, return_counts=True)
-    ends = torch.cumsum(counts, 0)
-    return [
-        (end - count, end)
-        for value, count, end in zip(values.tolist(), counts.tolist(), ends.tolist(), strict=True)
-        if value
-    ]
-
-
-def _cut_point(
-    runs: list[tuple[int, int]], starts: list[int], lo: int, hi: int, min_blank_frames: int
-) -> int:
-    """Where to end the range starting at ``lo`` that may reach ``hi``: the middle of the last
-    blank run of at least ``min_blank_frames`` inside (lo, hi), else of the longest blank run
-    there, else ``hi``. ``starts`` are the runs' starts. Runs are clipped to the window; one
-    that holds ``lo`` (the rest of the pause cut before) is not used."""
-    window = runs[bisect.bisect_right(starts, lo) : bisect.bisect_left(starts, hi)]
-    inside = [(a, min(b, hi)) for a, b in window]
-    long = [r for r in inside if r[1] - r[0] >= min_blank_frames]
-    if long:
-        a, b = long[-1]
-    elif inside:
-        a, b = max(inside, key=lambda r: r[1] - r[0])
-    else:
-        return hi
-    return (a + b) // 2
+    return ctc_words.timed_words(words, tokens, spans, tuple(log_probs.shape), blank,
+                                 frame_seconds, offset_seconds, align)
 
 
 def split_at_pauses(
@@ -238,13 +104,7 @@ def split_at_pauses(
     utterances never emits a space between two of them: decoded whole, the last word of one
     and the first of the next would merge)."""
     _check_frames(log_probs)
-    frames = log_probs.shape[0]
-    if frames == 0:
-        return []
-    runs = _blank_runs(log_probs.argmax(dim=-1) == blank)
-    cuts = [(a + b) // 2 for a, b in runs if b - a >= min_blank_frames and 0 < a and b < frames]
-    bounds = [0, *cuts, frames]
-    return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+    return ctc_words.split_at_pauses(_is_blank(log_probs, blank), min_blank_frames)
 
 
 def split_at_blanks(
@@ -260,22 +120,12 @@ def split_at_blanks(
     any blank frame, at ``max_frames`` (the only cut that can split a token). T = 0 gives [].
     """
     _check_frames(log_probs)
-    if max_frames < 1 or min_blank_frames < 1:
-        raise ValueError(
-            f"max_frames ({max_frames}) and min_blank_frames ({min_blank_frames}) must be >= 1"
-        )
-    total = log_probs.shape[0]
-    runs = _blank_runs(log_probs.argmax(dim=-1).cpu() == blank)
-    starts = [a for a, _ in runs]
-    ranges = []
-    start = 0
-    while total - start > max_frames:
-        end = _cut_point(runs, starts, start, start + max_frames, min_blank_frames)
-        ranges.append((start, end))
-        start = end
-    if total > start:
-        ranges.append((start, total))
-    return ranges
+    return ctc_words.split_at_blanks(_is_blank(log_probs, blank), min_blank_frames, max_frames)
+
+
+def _is_blank(log_probs: torch.Tensor, blank: int) -> np.ndarray:
+    """(T,) bool: whether each frame's most likely output is ``blank``."""
+    return (log_probs.argmax(dim=-1) == blank).cpu().numpy()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +39,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from speechbrain.utils.distributed import get_rank, infer_device
 from speechbrain.utils.run_opts import RunOptions
 
+from mamba_asr.command_line import ConfigError, run_main
 from mamba_asr.commands import rerun_command
 from mamba_asr.data import check_data_folder, prepare_manifests
 from mamba_asr.librispeech import LibriSpeechPrepError
@@ -47,10 +47,6 @@ from mamba_asr.model_card import CardError
 from mamba_asr.resume import checkpoint_from_dir, newest_checkpoint, pending_resume
 
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """The command line or the YAML asks for something that cannot run."""
 
 
 class PrecisionError(ConfigError):
@@ -178,22 +174,12 @@ def cli(main: Callable[[list[str]], Any]) -> None:
     where the same command resumes from (:func:`interrupt_message`; the main process only,
     as under torchrun every process gets the signal) and exit status 130. Other exceptions
     keep their traceback. An ``int`` returned by ``main`` is the exit status."""
-    try:
-        status = main(sys.argv[1:])
-    except (ConfigError, LibriSpeechPrepError, FileNotFoundError, CardError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        # A second Ctrl-C (or torchrun passing the signal on) must not cut the line short, nor
-        # objects interrupted half-built print their finalizers' errors (a DataLoader iterator
-        # interrupted while starting its workers does).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        sys.unraisablehook = lambda unraisable: None
+    def interrupted() -> None:
         if _first_process():
             print(interrupt_message(_started_run), file=sys.stderr, flush=True)
-        sys.exit(130)
-    if type(status) is int:  # a command's own exit status (e.g. some inputs failed)
-        sys.exit(status)
+
+    run_main(main, (ConfigError, LibriSpeechPrepError, FileNotFoundError, CardError),
+             interrupted)
 
 
 def split_command_line(argv: list[str]) -> tuple[list[str], list[str] | None]:

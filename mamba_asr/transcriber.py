@@ -29,52 +29,37 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher, ctc_greedy_decode
 from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
-from mamba_asr import alignment, audio_io, long_audio
+from mamba_asr import alignment, audio_io, long_audio, vad
 from mamba_asr.model_card import CARD_FILE, verify_folder
-from mamba_asr.transcript import Transcript, Word
+from mamba_asr.transcribing import (  # noqa: F401  (re-exported: the command's defaults)
+    MAX_BATCH_SECONDS,
+    MAX_PASS_SECONDS,
+    SEARCHES,
+    SEGMENT_SECONDS,
+    BatchingTranscriber,
+    Piece,
+)
+from mamba_asr.transcribing import in_order as _in_order  # noqa: F401
+from mamba_asr.transcript import Word
 
 logger = logging.getLogger(__name__)
 
 AudioInput = str | Path | tuple[torch.Tensor, int]
-SEARCHES = ("default", "greedy", "beam")
-# A pause in the CTC posteriors: this long a run of blanks ends a stretch decoded alone (no word
-# spans it). Words inside an utterance are at most ~0.15 s apart (the demo corpus: 0.13 s),
-# utterances put end to end ~0.27 s (their own silences).
-PAUSE_SECONDS = 0.2
-# Stretches between pauses are decoded and aligned separately up to this length.
-STRETCH_SECONDS = 30.0
-# Attention models (Conformer encoders, attention decoders) see VAD segments this long at most.
-SEGMENT_SECONDS = 30.0
-# One-pass limit of ConMamba CTC models: peak memory grows linearly, 3.3 GB for an hour at
-# ConMamba-S sizes (docs/performance.md); longer files are cut into VAD segments this long.
-MAX_PASS_SECONDS = 3600.0
-BATCH_FILE_SECONDS = 60.0
-MIN_BATCH_SECONDS = 0.1
-MAX_BATCH_SECONDS = 120.0
-_PREFETCH = 64  # files loaded and length-sorted together
 
 
-@dataclass
-class _Piece:
-    """A stretch of one input's audio transcribed as an utterance."""
-
-    index: int  # the input's position
-    wav: torch.Tensor  # (samples,)
-    offset: float  # seconds from the file's start
-
-
-class Transcriber:
+class Transcriber(BatchingTranscriber):
     """An ASR model ready to transcribe files and waveforms (see the module docstring)."""
+
+    audio = audio_io
+    vad = vad
 
     def __init__(
         self,
@@ -107,7 +92,6 @@ class Transcriber:
         self.one_pass = one_pass
         self.max_pass_seconds = max_pass_seconds
         self.segment_seconds = max_pass_seconds if self.one_pass else segment_seconds
-        self.batch_file_seconds = min(BATCH_FILE_SECONDS, self.segment_seconds)
         self._set_search(search, beam_size, no_lm)
         # CTC character models: labels that are not characters (<bos>, <eos>) are dropped
         labels = getattr(asr.tokenizer, "lab2ind", {}) if self.family == "CTC" else {}
@@ -177,112 +161,11 @@ class Transcriber:
 
     # ------------------------------------------------------------------ transcription
 
-    def transcribe(
-        self,
-        inputs: Iterable[AudioInput],
-        on_error: Callable[[AudioInput, Exception], None] | None = None,
-    ) -> Iterator[Transcript]:
-        """Transcripts of ``inputs`` (files, or ``(waveform, sample_rate)``), in input order.
-        A file that cannot be read raises ``audio_io.AudioError``, or, with ``on_error``, is
-        reported to it and skipped."""
-        group: list[AudioInput] = []
-        for item in inputs:
-            group.append(item)
-            if len(group) == _PREFETCH:
-                yield from self._transcribe_group(group, on_error)
-                group = []
-        if group:
-            yield from self._transcribe_group(group, on_error)
-
-    def transcribe_file(self, path: str | Path) -> Transcript:
-        """The transcript of one file."""
-        return next(iter(self.transcribe([path])))
-
-    def _load(self, item: AudioInput) -> tuple[torch.Tensor, str]:
-        if isinstance(item, tuple):
-            wav, rate = item
-            return audio_io.prepare_waveform(wav, rate, self.sample_rate), "<waveform>"
-        return audio_io.load_audio(item, self.sample_rate), str(item)
-
-    def _transcribe_group(
-        self, group: list[AudioInput], on_error: Callable[[AudioInput, Exception], None] | None
-    ) -> Iterator[Transcript]:
-        loaded: dict[int, tuple[torch.Tensor, str, float]] = {}
-        for i, item in enumerate(group):
-            start = time.perf_counter()
-            try:
-                wav, name = self._load(item)
-            except audio_io.AudioError as exc:
-                if on_error is None:
-                    raise
-                on_error(item, exc)
-                continue
-            loaded[i] = (wav, name, time.perf_counter() - start)
-        words: dict[int, list[Word]] = {i: [] for i in loaded}
-        spent: dict[int, float] = dict.fromkeys(loaded, 0.0)
-        pieces: list[_Piece] = []
-        for i, (wav, _, _) in loaded.items():
-            seconds = len(wav) / self.sample_rate
-            if seconds <= self.batch_file_seconds or (
-                self.one_pass and seconds <= self.max_pass_seconds
-            ):
-                pieces.append(_Piece(i, wav, 0.0))
-            else:
-                pieces += [_Piece(i, wav[a:b], a / self.sample_rate)
-                           for a, b in self._segments(wav)]
-        short = []
-        for piece in pieces:
-            if len(piece.wav) <= self.batch_file_seconds * self.sample_rate:
-                short.append(piece)
-                continue
-            start = time.perf_counter()  # a ConMamba CTC model: the whole piece in one pass
-            words[piece.index] += self._one_pass(piece.wav, piece.offset)
-            spent[piece.index] += time.perf_counter() - start
-        for batch in self._batches(short):
-            start = time.perf_counter()
-            results = self._transcribe_batch(batch)
-            share = (time.perf_counter() - start) / sum(len(p.wav) for p in batch)
-            for piece, piece_words in zip(batch, results, strict=True):
-                words[piece.index] += piece_words
-                spent[piece.index] += share * len(piece.wav)
-        for i, (wav, name, load_s) in loaded.items():
-            duration = len(wav) / self.sample_rate
-            file_words = _in_order(sorted(words[i], key=lambda w: w.start), duration)
-            yield Transcript(
-                text=" ".join(w.word for w in file_words),
-                duration=duration,
-                words=file_words,
-                source=name,
-                timings={"load": load_s, "transcribe": spent[i],
-                         "real_time_factor": (load_s + spent[i]) / duration if duration else 0.0},
-            )
-
-    def _segments(self, wav: torch.Tensor) -> list[tuple[int, int]]:
-        """Voice-activity segments of at most ``segment_seconds`` (sample ranges)."""
-        from mamba_asr import vad
-
-        return vad.speech_segments(wav, self.sample_rate, self.segment_seconds)
-
-    def _batches(self, pieces: list[_Piece]) -> Iterator[list[_Piece]]:
-        """Length-sorted batches of at most ``max_batch_seconds`` of padded audio."""
-        pieces = sorted(pieces, key=lambda p: len(p.wav))
-        batch: list[_Piece] = []
-        for piece in pieces:
-            padded = len(piece.wav) * (len(batch) + 1) / self.sample_rate
-            if batch and padded > self.max_batch_seconds:
-                yield batch
-                batch = []
-            batch.append(piece)
-        if batch:
-            yield batch
-
     @torch.no_grad()
-    def _transcribe_batch(self, batch: list[_Piece]) -> list[list[Word]]:
+    def _transcribe_batch(self, batch: list[Piece]) -> list[list[Word]]:
         """Words (in file time) of each piece, padded into one batch."""
         lengths = torch.tensor([len(p.wav) for p in batch])
-        # at least MIN_BATCH_SECONDS wide: the front-end's convolutions need a few frames, so
-        # a clip of a few ms is padded as it would be beside a longer one in a batch
-        width = max(int(lengths.max()), round(MIN_BATCH_SECONDS * self.sample_rate))
+        width = self._batch_width(lengths.tolist())
         wavs = torch.zeros(len(batch), width)
         for row, piece in enumerate(batch):
             wavs[row, : len(piece.wav)] = piece.wav
@@ -318,28 +201,14 @@ class Transcriber:
         del enc
         return self._ctc_words(log_probs, offset)
 
-    def _ctc_words(self, log_probs: torch.Tensor, offset: float) -> list[Word]:
-        """Decode and align CTC log-probabilities (T, V) stretch by stretch between pauses
-        (at most ``STRETCH_SECONDS`` each)."""
-        pause = max(1, round(PAUSE_SECONDS / self.frame_seconds))
-        longest = max(pause + 1, round(STRETCH_SECONDS / self.frame_seconds))
-        words: list[Word] = []
-        stretches = [
-            (lo + a, lo + b)
-            for lo, hi in alignment.split_at_pauses(log_probs, self.blank, pause)
-            for a, b in alignment.split_at_blanks(log_probs[lo:hi], self.blank, pause, longest)
-        ]
-        for a, b in stretches:
-            part = log_probs[a:b]
-            if self.ctc_beam is not None:
-                text = self.ctc_beam(part.unsqueeze(0), torch.ones(1))[0][0].text
-            else:
-                ids = ctc_greedy_decode(part.unsqueeze(0), torch.ones(1), blank_id=self.blank)[0]
-                text = "".join(self.asr.tokenizer.decode_ndim(ids))
-            for label in self._special_labels:  # <bos>/<eos>: never targets, not words
-                text = text.replace(label, " ")
-            words += self._align(part, text.split(), offset + a * self.frame_seconds)
-        return words
+    def _is_blank(self, log_probs: torch.Tensor) -> np.ndarray:
+        return (log_probs.argmax(dim=-1) == self.blank).numpy()
+
+    def _decode(self, log_probs: torch.Tensor) -> str:
+        if self.ctc_beam is not None:
+            return self.ctc_beam(log_probs.unsqueeze(0), torch.ones(1))[0][0].text
+        ids = ctc_greedy_decode(log_probs.unsqueeze(0), torch.ones(1), blank_id=self.blank)[0]
+        return "".join(self.asr.tokenizer.decode_ndim(ids))
 
     def _align(self, log_probs: torch.Tensor, words: list[str], offset: float) -> list[Word]:
         """Word times of ``words`` on the CTC log-probabilities (T, V) of their audio."""
@@ -357,13 +226,3 @@ class Transcriber:
             log_probs, words, tokens, spans, self.blank, self.frame_seconds, offset
         )
 
-
-def _in_order(words: list[Word], duration: float) -> list[Word]:
-    """``words`` (sorted by start) with times inside [0, duration] that never overlap: a
-    word's last 40 ms frame may run past the audio's end, or past the start of the next
-    segment's first word where voice-activity segments touch."""
-    out: list[Word] = []
-    for w in words:
-        start = min(max(w.start, out[-1].end if out else 0.0), duration)
-        out.append(replace(w, start=start, end=min(max(w.end, start), duration)))
-    return out

@@ -7,16 +7,13 @@ The model ships in the ``silero-vad`` wheel and runs on the CPU, offline.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 
 import torch
 import torchaudio
 
-VAD_RATES = (8000, 16000)  # the rates Silero VAD runs at; others are resampled to 16 kHz
-PAD_MS = 200  # speech padding kept on both sides of a segment (less where two segments meet)
-MIN_SILENCE_MS = 300  # a pause this long ends a segment; shorter ones stay inside it
-PAUSE_FRAMES = 5  # over-long segments are cut where the probability averaged over 160 ms is lowest
+from mamba_asr import vad_segments
+from mamba_asr.vad_segments import MIN_SILENCE_MS, PAD_MS, PAUSE_FRAMES, VAD_RATES  # noqa: F401
 
 
 @functools.cache
@@ -54,21 +51,11 @@ def speech_segments(
     if not isinstance(wav, torch.Tensor) or wav.dim() != 1 or not wav.is_floating_point():
         shape = tuple(wav.shape) if isinstance(wav, torch.Tensor) else type(wav).__name__
         raise ValueError(f"speech_segments: wav must be a float tensor (samples,), got {shape}")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
-        raise ValueError(
-            f"speech_segments: sample_rate must be a positive int, got {sample_rate!r}"
-        )
-    if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) \
-            or not 0 < max_seconds < math.inf:
-        raise ValueError(
-            f"speech_segments: max_seconds must be a positive number of seconds, "
-            f"got {max_seconds!r}"
-        )
+    vad_segments.check_options(sample_rate, max_seconds)
     model = vad_model()
     from silero_vad import get_speech_timestamps_from_probs  # imported by vad_model()
 
-    vad_rate = sample_rate if sample_rate in VAD_RATES else 16000
-    window = 512 if vad_rate == 16000 else 256  # samples per VAD frame
+    vad_rate, window = vad_segments.vad_rate(sample_rate)
     audio = wav.detach().float().cpu()
     if vad_rate != sample_rate:
         audio = torchaudio.functional.resample(audio, sample_rate, vad_rate)
@@ -85,40 +72,5 @@ def speech_segments(
         min_silence_duration_ms=min_silence_ms, speech_pad_ms=pad_ms,
         audio_length_samples=len(audio),
     )
-    # Each frame's pause score: the speech probability averaged over the frames around it.
-    pause = torch.nn.functional.avg_pool1d(
-        probs.view(1, 1, -1), PAUSE_FRAMES, stride=1, padding=PAUSE_FRAMES // 2,
-        count_include_pad=False,
-    )[0, 0]
-    hop = window * sample_rate / vad_rate  # file samples per VAD frame
-    longest = max(1, int(max_seconds * sample_rate))
-    segments = []
-    for region in regions:
-        start = min(round(region["start"] * sample_rate / vad_rate), len(wav))
-        end = min(round(region["end"] * sample_rate / vad_rate), len(wav))
-        if end > start:
-            segments += _split(start, end, longest, pause, hop, threshold)
-    return segments
-
-
-def _split(
-    start: int, end: int, longest: int, pause: torch.Tensor, hop: float, threshold: float
-) -> list[tuple[int, int]]:
-    """``[start, end)`` in pieces of at most ``longest`` samples, each cut at the frame of lowest
-    ``pause`` score (frames of ``hop`` samples) that leaves the rest splittable, or at
-    ``longest`` where no frame there scores below ``threshold``."""
-    pieces = []
-    while end - start > longest:
-        needed = -(-(end - start) // longest)  # pieces still to make, at least
-        lo = max(start + 1, end - (needed - 1) * longest)  # the rest fits in needed - 1
-        hi = start + longest
-        first = math.ceil(lo / hop - 0.5)
-        last = min(math.floor(hi / hop - 0.5), len(pause) - 1)
-        cut = hi
-        if first <= last:
-            frame = first + int(torch.argmin(pause[first:last + 1]))
-            if pause[frame] < threshold:
-                cut = min(max(round((frame + 0.5) * hop), lo), hi)
-        pieces.append((start, cut))
-        start = cut
-    return [*pieces, (start, end)]
+    pause = vad_segments.pause_scores(probs.numpy())
+    return vad_segments.segments(regions, pause, len(wav), sample_rate, max_seconds, threshold)
