@@ -170,9 +170,13 @@ class Transcriber(BatchingTranscriber):
         for row, piece in enumerate(batch):
             wavs[row, : len(piece.wav)] = piece.wav
         wavs = wavs.to(self.device)
-        wav_lens = (lengths / width).to(self.device)
         h = self.hparams
         feats = h.compute_features(wavs)
+        # each row's own number of feature frames (centred STFT: samples // hop + 1), relative
+        # to the batch's: as the ONNX graphs count them (features.onnx), so both backends mask
+        # a padded row alike
+        hop = int(h.compute_features.compute_STFT.hop_length)
+        wav_lens = ((lengths // hop + 1) / feats.shape[1]).to(self.device)
         feats = h.normalize(feats, wav_lens)
         enc = h.Transformer.encode(h.CNN(feats), wav_lens)
         log_probs = h.log_softmax(h.ctc_lin(enc).float()).cpu()

@@ -412,11 +412,6 @@ def test_transcribe_onnxruntime_imports_no_torch(level_model: Path, tmp_path: Pa
 
 
 NO_EXPORTER = importlib.util.find_spec("mamba_asr.onnx_export") is None
-PADDED_ROWS = ("model.onnx masks the padded rows of a batch unlike eager PyTorch where a row's "
-               "feature length is 1 mod 4 (log-probs 0.016-0.019 apart on the first six demo "
-               "test-clean files, a greedy character flipped on the random-weight model)")
-
-
 @pytest.fixture(scope="module")
 def onnx_export(ctc_random_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The random-weight CTC demo run exported by export.py --format onnx."""
@@ -431,8 +426,7 @@ def onnx_export(ctc_random_run: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.mark.slow
 @pytest.mark.skipif(NO_EXPORTER, reason="the ONNX exporter (mamba_asr/onnx_export.py, "
                                         "export.py --format onnx) is not on this branch yet")
-@pytest.mark.parametrize("batched", [
-    False, pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=PADDED_ROWS))])
+@pytest.mark.parametrize("batched", [False, True])
 def test_onnx_export_transcribes_as_torch(onnx_export: Path, demo_corpus: Path,
                                           batched: bool) -> None:
     """The demo CTC model's ONNX export: onnxruntime's transcripts are PyTorch's (the same
