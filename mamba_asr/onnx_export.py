@@ -51,15 +51,17 @@ from torch import Tensor, nn
 from mamba_asr.atomic import atomic_open, atomic_path
 from mamba_asr.config import ConfigError
 from mamba_asr.model_card import verify_folder, write_card
+from mamba_asr.ort.transcriber import (  # the file names the torch-free runtime reads
+    BLANK_SYMBOL,
+    FEATURES_FILE,
+    MODEL_FILE,
+    TOKENS_FILE,
+    WORD_SEPARATOR,
+)
+from mamba_asr.ort.transcriber import QUANTIZED_FILE as INT8_FILE
 
-FEATURES_FILE = "features.onnx"
-MODEL_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-TOKENS_FILE = "tokens.txt"
 QUANTIZE = ("int8",)
 FORMAT_VERSION = "1"
-BLANK_SYMBOL = "<blk>"
-WORD_SEPARATOR = "\u2581"  # "▁", sentencepiece's and sherpa-onnx's word boundary
 # The fewest feature frames the model graph takes: the exporter specialises 4x-subsampled
 # lengths of 1 and 2 frames (0.05-0.08 s); the transcriber pads clips to 0.1 s anyway.
 MIN_FRAMES = 9

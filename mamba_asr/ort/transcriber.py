@@ -36,12 +36,14 @@ from mamba_asr.transcribing import (
 )
 from mamba_asr.transcript import Word
 
+# The ONNX files of an export folder (written by mamba_asr.onnx_export, which takes these names)
 FEATURES_FILE = "features.onnx"
 MODEL_FILE = "model.onnx"
 QUANTIZED_FILE = "model.int8.onnx"
 TOKENS_FILE = "tokens.txt"
 HPARAMS_FILE = "hyperparams.yaml"
 BLANK_SYMBOL = "<blk>"
+WORD_SEPARATOR = "\u2581"  # "▁", sentencepiece's and sherpa-onnx's word boundary
 REQUIRED_METADATA = ("model_type", "vocab_size", "blank_id", "sample_rate",
                      "output_frame_seconds")
 # SpeechBrain's CTCPrefixBeamSearcher defaults, for a folder without the model's own options
@@ -87,7 +89,7 @@ class OnnxTranscriber(BatchingTranscriber):
         self.frame_seconds = float(meta["output_frame_seconds"])
         self.blank = int(meta["blank_id"])
         self.labels = read_tokens(self.folder / TOKENS_FILE, int(meta["vocab_size"]),
-                                  meta.get("word_separator", "▁"))
+                                  meta.get("word_separator", WORD_SEPARATOR))
         self.lab2ind = {label: i for i, label in enumerate(self.labels)}
         self._special_labels = [lab for lab in self.labels if len(lab) > 1]
         self.max_batch_seconds = max_batch_seconds
