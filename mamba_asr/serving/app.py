@@ -354,11 +354,9 @@ def _response(result: Result, response_format: str, granularities: list[str]) ->
 def _model_list(service: Service) -> list[dict[str, Any]]:
     """OpenAI's model objects: every registry version (``name@version``), alias
     (``name@alias``) and name, or the one export folder served."""
-    served = service.where.ref
-    from mamba_asr.model_card import CARD_FILE
-
-    if (Path(service.settings.model) / CARD_FILE).is_file():
-        where = service.where
+    where = service.where
+    served = where.ref
+    if not where.in_registry:
         return [_model_object(where.name, where.name, where.version, (), served),
                 _model_object(where.ref, where.name, where.version, (), served)]
     from mamba_asr.registry import Registry

@@ -30,6 +30,7 @@ class ModelLocation:
     path: Path
     requested: str  # the --model value it was resolved from
     aliases: tuple[str, ...] = ()
+    in_registry: bool = False  # resolved in the registry (else an export folder)
 
     @property
     def ref(self) -> str:
@@ -82,7 +83,7 @@ def locate(model: str, models_root: str | Path) -> ModelLocation:
     except RegistryError as exc:
         raise RegistryError(f"--model {model}: {exc}") from exc
     return ModelLocation(found.name, found.version, Path(found.path), model,
-                         tuple(found.aliases))
+                         tuple(found.aliases), in_registry=True)
 
 
 def load(where: ModelLocation, device: str = "cpu", **options: Any) -> ServedModel:
