@@ -37,6 +37,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -58,7 +59,6 @@ from mamba_asr.ort.transcriber import (  # the file names the torch-free runtime
     TOKENS_FILE,
     WORD_SEPARATOR,
 )
-from mamba_asr.ort.transcriber import QUANTIZED_FILE as INT8_FILE
 
 QUANTIZE = ("int8",)
 FORMAT_VERSION = "1"
@@ -282,17 +282,43 @@ def metadata(hparams: Any, normalize: str, vocab_size: int) -> dict[str, str]:
     }
 
 
-def _to_onnx(module: nn.Module, example: tuple[Tensor, Tensor], names: tuple[str, str],
-             outputs: tuple[str, str], axis: str, min_size: int) -> onnx.ModelProto:
-    """``module`` exported with dynamic batch and axis 1 of its first input."""
-    batch, time = torch.export.Dim("batch"), torch.export.Dim(axis, min=min_size)
+@dataclass
+class Graph:
+    """One graph of an export: the module and how to trace it.
+
+    ``name`` is the file stem (``model`` -> model.onnx / model.pt2); ``dynamic`` maps each
+    input to its dynamic axes (``torch.export`` ``dynamic_shapes``); ``metadata`` goes to the
+    ONNX file's ``metadata_props``; ``quantize``: whether ``--quantize`` writes an int8 copy.
+    """
+
+    name: str
+    module: nn.Module
+    example: tuple[Tensor, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic: tuple[dict[int, Any] | None, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+    quantize: bool = False
+
+
+def exported_program(graph: Graph) -> torch.export.ExportedProgram:
+    """``graph`` traced by ``torch.export`` with its dynamic axes (eval mode, no grad)."""
+    with torch.no_grad(), _exportable():
+        return torch.export.export(graph.module.eval(), graph.example,
+                                   dynamic_shapes=graph.dynamic)
+
+
+def _to_onnx(graph: Graph) -> onnx.ModelProto:
+    """``graph`` as one ONNX file (weights inside) with its dynamic axes and metadata."""
     with torch.no_grad(), _exportable(), _quiet():
         program = torch.onnx.export(
-            module.eval(), example, dynamo=True, input_names=list(names),
-            output_names=list(outputs), dynamic_shapes=({0: batch, 1: time}, {0: batch}),
-            verbose=False,
+            graph.module.eval(), graph.example, dynamo=True, input_names=list(graph.inputs),
+            output_names=list(graph.outputs), dynamic_shapes=graph.dynamic, verbose=False,
         )
-    return program.model_proto  # weights inside: one file
+    proto = program.model_proto
+    if graph.metadata:
+        onnx.helper.set_model_props(proto, graph.metadata)
+    return proto
 
 
 def _save(proto: onnx.ModelProto, path: Path) -> None:
@@ -323,42 +349,66 @@ def check_request(family: str, quantize: str | None) -> None:
         raise OnnxExportError(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZE)}")
 
 
-def write_onnx_files(folder: Path, family: str, quantize: str | None = None) -> list[str]:
-    """Writes the ONNX files into the export folder ``folder`` (its card untouched); returns
-    their names. Each file appears whole or not at all, and none unless all were written."""
-    check_request(family, quantize)
-    asr = load_ctc(folder)
+def ctc_graphs(asr: EncoderASR) -> list[Graph]:
+    """features and model graphs of a CTC model (dynamic batch and time)."""
     h = asr.hparams
     sample_rate = int(h.sample_rate)
     vocab = int(h.ctc_lin.w.out_features)
     hop = int(h.compute_features.compute_STFT.hop_length)
+    n_mels = int(h.compute_features.compute_fbanks.n_mels)
+    batch = torch.export.Dim("batch")
+    samples = torch.export.Dim("samples", min=hop)
+    frames = torch.export.Dim("frames", min=MIN_FRAMES)
+    features = Graph(
+        name=FEATURES_FILE.removesuffix(".onnx"), module=FeatureGraph(h.compute_features),
+        example=(torch.zeros(2, 2 * sample_rate),
+                 torch.tensor([2 * sample_rate, sample_rate], dtype=torch.int64)),
+        inputs=("waveform", "waveform_lengths"), outputs=("features", "feature_lengths"),
+        dynamic=({0: batch, 1: samples}, {0: batch}),
+    )
+    n_frames = 2 * sample_rate // hop + 1
     model = CTCGraph(h)
-    lengths = torch.tensor([2 * sample_rate, sample_rate], dtype=torch.int64)
-    feature_proto = _to_onnx(FeatureGraph(h.compute_features), (torch.zeros(2, 2 * sample_rate),
-                             lengths), ("waveform", "waveform_lengths"),
-                             ("features", "feature_lengths"), "samples", hop)
-    frames = 2 * sample_rate // hop + 1
-    example = (torch.randn(2, frames, int(h.compute_features.compute_fbanks.n_mels)),
-               torch.tensor([frames, frames // 2], dtype=torch.int64))
-    model_proto = _to_onnx(model, example, ("features", "feature_lengths"),
-                           ("log_probs", "log_prob_lengths"), "frames", MIN_FRAMES)
-    onnx.helper.set_model_props(model_proto, metadata(h, model.normalize.description, vocab))
-    tokens = tokens_text(asr.tokenizer.ind2lab, int(h.blank_index))
+    ctc = Graph(
+        name=MODEL_FILE.removesuffix(".onnx"), module=model,
+        example=(torch.randn(2, n_frames, n_mels),
+                 torch.tensor([n_frames, n_frames // 2], dtype=torch.int64)),
+        inputs=("features", "feature_lengths"), outputs=("log_probs", "log_prob_lengths"),
+        dynamic=({0: batch, 1: frames}, {0: batch}),
+        metadata=metadata(h, model.normalize.description, vocab), quantize=True,
+    )
+    return [features, ctc]
+
+
+def load_graphs(folder: Path, family: str) -> tuple[list[Graph], str]:
+    """The graphs of the export folder's model and its tokens.txt text."""
+    asr = load_ctc(folder)
+    h = asr.hparams
+    vocab = int(h.ctc_lin.w.out_features)
     if len(asr.tokenizer.ind2lab) != vocab:
         raise OnnxExportError(f"the tokenizer has {len(asr.tokenizer.ind2lab)} labels, the CTC "
                               f"head {vocab} outputs")
-    names = [FEATURES_FILE, MODEL_FILE, TOKENS_FILE] + ([INT8_FILE] if quantize else [])
+    return ctc_graphs(asr), tokens_text(asr.tokenizer.ind2lab, int(h.blank_index))
+
+
+def write_onnx_files(folder: Path, family: str, quantize: str | None = None) -> list[str]:
+    """Writes the ONNX files into the export folder ``folder`` (its card untouched); returns
+    their names. Each file appears whole or not at all, and none unless all were written."""
+    check_request(family, quantize)
+    graphs, tokens = load_graphs(folder, family)
+    protos = [(f"{g.name}.onnx", _to_onnx(g)) for g in graphs]
+    quantized = [f"{g.name}.int8.onnx" for g in graphs if g.quantize] if quantize else []
+    names = [name for name, _ in protos] + [TOKENS_FILE] + quantized
     written: list[Path] = []
     try:
-        for name, proto in ((FEATURES_FILE, feature_proto), (MODEL_FILE, model_proto)):
+        for name, proto in protos:
             _save(proto, folder / name)
             written.append(folder / name)
         with atomic_open(folder / TOKENS_FILE, "w", encoding="utf-8") as f:
             f.write(tokens)
         written.append(folder / TOKENS_FILE)
-        if quantize:
-            _quantize(folder / MODEL_FILE, folder / INT8_FILE)
-            written.append(folder / INT8_FILE)
+        for name in quantized:
+            _quantize(folder / name.replace(".int8.onnx", ".onnx"), folder / name)
+            written.append(folder / name)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)

@@ -17,15 +17,9 @@ from mamba_asr import onnx_export
 from mamba_asr.config import ConfigError
 from mamba_asr.export import export_untrained
 from mamba_asr.model_card import CARD_FILE, README_FILE, CardError, verify_folder
-from mamba_asr.onnx_export import (
-    FEATURES_FILE,
-    INT8_FILE,
-    MODEL_FILE,
-    TOKENS_FILE,
-    OnnxExportError,
-    export_onnx,
-    load_ctc,
-)
+from mamba_asr.onnx_export import OnnxExportError, export_onnx, load_ctc
+from mamba_asr.ort.transcriber import FEATURES_FILE, MODEL_FILE, TOKENS_FILE
+from mamba_asr.ort.transcriber import QUANTIZED_FILE as INT8_FILE
 
 SAMPLE_RATE = 16000
 ONNX_FILES = {FEATURES_FILE, MODEL_FILE, INT8_FILE, TOKENS_FILE}
