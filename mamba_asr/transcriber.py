@@ -55,6 +55,19 @@ logger = logging.getLogger(__name__)
 AudioInput = str | Path | tuple[torch.Tensor, int]
 
 
+def normalizer_lengths(frames: torch.Tensor, total: int) -> torch.Tensor:
+    """Relative lengths (B,) from which SpeechBrain's normalisers count exactly ``frames`` (B,)
+    valid frames of ``total``.
+
+    They count the frames below ``relative * total - 1e-6``, and ``frames / total * total``
+    can come out one float32 step above ``frames`` (120 / 215 * 215 = 120.0000076): the first
+    padding frame then enters the row's statistics and the row is normalised unlike alone or
+    in features.onnx/model.onnx, which take integer lengths. Half a frame short leaves a
+    margin of half a frame instead of one float32 step.
+    """
+    return (frames - 0.5) / total
+
+
 class Transcriber(BatchingTranscriber):
     """An ASR model ready to transcribe files and waveforms (see the module docstring)."""
 
@@ -176,8 +189,9 @@ class Transcriber(BatchingTranscriber):
         # to the batch's: as the ONNX graphs count them (features.onnx), so both backends mask
         # a padded row alike
         hop = int(h.compute_features.compute_STFT.hop_length)
-        wav_lens = ((lengths // hop + 1) / feats.shape[1]).to(self.device)
-        feats = h.normalize(feats, wav_lens)
+        feat_frames = lengths // hop + 1
+        wav_lens = (feat_frames / feats.shape[1]).to(self.device)
+        feats = h.normalize(feats, normalizer_lengths(feat_frames, feats.shape[1]).to(self.device))
         enc = h.Transformer.encode(h.CNN(feats), wav_lens)
         log_probs = h.log_softmax(h.ctc_lin(enc).float()).cpu()
         frames = torch.round(wav_lens.cpu() * log_probs.shape[1]).int()

@@ -20,6 +20,8 @@ from mamba_asr.model_card import CARD_FILE, README_FILE, CardError, verify_folde
 from mamba_asr.onnx_export import OnnxExportError, export_onnx, load_ctc
 from mamba_asr.ort.transcriber import FEATURES_FILE, MODEL_FILE, TOKENS_FILE
 from mamba_asr.ort.transcriber import QUANTIZED_FILE as INT8_FILE
+from mamba_asr.transcriber import Transcriber, normalizer_lengths
+from mamba_asr.transcribing import Piece
 
 SAMPLE_RATE = 16000
 ONNX_FILES = {FEATURES_FILE, MODEL_FILE, INT8_FILE, TOKENS_FILE}
@@ -61,7 +63,8 @@ def eager(asr, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[np.ndarray, 
     h = asr.hparams
     relative = lengths.float() / feats.shape[1]
     with torch.no_grad():
-        enc = h.Transformer.encode(h.CNN(h.normalize(feats, relative)), relative)
+        normalised = h.normalize(feats, normalizer_lengths(lengths, feats.shape[1]))
+        enc = h.Transformer.encode(h.CNN(normalised), relative)
         log_probs = h.log_softmax(h.ctc_lin(enc).float())
     return log_probs.numpy(), torch.round(relative * log_probs.shape[1]).long().numpy()
 
@@ -127,6 +130,37 @@ def test_padded_batch_matches_eager(asr, sessions: dict) -> None:
     assert out_lengths.tolist() == ref_lengths.tolist() == [851, 501, 38]
     for row, n in enumerate(out_lengths):
         assert np.abs(log_probs[row, :n] - ref[row, :n]).max() <= 1e-4
+
+
+def test_normalizer_lengths_count_each_rows_frames() -> None:
+    """SpeechBrain's padding mask counts exactly each row's frames for every row length of
+    batches up to 400 frames (frames / total does not: 120 / 215 counts 121)."""
+    from speechbrain.processing.features import make_padding_mask
+
+    for total in range(1, 401):
+        frames = torch.arange(1, total + 1)
+        mask = make_padding_mask(torch.zeros(total, total), normalizer_lengths(frames, total))
+        assert mask.sum(1).tolist() == frames.tolist(), total
+
+
+def test_transcriber_padded_batch_is_onnxruntimes(folder: Path, sessions: dict,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch backend's log-probabilities of a padded batch are onnxruntime's, row by row:
+    a row of 120 feature frames beside one of 215, where relative lengths made SpeechBrain's
+    normaliser take the first padding frame into the short row's statistics."""
+    wavs, lengths = waveforms([119 * 160 / SAMPLE_RATE, 214 * 160 / SAMPLE_RATE], seed=5)
+    asr = Transcriber.from_folder(folder, search="greedy")
+    seen: list[np.ndarray] = []
+    monkeypatch.setattr(asr, "_ctc_words", lambda lp, offset: seen.append(lp.numpy()) or [])
+    asr._transcribe_batch([Piece(row, torch.from_numpy(wavs[row, :n]), 0.0)
+                           for row, n in enumerate(lengths)])
+    feats, feat_lengths = sessions[FEATURES_FILE].run(
+        None, {"waveform": wavs, "waveform_lengths": lengths})
+    assert feat_lengths.tolist() == [120, 215]
+    log_probs, out_lengths = run_model(sessions[MODEL_FILE], feats, feat_lengths)
+    assert [len(lp) for lp in seen] == out_lengths.tolist() == [30, 54]
+    for row, n in enumerate(out_lengths):
+        assert np.abs(seen[row] - log_probs[row, :n]).max() <= 1e-4
 
 
 def test_tokens_file(folder: Path, asr) -> None:
