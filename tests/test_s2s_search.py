@@ -148,6 +148,7 @@ CASES = {
     "short_max_ratio": ({"max_decode_ratio": 0.2}, False),
     "short_max_ratio_no_norm": ({"max_decode_ratio": 0.2, "length_normalization": False}, False),
     "eos_threshold": ({"using_eos_threshold": True, "min_decode_ratio": 0.1}, False),
+    "min_ratio_ctc0": ({"beam_size": 6, "ctc_weight": 0.0, "min_decode_ratio": 0.5}, False),
     "lm": ({"lm_weight": 0.5}, True),
     "lm_ctc0_beam1": ({"lm_weight": 0.5, "ctc_weight": 0.0, "beam_size": 1}, True),
     "lm_ctc1_no_norm": ({"lm_weight": 0.3, "ctc_weight": 1.0, "length_normalization": False},
@@ -175,6 +176,7 @@ def test_the_cases_search_differently(expected: dict) -> None:
     for case in ("beam1", "beam6_ctc0", "ctc1", "no_length_norm", "eos_threshold", "lm"):
         assert expected[case] != base, case
     assert expected["lm_ctc0_beam1"] != expected["beam6_ctc0"]
+    assert expected["min_ratio_ctc0"] != expected["beam6_ctc0"]
     assert expected["lm_ctc1_no_norm"] != expected["ctc1"]
     limit = max(LENGTHS) - 1  # int(T * 1.0) steps, the last token dropped
     assert len(base[0]) == limit and all(len(h) < limit for h in base[1:])
