@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from runs import REPO, load_s2s_demo
+from speechbrain.decoders.ctc import CTCPrefixScore
 from speechbrain.decoders.scorer import CTCScorer, ScorerBuilder, TransformerLMScorer
 
-from mamba_asr.ort.s2s_search import SearchOptions, beam_search
+from mamba_asr.ort.s2s_search import CTCPrefixScorer, SearchOptions, beam_search
 from modules.beam_search import S2SMambaBeamSearcher
 
 # SpeechBrain's TransformerLM passes masks of mixed types to torch's attention
@@ -208,3 +209,28 @@ def test_imports_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=REPO).stdout
     assert out.strip() == "[]"
+
+
+def test_ctc_prefix_scores_are_speechbrains() -> None:
+    """CTCPrefixScorer's increments equal CTCPrefixScore's step by step, over padded items and
+    extensions that repeat the prefix's last token."""
+    rng = np.random.default_rng(0)
+    batch, frames, vocab, beam = 3, 20, 12, 4
+    log_probs = torch.log_softmax(torch.from_numpy(rng.normal(size=(batch, frames, vocab))
+                                                   .astype(np.float32) * 3), dim=-1)
+    lengths = torch.tensor([20, 15, 7])
+    theirs = CTCPrefixScore(log_probs.clone(), lengths, blank_index=0, eos_index=2)
+    ours = CTCPrefixScorer(log_probs.numpy(), lengths.numpy(), blank_id=0, eos_id=2,
+                           beam_size=beam)
+    last, memory = torch.full((batch * beam,), 1), None
+    for step in range(12):
+        expected, memory = theirs.forward_step(last, memory)
+        increments, scored = ours.score(last.numpy())
+        np.testing.assert_allclose(increments, expected.numpy(), rtol=1e-6, atol=1e-4)
+        choices = beam * vocab if step else vocab  # one live beam at first
+        candidates = np.stack([rng.choice(choices, beam, replace=False) for _ in range(batch)])
+        candidates[0, 0] = int(last[0]) if step else 1  # a repeat of the last token
+        memory = theirs.permute_mem(memory, torch.from_numpy(candidates))
+        ours.select(scored, candidates)
+        np.testing.assert_allclose(ours.r, memory[0].numpy(), rtol=1e-6, atol=1e-4)
+        last = torch.from_numpy(candidates % vocab).reshape(-1)

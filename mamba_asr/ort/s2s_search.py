@@ -179,6 +179,12 @@ class CTCPrefixScorer:
     ``log_probs`` (B, T, V) CTC log-probabilities, ``lengths`` (B,) valid frames; the
     hypotheses are B * ``beam_size`` rows, item-major. Frames past an item's length score
     ``MINUS_INF`` except token 0 (0: SpeechBrain pads column 0, its recipes' blank).
+
+    Each hypothesis keeps ``r`` (T, 2, N): the log-probability of its prefix up to frame t
+    ending in a token (0) or a blank (1). The prefix score ``psi`` of an extension needs only
+    the parent's ``r``, so :meth:`score` streams it frame by frame over (N, V) (SpeechBrain
+    holds (T, 2, N, V)) and :meth:`select` runs the ``r`` recursion for the extensions kept
+    alone; both give SpeechBrain's numbers element for element.
     """
 
     def __init__(self, log_probs: np.ndarray, lengths: np.ndarray, blank_id: int, eos_id: int,
@@ -188,54 +194,72 @@ class CTCPrefixScorer:
         padded = np.arange(frames)[None, :] >= np.asarray(lengths)[:, None]  # (B, T)
         x[padded] = MINUS_INF
         x[..., 0][padded] = 0
-        self.blank_id, self.eos_id, self.beam_size = blank_id, eos_id, beam_size
-        self.vocab = vocab
-        self.last_frame = np.repeat(np.asarray(lengths, dtype=np.int64) - 1, beam_size)
-        self.x_token = np.repeat(x.transpose(1, 0, 2), beam_size, axis=1)  # (T, N, V)
-        self.x_blank = self.x_token[:, :, blank_id]  # (T, N)
+        self.blank_id, self.eos_id = blank_id, eos_id
+        self.batch, self.beam_size, self.vocab = batch, beam_size, vocab
+        self.item = np.repeat(np.arange(batch), beam_size)  # (N,) each row's item
+        self.last_frame = np.asarray(lengths, dtype=np.int64)[self.item] - 1
+        self.x = np.ascontiguousarray(x.transpose(1, 0, 2))  # (T, B, V)
+        self.x_blank = self.x[:, self.item, blank_id]  # (T, N)
         self.prefix_length = -1
         n = batch * beam_size
-        # r: (T, 2, N) log-probability of the prefix at frame t ending in a token (0) or
-        # a blank (1); the empty prefix is all blanks
         self.r = np.full((frames, 2, n), MINUS_INF, dtype=np.float32)
         blank_sums = np.cumsum(x[:, :, blank_id].astype(np.float64), axis=1).astype(np.float32)
-        self.r[:, 1] = np.repeat(blank_sums, beam_size, axis=0).T
+        self.r[:, 1] = blank_sums[self.item].T  # the empty prefix: blanks only
         self.psi = np.zeros((n, 1), dtype=np.float32)  # each hypothesis' prefix score
 
-    def score(self, last_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """last_tokens (N,) of the prefixes -> score increments (N, V) of each extension and
-        the extended prefixes' r (T, 2, N, V) and scores psi (N, V), kept by :meth:`select`."""
+    def score(self, last_tokens: np.ndarray) -> tuple[np.ndarray, tuple]:
+        """last_tokens (N,) of the prefixes -> score increments (N, V) of every extension,
+        and what :meth:`select` needs."""
         self.prefix_length += 1
-        frames, n = self.x_blank.shape
-        rows = np.arange(n)
-        r_prev = self.r
-        r = np.full((frames, 2, n, self.vocab), MINUS_INF, dtype=np.float32)
-        if self.prefix_length == 0:
-            r[0, 0] = self.x_token[0]
-        r_sum = _logaddexp(r_prev[:, 0], r_prev[:, 1])  # (T, N)
-        # phi: the prefix's probability before a new token (only its blank-ending part when
-        # the token repeats the prefix's last)
-        phi = np.repeat(r_sum[:, :, None], self.vocab, axis=2)  # (T, N, V)
-        phi[:, rows, last_tokens] = r_prev[:, 1, rows]
         start = max(1, self.prefix_length)
-        for t in range(start, frames):
-            r[t, 0] = _logaddexp(r[t - 1, 0], phi[t - 1]) + self.x_token[t]
-            r[t, 1] = _logaddexp(r[t - 1, 0], r[t - 1, 1]) + self.x_blank[t][:, None]
-        phi_shifted = np.concatenate((phi[:1], phi[:-1]), axis=0) + self.x_token
-        psi = _logsumexp(np.concatenate((phi_shifted[start:], r[start - 1, 0][None]), axis=0),
-                         axis=0)
+        r_sum = _logaddexp(self.r[:, 0], self.r[:, 1])  # (T, N): the prefix by frame t
+        # psi: logsumexp over t >= start of phi[t - 1] + x[t] (phi: the prefix's probability
+        # before the new token, only its blank-ending part when the token repeats its last),
+        # and of r[start - 1, 0] (the token at the first frame; -inf after the first step)
+        terms = [self._phi_x(t, r_sum, last_tokens) for t in range(start, len(self.x))]
+        first = (self.x[0][self.item] if self.prefix_length == 0
+                 else np.full((len(self.item), self.vocab), MINUS_INF, dtype=np.float32))
+        peak = first.copy()
+        for term in terms:
+            np.maximum(peak, term, out=peak)
+        peak[np.isinf(peak)] = 0
+        total = np.zeros(peak.shape, dtype=np.float64)
+        for term in (*terms, first):
+            total += _exp(term - peak)
+        psi = _log(total.astype(np.float32)) + peak
+        rows = np.arange(len(self.item))
         psi[rows, self.eos_id] = r_sum[self.last_frame, rows]
         if self.eos_id != self.blank_id:
             psi[:, self.blank_id] = MINUS_INF
-        return psi - self.psi, (r, psi)
+        return psi - self.psi, (psi, r_sum, last_tokens)
 
-    def select(self, scored: tuple[np.ndarray, np.ndarray], candidates: np.ndarray) -> None:
-        """Keep the extensions picked: candidates (B, beam) flat indices of (beam, V) per item."""
-        r, psi = scored
-        batch, beam = candidates.shape
-        flat = (candidates + np.arange(batch)[:, None] * beam * self.vocab).reshape(-1)
-        self.psi = psi.reshape(-1)[flat][:, None]
-        self.r = r.reshape(r.shape[0], 2, -1)[:, :, flat]
+    def _phi_x(self, t: int, r_sum: np.ndarray, last_tokens: np.ndarray) -> np.ndarray:
+        """phi[t - 1] + x[t] of every extension: (N, V)."""
+        term = (r_sum[t - 1].reshape(self.batch, self.beam_size, 1)
+                + self.x[t][:, None, :]).reshape(-1, self.vocab)
+        rows = np.arange(len(self.item))
+        term[rows, last_tokens] = self.r[t - 1, 1] + self.x[t, self.item, last_tokens]
+        return term
+
+    def select(self, scored: tuple, candidates: np.ndarray) -> None:
+        """Keep the extensions picked: candidates (B, beam) flat indices of (beam, V) per
+        item (the parent beam times V plus the token)."""
+        psi, r_sum, last_tokens = scored
+        parents = (candidates // self.vocab + np.arange(self.batch)[:, None]
+                   * self.beam_size).reshape(-1)
+        tokens = (candidates % self.vocab).reshape(-1)
+        self.psi = psi[parents, tokens][:, None]
+        frames = len(self.x)
+        # phi of the kept extensions (T, N) and their tokens' log-probabilities (T, N)
+        phi = np.where(tokens == last_tokens[parents], self.r[:, 1, parents], r_sum[:, parents])
+        x_token = self.x[:, self.item, tokens]
+        r = np.full((frames, 2, len(tokens)), MINUS_INF, dtype=np.float32)
+        if self.prefix_length == 0:
+            r[0, 0] = x_token[0]
+        for t in range(max(1, self.prefix_length), frames):
+            r[t, 0] = _logaddexp(r[t - 1, 0], phi[t - 1]) + x_token[t]
+            r[t, 1] = _logaddexp(r[t - 1, 0], r[t - 1, 1]) + self.x_blank[t]
+        self.r = r
 
 
 # --------------------------------------------------------------------------- the search
