@@ -311,6 +311,63 @@ def _best(item: _Ended) -> list[int]:
     return item.tokens[best][:-1].tolist()
 
 
+class _Scorers:
+    """The decoder, the CTC prefix scorer and the LM of a search, in SpeechBrain's order: each
+    step's combined log-probabilities (N, V), and their states following the beams."""
+
+    def __init__(self, decoder: StepDecoder, lm: StepDecoder | None, encoder_out: np.ndarray,
+                 encoder_lengths: np.ndarray, ctc_log_probs: np.ndarray,
+                 options: SearchOptions) -> None:
+        self.options = options
+        beams = np.repeat(np.arange(len(encoder_out)), options.beam_size)  # (N,) item per row
+        self.decoder_weight = np.float32(1.0 - options.ctc_weight)
+        self.decoder = decoder if self.decoder_weight > 0 else None
+        if self.decoder is not None:
+            self.state = decoder.reorder(decoder.init(encoder_out, encoder_lengths), beams)
+        self.lm = lm if lm is not None and options.lm_weight != 0 else None
+        if self.lm is not None:
+            self.lm_state = self.lm.reorder(self.lm.init(encoder_out, encoder_lengths), beams)
+        self.ctc = None
+        if options.ctc_weight > 0:
+            self.ctc = CTCPrefixScorer(ctc_log_probs, encoder_lengths, options.blank_id,
+                                       options.eos_id, options.beam_size)
+        self.vocab = ctc_log_probs.shape[-1]
+        # carried from step to step when the decoder is off (ctc_weight 1): SpeechBrain then
+        # adds each step's scores to the previous step's array, in place
+        self.log_probs = np.zeros((len(beams), self.vocab), dtype=np.float32)
+
+    def score(self, prefix: np.ndarray, step: int, min_steps: int) -> np.ndarray:
+        """prefix (N, t) bos first -> log-probabilities (N, V) of each next token."""
+        options = self.options
+        if self.decoder is not None:
+            logits, self.state = self.decoder.step(prefix, self.state)
+            if logits.shape[-1] != self.vocab:
+                raise ValueError(f"the decoder gives {logits.shape[-1]} logits, the CTC head "
+                                 f"{self.vocab}: not the same vocabulary")
+            self.log_probs = self.decoder_weight * log_softmax(logits, options.temperature)
+        log_probs = self.log_probs
+        _mask_eos(log_probs, step, min_steps, options)
+        if self.ctc is not None:
+            log_probs[:, options.blank_id] = MINUS_INF
+            increments, self.ctc_scored = self.ctc.score(prefix[:, -1])
+            log_probs += increments * np.float32(options.ctc_weight)
+        if self.lm is not None:
+            lm_logits, self.lm_state = self.lm.step(prefix, self.lm_state)
+            lm_log_probs = log_softmax(lm_logits, options.lm_temperature)
+            log_probs += lm_log_probs * np.float32(options.lm_weight)
+        return log_probs
+
+    def follow(self, parents: np.ndarray, candidates: np.ndarray) -> None:
+        """Keep the states of the extensions picked: parents (N,) rows, candidates (B, beam)
+        flat indices of (beam, V) per item."""
+        if self.decoder is not None:
+            self.state = self.decoder.reorder(self.state, parents)
+        if self.ctc is not None:
+            self.ctc.select(self.ctc_scored, candidates)
+        if self.lm is not None:
+            self.lm_state = self.lm.reorder(self.lm_state, parents)
+
+
 def beam_search(decoder: StepDecoder, encoder_out: np.ndarray, encoder_lengths: np.ndarray,
                 ctc_log_probs: np.ndarray, options: SearchOptions,
                 lm: StepDecoder | None = None) -> list[list[int]]:
@@ -318,55 +375,32 @@ def beam_search(decoder: StepDecoder, encoder_out: np.ndarray, encoder_lengths: 
 
     encoder_out (B, T, D) and encoder_lengths (B,) valid frames, as ``decoder.init`` takes
     them; ctc_log_probs (B, T, V) (used when ``options.ctc_weight`` > 0); ``lm`` fused with
-    ``options.lm_weight`` when given (and that weight is not 0).
+    ``options.lm_weight`` when given (and that weight is not 0). With no step allowed
+    (``int(T * max_decode_ratio)`` 0, where SpeechBrain fails) every hypothesis is empty.
     """
     if options.using_max_attn_shift:
         raise ValueError("using_max_attn_shift needs attention weights, which the step "
                          "decoders do not give: set it to 0")
     encoder_lengths = np.asarray(encoder_lengths, dtype=np.int64)
     batch, frames = encoder_out.shape[:2]
-    beam, eos = options.beam_size, options.eos_id
+    beam, vocab = options.beam_size, ctc_log_probs.shape[-1]
     n = batch * beam
-    vocab = ctc_log_probs.shape[-1]
     min_steps = int(frames * options.min_decode_ratio)
     max_steps = int(frames * options.max_decode_ratio)
-    dec_weight = np.float32(1.0 - options.ctc_weight)
-    ctc = None
-    if options.ctc_weight > 0:
-        if max_steps > frames + 1:
-            raise ValueError(f"max_decode_ratio {options.max_decode_ratio}: with CTC scoring a "
-                             "hypothesis cannot have more tokens than encoder frames")
-        ctc = CTCPrefixScorer(ctc_log_probs, encoder_lengths, options.blank_id, eos, beam)
-    use_lm = lm is not None and options.lm_weight != 0
-    beams = np.repeat(np.arange(batch), beam)
-    if dec_weight > 0:
-        state = decoder.reorder(decoder.init(encoder_out, encoder_lengths), beams)
-    if use_lm:
-        lm_state = lm.reorder(lm.init(encoder_out, encoder_lengths), beams)
+    if options.ctc_weight > 0 and max_steps > frames + 1:
+        raise ValueError(f"max_decode_ratio {options.max_decode_ratio}: with CTC scoring a "
+                         "hypothesis cannot have more tokens than encoder frames")
+    scorers = _Scorers(decoder, lm, encoder_out, encoder_lengths, ctc_log_probs, options)
 
     prefix = np.full((n, 1), options.bos_id, dtype=np.int64)
     sequence_scores = np.full(n, -np.inf, dtype=np.float32)
     sequence_scores[::beam] = 0  # one live beam per item at first: no duplicates
-    log_probs = np.zeros((n, vocab), dtype=np.float32)  # carried over when the decoder is off
     ended = [_Ended([], []) for _ in range(batch)]
     scores = None
     for step in range(max_steps):
         if all(len(item.scores) == beam for item in ended):
             break
-        if dec_weight > 0:
-            logits, state = decoder.step(prefix, state)
-            log_probs = dec_weight * log_softmax(logits, options.temperature)
-        _mask_eos(log_probs, step, min_steps, options)
-        if ctc is not None:
-            log_probs[:, options.blank_id] = MINUS_INF
-            increments, ctc_scored = ctc.score(prefix[:, -1])
-            log_probs += increments * np.float32(options.ctc_weight)
-        if use_lm:
-            lm_logits, lm_state = lm.step(prefix, lm_state)
-            log_probs += log_softmax(lm_logits, options.lm_temperature) * np.float32(
-                options.lm_weight)
-
-        scores = sequence_scores[:, None] + log_probs
+        scores = sequence_scores[:, None] + scorers.score(prefix, step, min_steps)
         if options.length_normalization:
             scores = scores / np.float32(step + 1)
         candidates = _top_beams(scores.reshape(batch, -1), beam)  # (B, beam)
@@ -377,16 +411,10 @@ def beam_search(decoder: StepDecoder, encoder_out: np.ndarray, encoder_lengths: 
         # so the eos mask below reaches both
         sequence_scores = (scores * np.float32(step + 1) if options.length_normalization
                            else scores)
-
-        if dec_weight > 0:
-            state = decoder.reorder(state, parents)
-        if ctc is not None:
-            ctc.select(ctc_scored, candidates)
-        if use_lm:
-            lm_state = lm.reorder(lm_state, parents)
+        scorers.follow(parents, candidates)
         prefix = np.concatenate((prefix[parents], tokens[:, None]), axis=1)
 
-        is_eos = tokens == eos
+        is_eos = tokens == options.eos_id
         _set_aside(ended, np.flatnonzero(is_eos), prefix, scores, beam)
         sequence_scores[is_eos] = -np.inf
 
