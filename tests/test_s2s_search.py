@@ -234,3 +234,14 @@ def test_ctc_prefix_scores_are_speechbrains() -> None:
         ours.select(scored, candidates)
         np.testing.assert_allclose(ours.r, memory[0].numpy(), rtol=1e-6, atol=1e-4)
         last = torch.from_numpy(candidates % vocab).reshape(-1)
+
+
+def test_refuses_what_it_cannot_do(demo: dict) -> None:
+    """No attention weights for the attention-shift limit; a search of no step (where
+    SpeechBrain fails) gives empty hypotheses."""
+    args = (MambaStep(demo), demo["enc"].numpy(), demo["lengths"].numpy(), demo["ctc"].numpy())
+    with pytest.raises(ValueError, match="using_max_attn_shift"):
+        beam_search(*args, demo_options(demo, using_max_attn_shift=True))
+    with pytest.raises(ValueError, match="max_decode_ratio 2"):
+        beam_search(*args, demo_options(demo, max_decode_ratio=2.0))
+    assert beam_search(*args, demo_options(demo, max_decode_ratio=0.01)) == [[]] * len(LENGTHS)
