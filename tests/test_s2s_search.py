@@ -15,9 +15,11 @@ import torch
 from runs import REPO, load_s2s_demo
 from speechbrain.decoders.ctc import CTCPrefixScore
 from speechbrain.decoders.scorer import CTCScorer, ScorerBuilder, TransformerLMScorer
+from speechbrain.decoders.seq2seq import S2STransformerBeamSearcher
 
 from mamba_asr.ort.s2s_search import CTCPrefixScorer, SearchOptions, beam_search
 from modules.beam_search import S2SMambaBeamSearcher
+from modules.TransformerASR import TransformerASR
 
 # SpeechBrain's TransformerLM passes masks of mixed types to torch's attention
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
@@ -94,7 +96,28 @@ class LMStep:
         return None
 
 
-def speechbrain_search(demo: dict, options: SearchOptions, with_lm: bool) -> list[list[int]]:
+class TransformerStep:
+    """A Transformer decoder as a StepDecoder: state (encoder output, lengths); the whole
+    prefix each step."""
+
+    def __init__(self, net: TransformerASR, seq_lin: torch.nn.Module) -> None:
+        self.net, self.seq_lin = net, seq_lin
+
+    def init(self, encoder_out: np.ndarray, encoder_lengths: np.ndarray):
+        return torch.from_numpy(encoder_out), torch.from_numpy(encoder_lengths)
+
+    def step(self, prefix: np.ndarray, state):
+        with torch.no_grad():
+            out, _ = self.net.decode(torch.from_numpy(prefix), *state)
+            return self.seq_lin(out)[:, -1].numpy(), state
+
+    def reorder(self, state, index: np.ndarray):
+        return tuple(x[torch.from_numpy(index)] for x in state)
+
+
+def speechbrain_search(demo: dict, options: SearchOptions, with_lm: bool,
+                       searcher_class: type = S2SMambaBeamSearcher,
+                       net: torch.nn.Module | None = None) -> list[list[int]]:
     """SpeechBrain's hypotheses, the searcher built as train_S2S.build_searcher builds it."""
     scorers, weights = [], {}
     if options.ctc_weight > 0:
@@ -104,8 +127,8 @@ def speechbrain_search(demo: dict, options: SearchOptions, with_lm: bool) -> lis
     if with_lm:
         scorers.append(TransformerLMScorer(demo["lm"], temperature=options.lm_temperature))
         weights["transformerlm"] = options.lm_weight
-    searcher = S2SMambaBeamSearcher(
-        modules=[demo["Transformer"], demo["seq_lin"]], bos_index=options.bos_id,
+    searcher = searcher_class(
+        modules=[net or demo["Transformer"], demo["seq_lin"]], bos_index=options.bos_id,
         eos_index=options.eos_id, min_decode_ratio=options.min_decode_ratio,
         max_decode_ratio=options.max_decode_ratio, beam_size=options.beam_size,
         temperature=options.temperature, using_eos_threshold=options.using_eos_threshold,
@@ -245,3 +268,22 @@ def test_refuses_what_it_cannot_do(demo: dict) -> None:
     with pytest.raises(ValueError, match="max_decode_ratio 2"):
         beam_search(*args, demo_options(demo, max_decode_ratio=2.0))
     assert beam_search(*args, demo_options(demo, max_decode_ratio=0.01)) == [[]] * len(LENGTHS)
+
+
+def test_transformer_decoder_same_hypotheses_as_speechbrain(demo: dict) -> None:
+    """The stateless path (the whole prefix each step): S2STransformerBeamSearcher's
+    hypotheses, with CTC and the LM, for a Transformer decoder."""
+    torch.manual_seed(5)
+    net = TransformerASR(
+        demo["output_neurons"], 160, demo["d_model"], demo["nhead"], 1, 1, 128,
+        activation=torch.nn.GELU, encoder_module="conmamba", decoder_module="transformer",
+        attention_type=demo["attention_type"], normalize_before=True, causal=False,
+        mamba_config=demo["mamba_config"],
+    ).eval()
+    options = demo_options(demo, lm_weight=0.3)
+    expected = speechbrain_search(demo, options, True, S2STransformerBeamSearcher, net)
+    ours = beam_search(TransformerStep(net, demo["seq_lin"]), demo["enc"].numpy(),
+                       demo["lengths"].numpy(), demo["ctc"].numpy(), options,
+                       lm=LMStep(demo["lm"]))
+    assert ours == expected
+    assert expected != speechbrain_search(demo, options, True)  # not the Mamba decoder's
