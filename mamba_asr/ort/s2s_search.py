@@ -50,7 +50,9 @@ State = TypeVar("State")
 
 
 class StepDecoder(Protocol[State]):
-    """A decoder (or LM) that scores the next token of a batch of prefixes."""
+    """A decoder (or LM) that scores the next token of a batch of prefixes. The search gives
+    ``init`` the B items and repeats each state ``beam_size`` times through ``reorder``
+    (index ``np.repeat(arange(B), beam_size)``), then reorders by each step's parents."""
 
     def init(self, encoder_out: np.ndarray, encoder_lengths: np.ndarray) -> State:
         """encoder_out (B, T, D), encoder_lengths (B,) valid frames -> the state of B items."""
@@ -112,9 +114,9 @@ class SearchOptions:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str]) -> SearchOptions:
-        """Options from string ``metadata_props`` (as ``encoder.onnx`` holds them); a key
-        missing takes the default, a required one missing or a value that does not parse
-        raises ValueError naming it."""
+        """Options from string ``metadata_props`` (as ``encoder.onnx`` holds them; other keys
+        ignored): a key missing takes the default; bos_id, eos_id, blank_id or beam_size
+        missing, or a value that does not parse, raises ValueError naming it."""
         kwargs: dict[str, Any] = {}
         for field in fields(cls):
             if field.name not in metadata:
@@ -126,9 +128,8 @@ class SearchOptions:
             except ValueError as exc:
                 raise ValueError(f"metadata {field.name}={value!r}: expected {field.type} "
                                  f"({exc})") from None
-        required = [f.name for f in fields(cls) if f.name in ("bos_id", "eos_id", "blank_id",
-                                                                "beam_size")]
-        missing = [name for name in required if name not in kwargs]
+        missing = [name for name in ("bos_id", "eos_id", "blank_id", "beam_size")
+                   if name not in kwargs]
         if missing:
             raise ValueError(f"metadata lacks {', '.join(missing)} (the beam search's settings)")
         return cls(**kwargs)
