@@ -41,8 +41,8 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def demo(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The demo's decoder, output layers and LM with random weights, a padded batch of
-    encoder outputs and its CTC log-probabilities."""
+    """The demo's decoder, output layers and LM with random weights, a padded batch of random
+    encoder outputs (the search needs no encoder) and its CTC log-probabilities."""
     tmp = tmp_path_factory.mktemp("s2s_search")
     hparams = load_s2s_demo(data_folder=str(tmp), output_folder=str(tmp), **SHRUNK)
     torch.manual_seed(3)
