@@ -301,9 +301,10 @@ def speed_table(runs: dict[tuple[str, float, str], Runs]) -> None:
             continue
         eager = runs[(name, seconds, "eager")]
         speedup = "-" if eager.failure else f"{eager.best_seconds / r.best_seconds:.2f}×"
+        difference = "-" if engine == "eager" else max_difference(r.log_probs, eager.log_probs)
         print(f"{head} {r.best_seconds / seconds:.4f} | {speedup} | "
               f"{r.first_peak_mb:,.0f} / {r.peak_mb:,.0f} | "
-              f"{max_difference(r.log_probs, eager.log_probs)} |")
+              f"{difference} |")
 
 
 def check_table(runs: dict[tuple[str, float, str], Runs]) -> None:
@@ -413,7 +414,7 @@ def machine_line(threads: int) -> str:
                  if ln.startswith("model name")]
         cpu = names[0] if names else cpu
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
-    used = f"{threads} threads" if threads else (
+    used = f"{threads} thread{'s' * (threads > 1)} per engine" if threads else (
         f"default threads (torch {torch.get_num_threads()}, onnxruntime one per core)")
     return (f"{cpu}, {os.cpu_count()} CPUs, {memory:.0f} GiB; torch {torch.__version__}, "
             f"onnxruntime {onnxruntime.__version__}; {used}")
