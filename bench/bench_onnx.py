@@ -445,8 +445,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.repeats = [10.0, 60.0], 1
-    if args.repeats < 1 or min(args.lengths) <= 0 or args.threads < 0:
-        parser.error("--repeats and --lengths must be positive, --threads at least 0")
+    if (args.repeats < 1 or min(args.lengths) <= 0 or args.threads < 0
+            or args.memory_limit_gb <= 0 or args.timeout <= 0):
+        parser.error("--repeats, --lengths, --memory_limit_gb and --timeout must be positive, "
+                     "--threads at least 0")
     if not args.no_wer and not (args.demo_model / "model_card.json").is_file():
         parser.error(f"--demo_model {args.demo_model}: not an export folder (no "
                      "model_card.json); run `make demo`, pass one, or add --no_wer")
