@@ -13,20 +13,18 @@ import pytest
 import torch
 
 from mamba_asr.export import ExportError, export_untrained
-from mamba_asr.model_card import verify_folder
-from mamba_asr.onnx_s2s import load_s2s
+from mamba_asr.onnx_export import _to_onnx
+from mamba_asr.onnx_s2s import load_s2s, s2s_graphs
 from mamba_asr.ort.s2s import (
     DECODER_INIT_FILE,
     DECODER_STEP_FILE,
-    DECODER_STEP_INT8_FILE,
     ENCODER_FILE,
-    ENCODER_INT8_FILE,
     LM_FILE,
     LMStepDecoder,
     MambaStepDecoder,
     TransformerStepDecoder,
 )
-from mamba_asr.ort.transcriber import FEATURES_FILE, TOKENS_FILE
+from mamba_asr.ort.transcriber import TOKENS_FILE
 from mamba_asr.tokenizer import prepare_tokenizer
 
 TOL = 1e-4
@@ -55,27 +53,43 @@ def tokenizer(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return folder / "spm" / "256_unigram.model"
 
 
+def export_random(config: str, out: Path, overrides: list[str], **options) -> Path:
+    export_untrained(config, out, overrides=overrides, **options)
+    return out
+
+
+def write_graphs(asr, out: Path, names: set[str]) -> Path:
+    """The graphs ``names`` of the folder's model written to ``out`` (not the whole export:
+    the features graph and the quantised copies are the CTC tests' and the slow test's)."""
+    out.mkdir()
+    for graph in s2s_graphs(asr):
+        if graph.name in names:
+            onnx.save_model(_to_onnx(graph), out / f"{graph.name}.onnx")
+    return out
+
+
 @pytest.fixture(scope="module")
-def mamba_folder(tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def mamba_asr(tokenizer: Path, tmp_path_factory: pytest.TempPathFactory):
     """The S2S demo configuration (ConMamba + Mamba decoder + Transformer LM), tiny, random."""
     out = tmp_path_factory.mktemp("onnx_s2s") / "demo-s2s"
-    export_untrained("hparams/S2S/demo.yaml", out, onnx=True, quantize="int8",
-                     overrides=[*TINY, "--pretrained_tokenizer_path", str(tokenizer)])
-    return out
+    return load_s2s(export_random("hparams/S2S/demo.yaml", out,
+                                  [*TINY, "--pretrained_tokenizer_path", str(tokenizer)]))
 
 
 @pytest.fixture(scope="module")
-def transformer_folder(tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def mamba_folder(mamba_asr, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """encoder, decoder_init, decoder_step and lm graphs of ``mamba_asr``."""
+    return write_graphs(mamba_asr, tmp_path_factory.mktemp("onnx_s2s") / "graphs",
+                        {"encoder", "decoder_init", "decoder_step", "lm"})
+
+
+@pytest.fixture(scope="module")
+def transformer_asr(tokenizer: Path, tmp_path_factory: pytest.TempPathFactory):
     """Conformer-S with its Transformer decoder, tiny, random, without LM."""
     out = tmp_path_factory.mktemp("onnx_s2s") / "conformer-s2s"
-    export_untrained("hparams/S2S/conformer_small.yaml", out, onnx=True, no_lm=True,
-                     overrides=[*CONFORMER_TINY, "--pretrained_tokenizer_path", str(tokenizer)])
-    return out
-
-
-@pytest.fixture(scope="module")
-def mamba_asr(mamba_folder: Path):
-    return load_s2s(mamba_folder)
+    return load_s2s(export_random(
+        "hparams/S2S/conformer_small.yaml", out,
+        [*CONFORMER_TINY, "--pretrained_tokenizer_path", str(tokenizer)], no_lm=True))
 
 
 def padded_features(frames: list[int], n_mels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,29 +190,28 @@ def test_lm_matches_eager(mamba_folder: Path, mamba_asr) -> None:
         assert np.abs(logits - ref).max() <= TOL
 
 
-def test_transformer_decoder_prefix_matches_decode(transformer_folder: Path) -> None:
-    asr = load_s2s(transformer_folder)
-    h = asr.hparams
+def test_transformer_decoder_prefix_matches_decode(transformer_asr, tmp_path: Path) -> None:
+    """decoder_step.onnx of a Transformer decoder: prefixes of 1, 2 and 12 tokens over a
+    padded batch of encoder outputs, and after a beam reorder, as eager decode."""
+    graphs = {g.name: g for g in s2s_graphs(transformer_asr)}
+    assert set(graphs) == {"features", "encoder", "decoder_step"}  # no state graph, no LM
+    meta = graphs["encoder"].metadata
+    assert (meta["model_type"], meta["decoder_type"], meta["has_lm"], meta["lm_weight"]) == \
+        ("conformer_transformer_s2s", "transformer", "0", "0.0")
+    folder = write_graphs(transformer_asr, tmp_path / "graphs", {"decoder_step"})
     feats, lengths = padded_features([801, 430], 80, seed=5)
-    enc, _, enc_lengths = eager_encoder(asr, feats, lengths)
+    enc, _, enc_lengths = eager_encoder(transformer_asr, feats, lengths)
     enc, enc_lengths = enc.numpy(), enc_lengths.numpy()
-    decoder = TransformerStepDecoder(session(transformer_folder / DECODER_STEP_FILE))
+    decoder = TransformerStepDecoder(session(folder / DECODER_STEP_FILE))
     state = decoder.init(enc, enc_lengths)
     prefix = random_prefix(2, 12, 256, seed=2)
-    ref = eager_logits(asr, prefix, enc, enc_lengths)
+    ref = eager_logits(transformer_asr, prefix, enc, enc_lengths)
     for t in (0, 1, 11):
         logits, state = decoder.step(prefix[:, : t + 1], state)
         assert np.abs(logits - ref[:, t]).max() <= TOL, t
     index = np.array([1, 0, 0])
     logits, _ = decoder.step(prefix[index], decoder.reorder(state, index))
     assert np.abs(logits - ref[index, -1]).max() <= TOL
-    props = {p.key: p.value for p in onnx.load(str(transformer_folder / ENCODER_FILE))
-             .metadata_props}
-    assert (props["model_type"], props["decoder_type"], props["has_lm"]) == \
-        ("conformer_transformer_s2s", "transformer", "0")
-    assert not (transformer_folder / LM_FILE).exists()
-    assert not (transformer_folder / DECODER_INIT_FILE).exists()
-    assert h.decoder.beam_size == 3
 
 
 def test_metadata_is_the_test_search(mamba_folder: Path, mamba_asr) -> None:
@@ -217,26 +230,6 @@ def test_metadata_is_the_test_search(mamba_folder: Path, mamba_asr) -> None:
     }
     searcher = mamba_asr.mods.decoder
     assert (searcher.beam_size, searcher.ctc_weight, searcher.temperature) == (3, 0.4, 1.15)
-
-
-def test_files_tokens_and_int8(mamba_folder: Path, tokenizer: Path) -> None:
-    files = {FEATURES_FILE, ENCODER_FILE, ENCODER_INT8_FILE, DECODER_INIT_FILE,
-             DECODER_STEP_FILE, DECODER_STEP_INT8_FILE, LM_FILE, TOKENS_FILE}
-    assert files <= set(verify_folder(mamba_folder)["files"])
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    lines = (mamba_folder / TOKENS_FILE).read_text(encoding="utf-8").splitlines()
-    assert lines[:3] == ["<blk> 0", "<s> 1", "</s> 2"]
-    assert lines[3:] == [f"{sp.id_to_piece(i)} {i}" for i in range(3, 256)]
-    assert any(line.startswith("\u2581") for line in lines)
-    feats, lengths = padded_features([501], 40, seed=9)
-    fp32 = run_encoder(mamba_folder, feats, lengths)[2]
-    int8 = run_encoder(mamba_folder, feats, lengths, ENCODER_INT8_FILE)[2]
-    assert 1e-4 < np.abs(int8 - fp32).max()  # quantised, not a copy
-    for name in (ENCODER_FILE, DECODER_STEP_FILE):
-        int8_size = (mamba_folder / name.replace(".onnx", ".int8.onnx")).stat().st_size
-        assert int8_size < 0.6 * (mamba_folder / name).stat().st_size
 
 
 def test_untrained_s2s_needs_a_tokenizer(tmp_path: Path) -> None:
