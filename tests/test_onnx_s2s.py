@@ -4,6 +4,7 @@ decoder's prefix graph and the LM against PyTorch eager, on random-weight tiny m
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +14,24 @@ import pytest
 import torch
 
 from mamba_asr.export import ExportError, export_untrained
+from mamba_asr.model_card import verify_folder
 from mamba_asr.onnx_export import _to_onnx
 from mamba_asr.onnx_s2s import load_s2s, s2s_graphs
 from mamba_asr.ort.s2s import (
     DECODER_INIT_FILE,
     DECODER_STEP_FILE,
+    DECODER_STEP_INT8_FILE,
     ENCODER_FILE,
+    ENCODER_INT8_FILE,
     LM_FILE,
     LMStepDecoder,
     MambaStepDecoder,
     TransformerStepDecoder,
 )
-from mamba_asr.ort.transcriber import TOKENS_FILE
+from mamba_asr.ort.transcriber import FEATURES_FILE, TOKENS_FILE
 from mamba_asr.tokenizer import prepare_tokenizer
 
+REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 BOS = 1
 # 1 encoder layer, 2 decoder layers (the stacked states' order matters), a small LM
@@ -236,3 +241,67 @@ def test_untrained_s2s_needs_a_tokenizer(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="--pretrained_tokenizer_path"):
         export_untrained("hparams/S2S/demo.yaml", tmp_path / "x", overrides=TINY)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def s2s_export(tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random demo S2S model (with its LM) exported with all ONNX files and int8."""
+    out = tmp_path_factory.mktemp("onnx_s2s") / "demo-s2s"
+    return export_random("hparams/S2S/demo.yaml", out,
+                         [*TINY, "--pretrained_tokenizer_path", str(tokenizer)],
+                         onnx=True, quantize="int8")
+
+
+@pytest.mark.slow
+def test_export_files_tokens_and_int8(s2s_export: Path, tokenizer: Path) -> None:
+    files = {FEATURES_FILE, ENCODER_FILE, ENCODER_INT8_FILE, DECODER_INIT_FILE,
+             DECODER_STEP_FILE, DECODER_STEP_INT8_FILE, LM_FILE, TOKENS_FILE}
+    assert files <= set(verify_folder(s2s_export)["files"])
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    lines = (s2s_export / TOKENS_FILE).read_text(encoding="utf-8").splitlines()
+    assert lines[:3] == ["<blk> 0", "<s> 1", "</s> 2"]
+    assert lines[3:] == [f"{sp.id_to_piece(i)} {i}" for i in range(3, 256)]
+    assert any(line.startswith("\u2581") for line in lines)
+    feats, lengths = padded_features([501], 40, seed=9)
+    fp32 = run_encoder(s2s_export, feats, lengths)[2]
+    int8 = run_encoder(s2s_export, feats, lengths, ENCODER_INT8_FILE)[2]
+    assert 1e-4 < np.abs(int8 - fp32).max()  # quantised, not a copy
+    for name in (ENCODER_FILE, DECODER_STEP_FILE):
+        int8_size = (s2s_export / name.replace(".onnx", ".int8.onnx")).stat().st_size
+        assert int8_size < 0.6 * (s2s_export / name).stat().st_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("no_lm", [True, False])
+def test_onnxruntime_transcribes_as_torch(s2s_export: Path, demo_corpus: Path,
+                                          no_lm: bool) -> None:
+    """OnnxTranscriber on the S2S folder: the torch backend's transcripts and word times, in a
+    padded batch and one file a batch, without and with the LM; and transcribe.py
+    --backend onnxruntime on it in a process without torch."""
+    from test_ort_runtime import _run_isolated
+
+    from mamba_asr.ort.s2s_transcriber import OnnxS2STranscriber
+    from mamba_asr.ort.transcriber import OnnxTranscriber
+    from mamba_asr.transcriber import Transcriber
+
+    files = sorted((demo_corpus / "LibriSpeech" / "test-clean").glob("*/*/*.flac"))[:4]
+    for options in ({}, {"max_batch_seconds": 1e-3}):
+        torch_asr = Transcriber.from_folder(s2s_export, no_lm=no_lm, **options)
+        onnx_asr = OnnxTranscriber.from_folder(s2s_export, no_lm=no_lm, **options)
+        assert isinstance(onnx_asr, OnnxS2STranscriber)
+        assert (onnx_asr.lm is None) == no_lm
+        for ours, theirs in zip(onnx_asr.transcribe(files), torch_asr.transcribe(files),
+                                strict=True):
+            assert len(theirs.words) > 5  # random weights: long hypotheses
+            assert ours.text == theirs.text
+            times = [(w.start, w.end) for w in theirs.words]
+            np.testing.assert_allclose([(w.start, w.end) for w in ours.words], times, atol=1e-6)
+    if no_lm:
+        return
+    proc, imported = _run_isolated([str(s2s_export), str(files[0]), "--backend",
+                                    "onnxruntime"], REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert imported == []
+    assert json.loads(proc.stdout)["text"] == next(torch_asr.transcribe(files[:1])).text

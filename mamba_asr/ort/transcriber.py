@@ -26,6 +26,7 @@ import onnxruntime
 from mamba_asr.ctc_words import word_targets
 from mamba_asr.model_card import CARD_FILE, verify_folder
 from mamba_asr.ort import audio, ctc, vad
+from mamba_asr.ort.s2s import ENCODER_FILE as S2S_ENCODER_FILE
 from mamba_asr.transcribing import (
     MAX_BATCH_SECONDS,
     MAX_PASS_SECONDS,
@@ -72,9 +73,7 @@ class OnnxTranscriber(BatchingTranscriber):
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, not {search!r}")
         self.folder = Path(folder)
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         model_file = self.folder / (QUANTIZED_FILE if quantized else MODEL_FILE)
         self.features = _session(self.folder / FEATURES_FILE, options)
         self.model = _session(model_file, options)
@@ -106,16 +105,26 @@ class OnnxTranscriber(BatchingTranscriber):
             self.ctc_beam = ctc.PrefixBeamSearch(self.labels, self.blank, **beam_options)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, quantized: bool = False,
-                    **options: Any) -> OnnxTranscriber:
+    def from_folder(cls, folder: str | Path, quantized: bool = False, no_lm: bool = False,
+                    **options: Any) -> Any:
         """An export folder with ONNX files (``export.py --format onnx``), checksums verified
-        when it has a model card (CardError if a file changed)."""
+        when it has a model card (CardError if a file changed). S2S folders (their card, or
+        ``encoder.onnx`` without a card) give an
+        :class:`mamba_asr.ort.s2s_transcriber.OnnxS2STranscriber`; ``no_lm``: decode them
+        without their LM."""
         folder = Path(folder)
+        family = "S2S" if (folder / S2S_ENCODER_FILE).is_file() else "CTC"
         if (folder / CARD_FILE).is_file():
-            card = verify_folder(folder)
-            if card.get("family") != "CTC":
-                raise ValueError(f"{folder}: a {card.get('family')} model; the onnxruntime "
-                                 "backend runs CTC models")
+            family = verify_folder(folder).get("family")
+            if family not in ("CTC", "S2S"):
+                raise ValueError(f"{folder}: a {family} model; the onnxruntime backend runs "
+                                 "CTC and S2S models")
+        if family == "S2S":
+            from mamba_asr.ort.s2s_transcriber import OnnxS2STranscriber
+
+            return OnnxS2STranscriber(folder, quantized=quantized, no_lm=no_lm, **options)
+        if no_lm:
+            raise ValueError(f"{folder}: a CTC model; no_lm is for S2S models")
         return cls(folder, quantized=quantized, **options)
 
     # ------------------------------------------------------------------ the model
@@ -160,6 +169,14 @@ class OnnxTranscriber(BatchingTranscriber):
                                      self.lab2ind[" "])
         return ctc.align_words(log_probs, words, tokens, spans, self.blank, self.frame_seconds,
                                offset)
+
+
+def session_options(threads: int | None) -> onnxruntime.SessionOptions:
+    """onnxruntime's session options, ``threads`` intra-op threads (None: its default)."""
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 def _session(path: Path, options: onnxruntime.SessionOptions) -> onnxruntime.InferenceSession:
