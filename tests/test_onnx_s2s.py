@@ -166,6 +166,11 @@ def test_mamba_decoder_steps_match_decode(mamba_folder: Path, mamba_asr) -> None
                                session(mamba_folder / DECODER_STEP_FILE))
     state = decoder.init(enc, enc_lengths)
     assert state[0].shape[:2] == state[1].shape[:2] == (4, 2)  # 2 layers x (self, cross)
+    # [layer0.self, layer0.cross, ...]: the self Mambas start from zeros, the cross Mambas
+    # from each item's valid encoder frames
+    for layer in range(2):
+        assert not state[0][2 * layer].any() and not state[1][2 * layer].any()
+        assert state[0][2 * layer + 1].any() and state[1][2 * layer + 1].any()
     eager_state = h.Transformer.init_decoder_state(torch.from_numpy(enc),
                                                    torch.from_numpy(enc_lengths))
     for t in range(prefix.shape[1]):
