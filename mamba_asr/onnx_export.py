@@ -1,4 +1,5 @@
-"""ONNX export of a CTC model folder: graphs that onnxruntime runs without PyTorch.
+"""ONNX export of a model folder: graphs that onnxruntime runs without PyTorch (the CTC
+graphs here; an S2S model's encoder, decoder and LM graphs: :mod:`mamba_asr.onnx_s2s`).
 
 Files added to an export folder (``export.py --format onnx``, or :func:`export_onnx` on a
 folder ``export.py`` wrote)::

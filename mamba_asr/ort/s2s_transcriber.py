@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mamba_asr.ctc_words import word_targets
-from mamba_asr.ort import audio, ctc, vad
+from mamba_asr.ort import ctc
 from mamba_asr.ort.s2s import (
     DECODER_INIT_FILE,
     DECODER_STEP_FILE,
@@ -41,12 +41,9 @@ from mamba_asr.ort.s2s import (
 )
 from mamba_asr.ort.s2s_search import SearchOptions, beam_search
 from mamba_asr.ort.transcriber import (
-    FEATURES_FILE,
     REQUIRED_METADATA,
-    TOKENS_FILE,
-    WORD_SEPARATOR,
+    OnnxFolderTranscriber,
     _session,
-    read_tokens,
     session_options,
 )
 from mamba_asr.transcribing import (
@@ -54,7 +51,6 @@ from mamba_asr.transcribing import (
     MAX_PASS_SECONDS,
     SEARCHES,
     SEGMENT_SECONDS,
-    BatchingTranscriber,
     Piece,
 )
 from mamba_asr.transcript import Word
@@ -66,11 +62,8 @@ TOKENIZER_FILE = "tokenizer.ckpt"
 UNKNOWN_TEXT = " \u2047 "
 
 
-class OnnxS2STranscriber(BatchingTranscriber):
+class OnnxS2STranscriber(OnnxFolderTranscriber):
     """An S2S model's ONNX export ready to transcribe files and waveforms (module docstring)."""
-
-    audio = audio
-    vad = vad
 
     def __init__(
         self,
@@ -91,24 +84,10 @@ class OnnxS2STranscriber(BatchingTranscriber):
             raise ValueError("S2S models decode by beam search only (search 'beam' or 'default')")
         if one_pass:
             raise ValueError("one_pass is for CTC models (S2S decoders see VAD segments)")
-        self.folder = Path(folder)
         options = session_options(threads)
-        encoder_file = self.folder / (ENCODER_INT8_FILE if quantized else ENCODER_FILE)
-        self.features = _session(self.folder / FEATURES_FILE, options)
-        self.encoder = _session(encoder_file, options)
-        meta = dict(self.encoder.get_modelmeta().custom_metadata_map)
-        missing = [key for key in (*REQUIRED_METADATA, "decoder_type") if key not in meta]
-        if missing:
-            raise ValueError(f"{encoder_file}: metadata_props lack {', '.join(missing)}; "
-                             "expected an export.py --format onnx S2S model")
-        self.metadata = meta
-        self.model_type = meta["model_type"]
-        self.sample_rate = int(meta["sample_rate"])
-        self.frame_seconds = float(meta["output_frame_seconds"])
-        self.blank = int(meta["blank_id"])
-        self.labels = read_tokens(self.folder / TOKENS_FILE, int(meta["vocab_size"]),
-                                  meta.get("word_separator", WORD_SEPARATOR))
-        self.options = SearchOptions.from_metadata(meta)
+        self.encoder = self._open(folder, ENCODER_INT8_FILE if quantized else ENCODER_FILE,
+                                  options, (*REQUIRED_METADATA, "decoder_type"))
+        self.options = SearchOptions.from_metadata(self.metadata)
         if beam_size is not None:
             self.options = dataclasses.replace(self.options, beam_size=beam_size)
         step_file = self.folder / (DECODER_STEP_INT8_FILE if quantized else DECODER_STEP_FILE)
@@ -150,10 +129,7 @@ class OnnxS2STranscriber(BatchingTranscriber):
         ])
 
     def _transcribe_batch(self, batch: list[Piece]) -> list[list[Word]]:
-        lengths = np.array([len(p.wav) for p in batch], dtype=np.int64)
-        wavs = np.zeros((len(batch), self._batch_width(lengths.tolist())), dtype=np.float32)
-        for row, piece in enumerate(batch):
-            wavs[row, : len(piece.wav)] = piece.wav
+        wavs, lengths = self._padded(batch)
         enc, frames, log_probs = self.encode(wavs, lengths)
         hypotheses = beam_search(self.decoder, enc, frames, log_probs, self.options, self.lm)
         return [self._align(log_probs[i, : frames[i]], self.text(hypotheses[i]).split(),

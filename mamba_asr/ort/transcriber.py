@@ -13,6 +13,8 @@ filterbanks -> CTC log-probabilities) run on length-sorted, padded batches of th
 ``max_pass_seconds``), other encoders VAD segments of at most 30 s. Decoding (greedy or prefix
 beam search, as the model's test search) and word times by forced alignment run in NumPy
 (:mod:`mamba_asr.ort.ctc`), stretch by stretch between pauses, as the PyTorch path does.
+:meth:`OnnxTranscriber.from_folder` gives S2S folders to
+:class:`mamba_asr.ort.s2s_transcriber.OnnxS2STranscriber`.
 """
 
 from __future__ import annotations
@@ -52,11 +54,46 @@ BEAM_DEFAULTS = {"beam_size": 100, "beam_prune_logp": -10.0, "token_prune_min_lo
                  "prune_history": True}
 
 
-class OnnxTranscriber(BatchingTranscriber):
-    """A CTC model's ONNX export ready to transcribe files and waveforms (module docstring)."""
+class OnnxFolderTranscriber(BatchingTranscriber):
+    """What the transcribers of an ONNX export folder share: features.onnx, the model graph's
+    metadata_props and tokens.txt."""
 
     audio = audio
     vad = vad
+
+    def _open(self, folder: str | Path, model_name: str, options: onnxruntime.SessionOptions,
+              required: tuple[str, ...] = REQUIRED_METADATA) -> onnxruntime.InferenceSession:
+        """The session of ``folder``'s graph ``model_name`` (features.onnx's too); sets the
+        model facts of its metadata (ValueError naming a missing key) and the labels."""
+        self.folder = Path(folder)
+        model_file = self.folder / model_name
+        self.features = _session(self.folder / FEATURES_FILE, options)
+        model = _session(model_file, options)
+        meta = model.get_modelmeta().custom_metadata_map
+        missing = [key for key in required if key not in meta]
+        if missing:
+            raise ValueError(f"{model_file}: metadata_props lack {', '.join(missing)}; "
+                             "expected an export.py --format onnx model")
+        self.metadata = dict(meta)
+        self.model_type = meta["model_type"]
+        self.sample_rate = int(meta["sample_rate"])
+        self.frame_seconds = float(meta["output_frame_seconds"])
+        self.blank = int(meta["blank_id"])
+        self.labels = read_tokens(self.folder / TOKENS_FILE, int(meta["vocab_size"]),
+                                  meta.get("word_separator", WORD_SEPARATOR))
+        return model
+
+    def _padded(self, batch: list[Piece]) -> tuple[np.ndarray, np.ndarray]:
+        """The pieces' waveforms zero-padded (B, S) float32 and their lengths (B,) int64."""
+        lengths = np.array([len(p.wav) for p in batch], dtype=np.int64)
+        wavs = np.zeros((len(batch), self._batch_width(lengths.tolist())), dtype=np.float32)
+        for row, piece in enumerate(batch):
+            wavs[row, : len(piece.wav)] = piece.wav
+        return wavs, lengths
+
+
+class OnnxTranscriber(OnnxFolderTranscriber):
+    """A CTC model's ONNX export ready to transcribe files and waveforms (module docstring)."""
 
     def __init__(
         self,
@@ -72,23 +109,8 @@ class OnnxTranscriber(BatchingTranscriber):
     ) -> None:
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, not {search!r}")
-        self.folder = Path(folder)
-        options = session_options(threads)
-        model_file = self.folder / (QUANTIZED_FILE if quantized else MODEL_FILE)
-        self.features = _session(self.folder / FEATURES_FILE, options)
-        self.model = _session(model_file, options)
-        meta = self.model.get_modelmeta().custom_metadata_map
-        missing = [key for key in REQUIRED_METADATA if key not in meta]
-        if missing:
-            raise ValueError(f"{model_file}: metadata_props lack {', '.join(missing)}; "
-                             "expected an export.py --format onnx model")
-        self.metadata = dict(meta)
-        self.model_type = meta["model_type"]
-        self.sample_rate = int(meta["sample_rate"])
-        self.frame_seconds = float(meta["output_frame_seconds"])
-        self.blank = int(meta["blank_id"])
-        self.labels = read_tokens(self.folder / TOKENS_FILE, int(meta["vocab_size"]),
-                                  meta.get("word_separator", WORD_SEPARATOR))
+        self.model = self._open(folder, QUANTIZED_FILE if quantized else MODEL_FILE,
+                                session_options(threads))
         self.lab2ind = {label: i for i, label in enumerate(self.labels)}
         self._special_labels = [lab for lab in self.labels if len(lab) > 1]
         self.max_batch_seconds = max_batch_seconds
@@ -140,10 +162,7 @@ class OnnxTranscriber(BatchingTranscriber):
         return log_probs, out_lens
 
     def _transcribe_batch(self, batch: list[Piece]) -> list[list[Word]]:
-        lengths = np.array([len(p.wav) for p in batch], dtype=np.int64)
-        wavs = np.zeros((len(batch), self._batch_width(lengths.tolist())), dtype=np.float32)
-        for row, piece in enumerate(batch):
-            wavs[row, : len(piece.wav)] = piece.wav
+        wavs, lengths = self._padded(batch)
         log_probs, frames = self.log_probs(wavs, lengths)
         return [self._ctc_words(log_probs[i, : frames[i]], piece.offset)
                 for i, piece in enumerate(batch)]
