@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +312,29 @@ def test_onnxruntime_transcribes_as_torch(s2s_export: Path, demo_corpus: Path,
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert imported == []
     assert json.loads(proc.stdout)["text"] == next(torch_asr.transcribe(files[:1])).text
+
+
+@pytest.mark.slow
+def test_onnxruntime_options_int8_and_missing_lm(s2s_export: Path, demo_corpus: Path,
+                                                  tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The int8 graphs transcribe; greedy search is refused as by the torch backend; a folder
+    (without a card) whose lm.onnx is missing decodes without the LM and says so once."""
+    from mamba_asr.ort.s2s_transcriber import OnnxS2STranscriber
+    from mamba_asr.ort.transcriber import OnnxTranscriber
+
+    files = sorted((demo_corpus / "LibriSpeech" / "test-clean").glob("*/*/*.flac"))[:1]
+    int8 = OnnxTranscriber.from_folder(s2s_export, quantized=True, beam_size=2)
+    assert int8.options.beam_size == 2 and int8.encoder.get_inputs()[0].name == "features"
+    assert len(next(int8.transcribe(files)).words) > 5
+    with pytest.raises(ValueError, match="S2S models decode by beam search only"):
+        OnnxTranscriber.from_folder(s2s_export, search="greedy")
+    copy = tmp_path / "copy"
+    shutil.copytree(s2s_export, copy)
+    (copy / LM_FILE).unlink()
+    (copy / "model_card.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        asr = OnnxTranscriber.from_folder(copy)
+    assert isinstance(asr, OnnxS2STranscriber) and asr.lm is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{copy}: no {LM_FILE}; decoding without the model's LM"]
