@@ -16,8 +16,10 @@ configuration with ``--ckpt`` folders averages those (or ``--ckpt <run>/save``: 
 ``model_card.json`` and ``README.md``; it is written to a temporary sibling and renamed into
 place. Load it with ``transcribe.py <folder> audio.flac`` or SpeechBrain's
 ``EncoderASR``/``EncoderDecoderASR.from_hparams(source=<folder>, savedir=<folder>)``.
-``--format onnx`` (CTC models) adds ``features.onnx``, ``model.onnx``, ``tokens.txt`` and, with
-``--quantize int8``, ``model.int8.onnx`` for onnxruntime (``mamba_asr.onnx_export``).
+``--format onnx`` adds ``features.onnx``, ``model.onnx``, ``tokens.txt`` and, with
+``--quantize int8``, ``model.int8.onnx`` for onnxruntime (``mamba_asr.onnx_export``); S2S
+models ``encoder.onnx``, the decoder's ``decoder_init.onnx``/``decoder_step.onnx`` and the
+LM's ``lm.onnx`` instead of ``model.onnx`` (``mamba_asr.onnx_s2s``).
 Other options are YAML overrides of the configuration (e.g. ``--data_folder``).
 """
 
@@ -56,10 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the model's name in its card (default: the folder's)")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="default: from the configuration")
     p.add_argument("--format", choices=FORMATS, default=FORMATS[0],
-                   help="speechbrain: the SpeechBrain folder; onnx: it and the ONNX files "
-                        "(CTC models)")
+                   help="speechbrain: the SpeechBrain folder; onnx: it and the ONNX files")
     p.add_argument("--quantize", choices=QUANTIZE,
-                   help="with --format onnx: also model.int8.onnx, the weights quantised")
+                   help="with --format onnx: also model.int8.onnx (S2S: encoder, decoder_step), "
+                        "the weights quantised")
     return p
 
 

@@ -18,7 +18,8 @@ A file that cannot be read gets one ``error: <file>: <reason>`` line and the oth
 transcribed; the exit status is then 1.
 
 ``--backend onnxruntime`` runs the folder's ONNX files (``export.py --format onnx``; CTC
-models) with onnxruntime and NumPy: that process imports neither torch nor the model code.
+and S2S models) with onnxruntime and NumPy: that process imports neither torch nor the model
+code.
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", "-o", help="write <stem>.<format> files here")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--backend", default="torch", choices=BACKENDS,
-                   help="onnxruntime: the folder's ONNX files, without PyTorch (CTC, CPU)")
+                   help="onnxruntime: the folder's ONNX files, without PyTorch (CPU)")
     p.add_argument("--int8", action="store_true",
-                   help="onnxruntime: the int8 model (model.int8.onnx)")
+                   help="onnxruntime: the int8 graphs (model, or encoder and decoder_step)")
     p.add_argument("--search", default="default", choices=SEARCHES,
                    help="CTC: greedy or (prefix) beam; default: the model's test search")
     p.add_argument("--beam_size", type=int, help="beam size (CTC beam or S2S search)")
@@ -84,11 +85,10 @@ def load_transcriber(args: argparse.Namespace, no_lm: bool) -> Any:
     if args.backend == "onnxruntime":
         if args.device != "cpu":
             raise ConfigError(f"--backend onnxruntime runs on the CPU, not --device {args.device}")
-        if no_lm:
-            raise ConfigError("--no_lm is for S2S models; --backend onnxruntime runs CTC models")
         from mamba_asr.ort.transcriber import OnnxTranscriber
 
-        return OnnxTranscriber.from_folder(args.model, quantized=args.int8, **options)
+        return OnnxTranscriber.from_folder(args.model, quantized=args.int8, no_lm=no_lm,
+                                           **options)
     if args.int8:
         raise ConfigError("--int8 is for --backend onnxruntime (model.int8.onnx)")
     from mamba_asr.transcriber import Transcriber

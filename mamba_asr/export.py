@@ -12,6 +12,8 @@ The folder (written atomically: built in a temporary sibling, then renamed into 
     features.onnx, model.onnx, model.int8.onnx, tokens.txt
                        with ``onnx=True`` (CTC models; int8 with ``quantize="int8"``):
                        the graphs onnxruntime runs (mamba_asr.onnx_export)
+    encoder.onnx, decoder_init.onnx, decoder_step.onnx, lm.onnx
+                       the same for S2S models (mamba_asr.onnx_s2s)
 
 Every file is named ``<pretrainer key>.ckpt``, so ``from_hparams(source=folder,
 savedir=folder)`` loads them in place: nothing is linked or written into the folder.
@@ -219,18 +221,32 @@ def export_untrained(
     norm_window_seconds: float | None = NORM_WINDOW_SECONDS,
     onnx: bool = False,
     quantize: str | None = None,
+    no_lm: bool = False,
 ) -> dict[str, Any]:
-    """Writes an export folder of a CTC configuration's model as initialised (random weights,
+    """Writes an export folder of a configuration's model as initialised (random weights,
     the configuration's seed): for speed and memory measurements, which do not depend on the
-    weights. Returns the card. ``onnx``, ``quantize``: as :func:`export_model`."""
-    if config_family(hparams_file) != "CTC":
-        raise ExportError(f"{hparams_file}: only CTC configurations export untrained")
+    weights, and for tests. Returns the card. ``onnx``, ``quantize``: as :func:`export_model`.
+    S2S configurations take their tokenizer from ``pretrained_tokenizer_path`` (an override)
+    and fuse a random LM of their ``lm_model`` architecture unless ``no_lm``."""
+    family = config_family(hparams_file)
     with tempfile.TemporaryDirectory() as tmp:
         argv = [hparams_file, "--data_folder", tmp, "--output_folder", tmp, *(overrides or [])]
         _, hparams, _, yaml_overrides = load_config(argv, write_output=False)
-        labels = Path(tmp) / "label_encoder.txt"
-        data.char_encoder(labels, hparams["characters"], hparams["blank_index"],
-                          hparams["bos_index"], hparams["eos_index"], hparams["output_neurons"])
+        lm = None
+        if family == "S2S":
+            tokenizer = hparams["pretrained_tokenizer_path"]
+            if tokenizer is None:
+                raise ExportError(f"{hparams_file}: an untrained S2S model needs a tokenizer: "
+                                  "pass --pretrained_tokenizer_path <SentencePiece model>")
+            labels = Path(tokenizer)
+            hparams["tokenizer"](path=labels)  # checked: a model of output_neurons pieces
+            if not no_lm:
+                lm = hparams["lm_model"]()
+        else:
+            labels = Path(tmp) / "label_encoder.txt"
+            data.char_encoder(labels, hparams["characters"], hparams["blank_index"],
+                              hparams["bos_index"], hparams["eos_index"],
+                              hparams["output_neurons"])
 
         norm = hparams["normalize"]
         if norm.norm_type == "global" and norm.count == 0:  # no statistics yet: identity
@@ -241,9 +257,11 @@ def export_untrained(
             torch.save(hparams["model"].state_dict(), stage / "asr.ckpt")
             norm._save(stage / "normalizer.ckpt")
             shutil.copyfile(labels, stage / "tokenizer.ckpt")
+            if lm is not None:
+                torch.save(lm.state_dict(), stage / "lm.ckpt")
 
         provenance = {
-            "lm_parameters": None,
+            "lm_parameters": None if lm is None else sum(p.numel() for p in lm.parameters()),
             "training_data": {"splits": [], "utterances": None, "hours": None},
             "test_results": [],
             "checkpoints": "none: the weights as initialised (random, the configuration's "
@@ -254,8 +272,8 @@ def export_untrained(
         }
         text = resolve_references(Path(hparams_file).read_text(encoding="utf-8"),
                                   yaml_overrides).getvalue()
-        return write_folder(Path(out), "CTC", hparams, text, write_weights, provenance, False,
-                            overwrite, name, norm_window_seconds, onnx, quantize)
+        return write_folder(Path(out), family, hparams, text, write_weights, provenance,
+                            lm is not None, overwrite, name, norm_window_seconds, onnx, quantize)
 
 
 def write_folder(

@@ -1,4 +1,5 @@
-"""ONNX export of a CTC model folder: graphs that onnxruntime runs without PyTorch.
+"""ONNX export of a model folder: graphs that onnxruntime runs without PyTorch (the CTC
+graphs here; an S2S model's encoder, decoder and LM graphs: :mod:`mamba_asr.onnx_s2s`).
 
 Files added to an export folder (``export.py --format onnx``, or :func:`export_onnx` on a
 folder ``export.py`` wrote)::
@@ -176,12 +177,17 @@ class CTCGraph(nn.Module):
         self.log_softmax = hparams.log_softmax
 
     def forward(self, features: Tensor, feature_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        _, log_probs, lengths = self.encode(features, feature_lengths)
+        return log_probs, lengths
+
+    def encode(self, features: Tensor, feature_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """encoder output (B, T', d_model), CTC log-probs (B, T', vocab), lengths (B,)."""
         relative = feature_lengths.float() / features.shape[1]
         feats = self.normalize(features, feature_lengths)
         enc = self.transformer.encode(self.cnn(feats.unsqueeze(-1)), relative)
         log_probs = self.log_softmax(self.ctc_lin(enc).float())
         lengths = torch.round(relative * log_probs.shape[1]).long()
-        return log_probs, lengths
+        return enc, log_probs, lengths
 
 
 def _cnn_on_4d_input(cnn: nn.Module) -> nn.Module:
@@ -343,10 +349,24 @@ def load_ctc(folder: str | os.PathLike) -> EncoderASR:
 
 def check_request(family: str, quantize: str | None) -> None:
     """OnnxExportError unless a ``family`` model exports to ONNX with ``quantize``."""
-    if family != "CTC":
-        raise OnnxExportError(f"ONNX export of {family} models is not implemented yet")
+    if family not in ("CTC", "S2S"):
+        raise OnnxExportError(f"ONNX export of {family} models: expected a CTC or S2S model")
     if quantize not in (None, *QUANTIZE):
         raise OnnxExportError(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZE)}")
+
+
+def feature_graph(h: Any) -> Graph:
+    """The features graph of a model's hyperparameters ``h`` (dynamic batch and samples)."""
+    sample_rate = int(h.sample_rate)
+    hop = int(h.compute_features.compute_STFT.hop_length)
+    batch = torch.export.Dim("batch")
+    return Graph(
+        name=FEATURES_FILE.removesuffix(".onnx"), module=FeatureGraph(h.compute_features),
+        example=(torch.zeros(2, 2 * sample_rate),
+                 torch.tensor([2 * sample_rate, sample_rate], dtype=torch.int64)),
+        inputs=("waveform", "waveform_lengths"), outputs=("features", "feature_lengths"),
+        dynamic=({0: batch, 1: torch.export.Dim("samples", min=hop)}, {0: batch}),
+    )
 
 
 def ctc_graphs(asr: EncoderASR) -> list[Graph]:
@@ -357,15 +377,8 @@ def ctc_graphs(asr: EncoderASR) -> list[Graph]:
     hop = int(h.compute_features.compute_STFT.hop_length)
     n_mels = int(h.compute_features.compute_fbanks.n_mels)
     batch = torch.export.Dim("batch")
-    samples = torch.export.Dim("samples", min=hop)
     frames = torch.export.Dim("frames", min=MIN_FRAMES)
-    features = Graph(
-        name=FEATURES_FILE.removesuffix(".onnx"), module=FeatureGraph(h.compute_features),
-        example=(torch.zeros(2, 2 * sample_rate),
-                 torch.tensor([2 * sample_rate, sample_rate], dtype=torch.int64)),
-        inputs=("waveform", "waveform_lengths"), outputs=("features", "feature_lengths"),
-        dynamic=({0: batch, 1: samples}, {0: batch}),
-    )
+    features = feature_graph(h)
     n_frames = 2 * sample_rate // hop + 1
     model = CTCGraph(h)
     ctc = Graph(
@@ -381,6 +394,11 @@ def ctc_graphs(asr: EncoderASR) -> list[Graph]:
 
 def load_graphs(folder: Path, family: str) -> tuple[list[Graph], str]:
     """The graphs of the export folder's model and its tokens.txt text."""
+    if family == "S2S":
+        from mamba_asr import onnx_s2s  # it builds on this module's graphs
+
+        asr = onnx_s2s.load_s2s(folder)
+        return onnx_s2s.s2s_graphs(asr), onnx_s2s.s2s_tokens(asr)
     asr = load_ctc(folder)
     h = asr.hparams
     vocab = int(h.ctc_lin.w.out_features)

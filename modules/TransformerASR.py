@@ -174,12 +174,18 @@ class TransformerASR(SBTransformerASR):
         """
         decoder = self._check_mamba_decoder()
         tgt = self.custom_tgt_module(tokens.unsqueeze(1))  # (B, 1, D)
+        table = self.decoder_position_table()
+        if table is not None:
+            tgt = tgt + table[:, position : position + 1].to(tgt.dtype)
+        return decoder.step(tgt, state)
+
+    def decoder_position_table(self) -> Tensor | None:
+        """(1, max_length, D): the absolute positional encodings ``decode`` adds to the
+        target embeddings, or None when it adds none."""
         pos = getattr(self, "positional_encoding_decoder", None)
         if pos is None and self.positional_encoding_type == "fixed_abs_sine":
             pos = self.positional_encoding
-        if pos is not None:
-            tgt = tgt + pos.pe[:, position : position + 1].to(tgt.dtype)
-        return decoder.step(tgt, state)
+        return None if pos is None else pos.pe
 
     @staticmethod
     def reorder_decoder_state(state: DecoderState, index: Tensor) -> DecoderState:

@@ -215,9 +215,8 @@ def test_int8_model_runs_close_to_fp32(folder: Path, sessions: dict) -> None:
 
 
 def test_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(OnnxExportError, match="ONNX export of S2S models is not implemented yet"):
-        export.main(["hparams/S2S/demo.yaml", "--ckpt", str(tmp_path), "--out",
-                     str(tmp_path / "s2s"), "--format", "onnx"])
+    with pytest.raises(OnnxExportError, match="ONNX export of LM models: expected a CTC or S2S"):
+        onnx_export.check_request("LM", None)
     with pytest.raises(ConfigError, match="--format onnx"):
         export.main(["hparams/CTC/demo.yaml", "--ckpt", str(tmp_path), "--out",
                      str(tmp_path / "x"), "--quantize", "int8"])

@@ -357,7 +357,11 @@ def test_onnx_transcriber_refuses_broken_folders(level_model: Path, tmp_path: Pa
     card = {"version": CARD_VERSION, "family": "S2S",
             "files": {"model.onnx": sha256_file(broken / "model.onnx")}}
     (broken / "model_card.json").write_text(json.dumps(card))
-    with pytest.raises(ValueError, match="a S2S model; the onnxruntime backend runs CTC"):
+    with pytest.raises(FileNotFoundError, match=r"encoder.onnx: missing"):
+        OnnxTranscriber.from_folder(broken)  # an S2S card: the S2S files are read
+    card["family"] = "LM"
+    (broken / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="a LM model; the onnxruntime backend runs CTC and S2S"):
         OnnxTranscriber.from_folder(broken)
     (broken / "model.onnx").write_bytes(b"changed")
     with pytest.raises(CardError, match="model.onnx: changed since export"):

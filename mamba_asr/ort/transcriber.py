@@ -13,6 +13,8 @@ filterbanks -> CTC log-probabilities) run on length-sorted, padded batches of th
 ``max_pass_seconds``), other encoders VAD segments of at most 30 s. Decoding (greedy or prefix
 beam search, as the model's test search) and word times by forced alignment run in NumPy
 (:mod:`mamba_asr.ort.ctc`), stretch by stretch between pauses, as the PyTorch path does.
+:meth:`OnnxTranscriber.from_folder` gives S2S folders to
+:class:`mamba_asr.ort.s2s_transcriber.OnnxS2STranscriber`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import onnxruntime
 from mamba_asr.ctc_words import word_targets
 from mamba_asr.model_card import CARD_FILE, verify_folder
 from mamba_asr.ort import audio, ctc, vad
+from mamba_asr.ort.s2s import ENCODER_FILE as S2S_ENCODER_FILE
 from mamba_asr.transcribing import (
     MAX_BATCH_SECONDS,
     MAX_PASS_SECONDS,
@@ -51,11 +54,46 @@ BEAM_DEFAULTS = {"beam_size": 100, "beam_prune_logp": -10.0, "token_prune_min_lo
                  "prune_history": True}
 
 
-class OnnxTranscriber(BatchingTranscriber):
-    """A CTC model's ONNX export ready to transcribe files and waveforms (module docstring)."""
+class OnnxFolderTranscriber(BatchingTranscriber):
+    """What the transcribers of an ONNX export folder share: features.onnx, the model graph's
+    metadata_props and tokens.txt."""
 
     audio = audio
     vad = vad
+
+    def _open(self, folder: str | Path, model_name: str, options: onnxruntime.SessionOptions,
+              required: tuple[str, ...] = REQUIRED_METADATA) -> onnxruntime.InferenceSession:
+        """The session of ``folder``'s graph ``model_name`` (features.onnx's too); sets the
+        model facts of its metadata (ValueError naming a missing key) and the labels."""
+        self.folder = Path(folder)
+        model_file = self.folder / model_name
+        self.features = _session(self.folder / FEATURES_FILE, options)
+        model = _session(model_file, options)
+        meta = model.get_modelmeta().custom_metadata_map
+        missing = [key for key in required if key not in meta]
+        if missing:
+            raise ValueError(f"{model_file}: metadata_props lack {', '.join(missing)}; "
+                             "expected an export.py --format onnx model")
+        self.metadata = dict(meta)
+        self.model_type = meta["model_type"]
+        self.sample_rate = int(meta["sample_rate"])
+        self.frame_seconds = float(meta["output_frame_seconds"])
+        self.blank = int(meta["blank_id"])
+        self.labels = read_tokens(self.folder / TOKENS_FILE, int(meta["vocab_size"]),
+                                  meta.get("word_separator", WORD_SEPARATOR))
+        return model
+
+    def _padded(self, batch: list[Piece]) -> tuple[np.ndarray, np.ndarray]:
+        """The pieces' waveforms zero-padded (B, S) float32 and their lengths (B,) int64."""
+        lengths = np.array([len(p.wav) for p in batch], dtype=np.int64)
+        wavs = np.zeros((len(batch), self._batch_width(lengths.tolist())), dtype=np.float32)
+        for row, piece in enumerate(batch):
+            wavs[row, : len(piece.wav)] = piece.wav
+        return wavs, lengths
+
+
+class OnnxTranscriber(OnnxFolderTranscriber):
+    """A CTC model's ONNX export ready to transcribe files and waveforms (module docstring)."""
 
     def __init__(
         self,
@@ -71,25 +109,8 @@ class OnnxTranscriber(BatchingTranscriber):
     ) -> None:
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, not {search!r}")
-        self.folder = Path(folder)
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        model_file = self.folder / (QUANTIZED_FILE if quantized else MODEL_FILE)
-        self.features = _session(self.folder / FEATURES_FILE, options)
-        self.model = _session(model_file, options)
-        meta = self.model.get_modelmeta().custom_metadata_map
-        missing = [key for key in REQUIRED_METADATA if key not in meta]
-        if missing:
-            raise ValueError(f"{model_file}: metadata_props lack {', '.join(missing)}; "
-                             "expected an export.py --format onnx model")
-        self.metadata = dict(meta)
-        self.model_type = meta["model_type"]
-        self.sample_rate = int(meta["sample_rate"])
-        self.frame_seconds = float(meta["output_frame_seconds"])
-        self.blank = int(meta["blank_id"])
-        self.labels = read_tokens(self.folder / TOKENS_FILE, int(meta["vocab_size"]),
-                                  meta.get("word_separator", WORD_SEPARATOR))
+        self.model = self._open(folder, QUANTIZED_FILE if quantized else MODEL_FILE,
+                                session_options(threads))
         self.lab2ind = {label: i for i, label in enumerate(self.labels)}
         self._special_labels = [lab for lab in self.labels if len(lab) > 1]
         self.max_batch_seconds = max_batch_seconds
@@ -106,16 +127,26 @@ class OnnxTranscriber(BatchingTranscriber):
             self.ctc_beam = ctc.PrefixBeamSearch(self.labels, self.blank, **beam_options)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, quantized: bool = False,
-                    **options: Any) -> OnnxTranscriber:
+    def from_folder(cls, folder: str | Path, quantized: bool = False, no_lm: bool = False,
+                    **options: Any) -> Any:
         """An export folder with ONNX files (``export.py --format onnx``), checksums verified
-        when it has a model card (CardError if a file changed)."""
+        when it has a model card (CardError if a file changed). S2S folders (their card, or
+        ``encoder.onnx`` without a card) give an
+        :class:`mamba_asr.ort.s2s_transcriber.OnnxS2STranscriber`; ``no_lm``: decode them
+        without their LM."""
         folder = Path(folder)
+        family = "S2S" if (folder / S2S_ENCODER_FILE).is_file() else "CTC"
         if (folder / CARD_FILE).is_file():
-            card = verify_folder(folder)
-            if card.get("family") != "CTC":
-                raise ValueError(f"{folder}: a {card.get('family')} model; the onnxruntime "
-                                 "backend runs CTC models")
+            family = verify_folder(folder).get("family")
+            if family not in ("CTC", "S2S"):
+                raise ValueError(f"{folder}: a {family} model; the onnxruntime backend runs "
+                                 "CTC and S2S models")
+        if family == "S2S":
+            from mamba_asr.ort.s2s_transcriber import OnnxS2STranscriber
+
+            return OnnxS2STranscriber(folder, quantized=quantized, no_lm=no_lm, **options)
+        if no_lm:
+            raise ValueError(f"{folder}: a CTC model; no_lm is for S2S models")
         return cls(folder, quantized=quantized, **options)
 
     # ------------------------------------------------------------------ the model
@@ -131,10 +162,7 @@ class OnnxTranscriber(BatchingTranscriber):
         return log_probs, out_lens
 
     def _transcribe_batch(self, batch: list[Piece]) -> list[list[Word]]:
-        lengths = np.array([len(p.wav) for p in batch], dtype=np.int64)
-        wavs = np.zeros((len(batch), self._batch_width(lengths.tolist())), dtype=np.float32)
-        for row, piece in enumerate(batch):
-            wavs[row, : len(piece.wav)] = piece.wav
+        wavs, lengths = self._padded(batch)
         log_probs, frames = self.log_probs(wavs, lengths)
         return [self._ctc_words(log_probs[i, : frames[i]], piece.offset)
                 for i, piece in enumerate(batch)]
@@ -160,6 +188,14 @@ class OnnxTranscriber(BatchingTranscriber):
                                      self.lab2ind[" "])
         return ctc.align_words(log_probs, words, tokens, spans, self.blank, self.frame_seconds,
                                offset)
+
+
+def session_options(threads: int | None) -> onnxruntime.SessionOptions:
+    """onnxruntime's session options, ``threads`` intra-op threads (None: its default)."""
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 def _session(path: Path, options: onnxruntime.SessionOptions) -> onnxruntime.InferenceSession:
