@@ -332,18 +332,20 @@ def _drop_not_one_asserts(program: torch.export.ExportedProgram) -> None:
     specialisation" reasoning; the ONNX exporter drops every such check); without this a
     batch of one item is refused. Other checks (e.g. the inputs' batch sizes agree) stay.
     """
-    graph = program.graph
-    for node in list(graph.nodes):
-        if node.target is not torch.ops.aten._assert_scalar.default:
+    for module in program.graph_module.modules():  # the scan's step is a graph of its own
+        if not isinstance(module, torch.fx.GraphModule):
             continue
-        condition = getattr(node.args[0], "meta", {}).get("val")
-        expr = getattr(getattr(condition, "node", None), "expr", None)
-        if isinstance(expr, sympy.Ne) and len(expr.free_symbols) == 1:
-            (size,) = expr.free_symbols
-            if sympy.solve(sympy.Eq(expr.lhs, expr.rhs), size) == [1]:
-                graph.erase_node(node)
-    graph.eliminate_dead_code()
-    program.graph_module.recompile()
+        for node in list(module.graph.nodes):
+            if node.target is not torch.ops.aten._assert_scalar.default:
+                continue
+            condition = getattr(node.args[0], "meta", {}).get("val")
+            expr = getattr(getattr(condition, "node", None), "expr", None)
+            if isinstance(expr, sympy.Ne) and len(expr.free_symbols) == 1:
+                (size,) = expr.free_symbols
+                if sympy.solve(sympy.Eq(expr.lhs, expr.rhs), size) == [1]:
+                    module.graph.erase_node(node)
+        module.graph.eliminate_dead_code()
+        module.recompile()
 
 
 def _to_onnx(graph: Graph) -> onnx.ModelProto:
