@@ -62,8 +62,10 @@ def _quiet() -> Iterator[None]:
 
 
 def _save(program: torch.export.ExportedProgram, path: Path) -> None:
-    with _quiet():
-        torch.export.save(program, path)
+    """``program`` saved at ``path`` (given as a file: the temporary's name has no ``.pt2``
+    suffix, which the saver warns about)."""
+    with _quiet(), open(path, "wb") as f:
+        torch.export.save(program, f)
 
 
 def write_pt2_files(folder: Path, family: str) -> list[str]:
