@@ -18,7 +18,13 @@ import export
 from mamba_asr.config import ConfigError
 from mamba_asr.export import export_untrained
 from mamba_asr.model_card import CARD_FILE, README_FILE, CardError, verify_folder
-from mamba_asr.onnx_export import OnnxExportError, load_ctc, write_graph_files
+from mamba_asr.onnx_export import (
+    Graph,
+    OnnxExportError,
+    exported_program,
+    load_ctc,
+    write_graph_files,
+)
 from mamba_asr.ort.transcriber import TOKENS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +165,25 @@ def test_axes_are_dynamic(ran) -> None:
     outputs, _ = ran
     assert outputs["model:ranges"].tolist() == [[0, -1], [9, -1]]
     assert outputs["features:ranges"].tolist() == [[0, -1], [160, -1]]
+
+
+class _Checked(torch.nn.Module):
+    """x (B, T, 4) -> (B, 4), with runtime checks that B is not 1 and T is not 3."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._check(x.shape[0] != 1)
+        torch._check(x.shape[1] != 3)
+        return x.cumsum(1).sum(1)
+
+
+def test_program_drops_only_its_checks_that_a_size_is_not_1() -> None:
+    batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
+    program = exported_program(Graph("m", _Checked(), (torch.randn(2, 5, 4),), ("x",), ("y",),
+                                     ({0: batch, 1: time},))).module()
+    x = torch.randn(1, 7, 4)
+    assert torch.allclose(program(x), x.cumsum(1).sum(1))
+    with pytest.raises(RuntimeError, match=r"Ne\(s\d+, 3\)"):
+        program(torch.randn(2, 3, 4))
 
 
 def test_card_lists_and_verifies_the_files(folder: Path, tmp_path: Path) -> None:
