@@ -329,8 +329,9 @@ def _drop_not_one_asserts(program: torch.export.ExportedProgram) -> None:
     Where an operator's choice depends on whether a size is 1 (a reshape of a transposed
     tensor: a view or a copy), the tracer follows the choice for sizes of 2 or more and
     asserts the size is not 1. That choice computes the same values at 1 (torch's "0/1
-    specialisation" reasoning; the ONNX exporter drops every such check); without this a
-    batch of one item is refused. Other checks (e.g. the inputs' batch sizes agree) stay.
+    specialisation" reasoning; the ONNX exporter drops every such check; the parity tests
+    run single items); without this a batch of one item is refused. Other checks (e.g. the
+    inputs' batch sizes agree) stay.
     """
     for module in program.graph_module.modules():  # the scan's step is a graph of its own
         if not isinstance(module, torch.fx.GraphModule):
