@@ -19,7 +19,9 @@ place. Load it with ``transcribe.py <folder> audio.flac`` or SpeechBrain's
 ``--format onnx`` adds ``features.onnx``, ``model.onnx``, ``tokens.txt`` and, with
 ``--quantize int8``, ``model.int8.onnx`` for onnxruntime (``mamba_asr.onnx_export``); S2S
 models ``encoder.onnx``, the decoder's ``decoder_init.onnx``/``decoder_step.onnx`` and the
-LM's ``lm.onnx`` instead of ``model.onnx`` (``mamba_asr.onnx_s2s``).
+LM's ``lm.onnx`` instead of ``model.onnx`` (``mamba_asr.onnx_s2s``). ``--format pt2`` writes
+the same graphs as ``torch.export`` programs (``features.pt2``, ``model.pt2``, ...;
+``mamba_asr.pt2_export``); ``--format onnx pt2`` both.
 Other options are YAML overrides of the configuration (e.g. ``--data_folder``).
 """
 
@@ -32,8 +34,8 @@ import argparse
 from pathlib import Path
 
 from mamba_asr.config import ConfigError, cli
-from mamba_asr.export import export_model
-from mamba_asr.onnx_export import QUANTIZE, check_request
+from mamba_asr.export import check_formats, export_model
+from mamba_asr.onnx_export import QUANTIZE
 from mamba_asr.trained import (
     RECIPES,
     SAVE_FOLDER,
@@ -43,7 +45,7 @@ from mamba_asr.trained import (
 )
 
 RUN_CONFIG = "hyperparams.yaml"
-FORMATS = ("speechbrain", "onnx")
+FORMATS = ("speechbrain", "onnx", "pt2")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--name", help="the model's name in its card (default: the folder's)")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="default: from the configuration")
-    p.add_argument("--format", choices=FORMATS, default=FORMATS[0],
-                   help="speechbrain: the SpeechBrain folder; onnx: it and the ONNX files")
+    p.add_argument("--format", choices=FORMATS, nargs="+", default=[FORMATS[0]],
+                   help="speechbrain: the SpeechBrain folder (always written); onnx: and the "
+                        "ONNX files; pt2: and the same graphs as torch.export "
+                        "programs; several at once: --format onnx pt2")
     p.add_argument("--quantize", choices=QUANTIZE,
                    help="with --format onnx: also model.int8.onnx (S2S: encoder, decoder_step), "
                         "the weights quantised")
@@ -93,14 +97,13 @@ def main(argv: list[str]) -> dict:
     no_lm = args.no_lm.lower()
     if no_lm not in ("true", "false"):
         raise ConfigError(f"--no_lm takes True or False, not {args.no_lm!r}")
-    if args.quantize and args.format != "onnx":
-        raise ConfigError("--quantize applies to the ONNX files: add --format onnx")
+    onnx, pt2 = "onnx" in args.format, "pt2" in args.format
     config, ckpt, relocated = source_arguments(args.source, args.ckpt)
-    if args.format == "onnx":  # refused before the model loads
-        check_request(config_family(config, args.recipe), args.quantize)
+    if onnx or pt2 or args.quantize:  # refused before the model loads
+        check_formats(config_family(config, args.recipe), onnx, pt2, args.quantize)
     model = load_trained(config, ckpt, [*relocated, *rest], args.recipe, no_lm=no_lm == "true")
     card = export_model(model, args.out, no_lm=no_lm == "true", overwrite=args.overwrite,
-                        name=args.name, onnx=args.format == "onnx", quantize=args.quantize)
+                        name=args.name, onnx=onnx, quantize=args.quantize, pt2=pt2)
     print(f"checkpoints: {card['checkpoints']}")
     print(f"{args.out}: {card['architecture']}, {card['parameters']:,} parameters; "
           f"{', '.join(card['files'])}")

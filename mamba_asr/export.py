@@ -14,6 +14,9 @@ The folder (written atomically: built in a temporary sibling, then renamed into 
                        the graphs onnxruntime runs (mamba_asr.onnx_export)
     encoder.onnx, decoder_init.onnx, decoder_step.onnx, lm.onnx
                        the same for S2S models (mamba_asr.onnx_s2s)
+    features.pt2, model.pt2, tokens.txt
+                       with ``pt2=True``: the same graphs as ``torch.export`` programs
+                       (mamba_asr.pt2_export)
 
 Every file is named ``<pretrainer key>.ckpt``, so ``from_hparams(source=folder,
 savedir=folder)`` loads them in place: nothing is linked or written into the folder.
@@ -61,6 +64,20 @@ NORM_WINDOW_SECONDS = 30.0
 
 class ExportError(ConfigError):
     """The model cannot be exported as asked."""
+
+
+def check_formats(family: str, onnx: bool, pt2: bool, quantize: str | None) -> None:
+    """ConfigError unless a ``family`` model exports with the ONNX files (``onnx``, quantised
+    as ``quantize``) and the ``.pt2`` programs (``pt2``) as asked, before anything loads."""
+    if quantize is not None and not onnx:
+        raise ExportError("--quantize applies to the ONNX files: add --format onnx")
+    if onnx or pt2:
+        from mamba_asr.onnx_export import check_request
+
+        if onnx:
+            check_request(family, quantize)
+        if pt2:
+            check_request(family, None, "pt2")
 
 
 def _feature_frame_seconds(hparams: dict[str, Any]) -> float:
@@ -182,11 +199,12 @@ def export_model(
     norm_window_seconds: float | None = NORM_WINDOW_SECONDS,
     onnx: bool = False,
     quantize: str | None = None,
+    pt2: bool = False,
 ) -> dict[str, Any]:
     """Writes the export folder ``out`` for ``model`` (its averaged weights); returns the card.
     ``norm_window_seconds`` None keeps a per-utterance normaliser's statistics over the whole
     input, whatever its length (only for models used on short utterances). ``onnx`` adds the
-    ONNX files, ``quantize`` ("int8") their quantised model."""
+    ONNX files, ``quantize`` ("int8") their quantised model, ``pt2`` the ``.pt2`` programs."""
     hparams = model.hparams
     with_lm = model.family == "S2S" and not no_lm and getattr(model.brain, "lm", None) is not None
     model.load_weights()
@@ -209,7 +227,8 @@ def export_model(
         "config_overrides": model.overrides or "",
     }
     return write_folder(Path(out), model.family, hparams, resolved_config(model), write_weights,
-                        provenance, with_lm, overwrite, name, norm_window_seconds, onnx, quantize)
+                        provenance, with_lm, overwrite, name, norm_window_seconds, onnx, quantize,
+                        pt2)
 
 
 def export_untrained(
@@ -222,12 +241,14 @@ def export_untrained(
     onnx: bool = False,
     quantize: str | None = None,
     no_lm: bool = False,
+    pt2: bool = False,
 ) -> dict[str, Any]:
     """Writes an export folder of a configuration's model as initialised (random weights,
     the configuration's seed): for speed and memory measurements, which do not depend on the
-    weights, and for tests. Returns the card. ``onnx``, ``quantize``: as :func:`export_model`.
-    S2S configurations take their tokenizer from ``pretrained_tokenizer_path`` (an override)
-    and fuse a random LM of their ``lm_model`` architecture unless ``no_lm``."""
+    weights, and for tests. Returns the card. ``onnx``, ``quantize``, ``pt2``: as
+    :func:`export_model`. S2S configurations take their tokenizer from
+    ``pretrained_tokenizer_path`` (an override) and fuse a random LM of their ``lm_model``
+    architecture unless ``no_lm``."""
     family = config_family(hparams_file)
     with tempfile.TemporaryDirectory() as tmp:
         argv = [hparams_file, "--data_folder", tmp, "--output_folder", tmp, *(overrides or [])]
@@ -273,7 +294,8 @@ def export_untrained(
         text = resolve_references(Path(hparams_file).read_text(encoding="utf-8"),
                                   yaml_overrides).getvalue()
         return write_folder(Path(out), family, hparams, text, write_weights, provenance,
-                            lm is not None, overwrite, name, norm_window_seconds, onnx, quantize)
+                            lm is not None, overwrite, name, norm_window_seconds, onnx, quantize,
+                            pt2)
 
 
 def write_folder(
@@ -289,17 +311,14 @@ def write_folder(
     norm_window_seconds: float | None,
     onnx: bool = False,
     quantize: str | None = None,
+    pt2: bool = False,
 ) -> dict[str, Any]:
     """The folder ``out``: ``hyperparams.yaml`` from the resolved ``config_text``, the
     ``.ckpt`` files ``write_weights(stage)`` writes, with ``onnx`` the ONNX files (of the
-    folder's model, ``quantize`` as :func:`mamba_asr.onnx_export.write_onnx_files`), the card
-    (``provenance`` in it) and README; built in a temporary sibling, renamed into place."""
-    if onnx:
-        from mamba_asr.onnx_export import check_request
-
-        check_request(family, quantize)
-    elif quantize is not None:
-        raise ExportError("--quantize applies to the ONNX files: add --format onnx")
+    folder's model, ``quantize`` as :func:`mamba_asr.onnx_export.write_onnx_files`), with
+    ``pt2`` the ``.pt2`` programs, the card (``provenance`` in it) and README; built in a
+    temporary sibling, renamed into place."""
+    check_formats(family, onnx, pt2, quantize)
     config = inference_yaml.load_resolved(config_text)
     sentence_norm = inference_yaml.uses_sentence_norm(config)
     windowed = sentence_norm and norm_window_seconds is not None
@@ -354,5 +373,9 @@ def write_folder(
             from mamba_asr.onnx_export import write_onnx_files
 
             write_onnx_files(stage, family, quantize)
+        if pt2:
+            from mamba_asr.pt2_export import write_pt2_files
+
+            write_pt2_files(stage, family)
         write_card(stage, card, [p.name for p in stage.iterdir()], str(out))
     return card

@@ -34,23 +34,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import onnx
+import sympy
 import torch
 from speechbrain.inference.ASR import EncoderASR
 from speechbrain.lobes.models.transformer import TransformerASR as sb_transformer_asr
 from speechbrain.nnet.CNN import Conv2d
 from torch import Tensor, nn
 
-from mamba_asr.atomic import atomic_open, atomic_path
+from mamba_asr.atomic import atomic_path
 from mamba_asr.config import ConfigError
 from mamba_asr.model_card import verify_folder, write_card
 from mamba_asr.ort.transcriber import (  # the file names the torch-free runtime reads
@@ -227,6 +229,15 @@ def _exportable() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _size_oblivious() -> Iterator[None]:
+    """Sizes traced as the ONNX exporter traces them: a dynamic size is not specialised for
+    being 0 or 1, so the subsampled lengths' floor divisions need no guard ``torch.export``
+    cannot prove for every length."""
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        yield
+
+
+@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Notices that say nothing about this export kept off the command's output: the
     exporter's (torchvision's operators not registered, deprecations inside torch, axis
@@ -308,10 +319,40 @@ class Graph:
 
 
 def exported_program(graph: Graph) -> torch.export.ExportedProgram:
-    """``graph`` traced by ``torch.export`` with its dynamic axes (eval mode, no grad)."""
-    with torch.no_grad(), _exportable():
-        return torch.export.export(graph.module.eval(), graph.example,
-                                   dynamic_shapes=graph.dynamic)
+    """``graph`` traced by ``torch.export`` with its dynamic axes (eval mode, no grad), as
+    the ONNX exporter traces it; it runs at every size the axes allow, 1 included."""
+    with torch.no_grad(), _exportable(), _size_oblivious():
+        program = torch.export.export(graph.module.eval(), graph.example,
+                                      dynamic_shapes=graph.dynamic, strict=False,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+    _drop_not_one_asserts(program)
+    return program
+
+
+def _drop_not_one_asserts(program: torch.export.ExportedProgram) -> None:
+    """Removes the program's runtime checks that a dynamic size is not 1.
+
+    Where an operator's choice depends on whether a size is 1 (a reshape of a transposed
+    tensor: a view or a copy), the tracer follows the choice for sizes of 2 or more and
+    asserts the size is not 1. That choice computes the same values at 1 (torch's "0/1
+    specialisation" reasoning; the ONNX exporter drops every such check; the parity tests
+    run single items); without this a batch of one item is refused. Other checks (e.g. the
+    inputs' batch sizes agree) stay.
+    """
+    for module in program.graph_module.modules():  # the scan's step is a graph of its own
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in list(module.graph.nodes):
+            if node.target is not torch.ops.aten._assert_scalar.default:
+                continue
+            condition = getattr(node.args[0], "meta", {}).get("val")
+            expr = getattr(getattr(condition, "node", None), "expr", None)
+            if isinstance(expr, sympy.Ne) and len(expr.free_symbols) == 1:
+                (size,) = expr.free_symbols
+                if sympy.solve(sympy.Eq(expr.lhs, expr.rhs), size) == [1]:
+                    module.graph.erase_node(node)
+        module.graph.eliminate_dead_code()
+        module.recompile()
 
 
 def _to_onnx(graph: Graph) -> onnx.ModelProto:
@@ -327,16 +368,11 @@ def _to_onnx(graph: Graph) -> onnx.ModelProto:
     return proto
 
 
-def _save(proto: onnx.ModelProto, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        onnx.save_model(proto, tmp)
-
-
 def _quantize(model: Path, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with atomic_path(out) as tmp, _quiet():
-        quantize_dynamic(model, tmp, weight_type=QuantType.QInt8)
+    with _quiet():
+        quantize_dynamic(model, out, weight_type=QuantType.QInt8)
 
 
 def load_ctc(folder: str | os.PathLike) -> EncoderASR:
@@ -347,10 +383,11 @@ def load_ctc(folder: str | os.PathLike) -> EncoderASR:
     return asr
 
 
-def check_request(family: str, quantize: str | None) -> None:
-    """OnnxExportError unless a ``family`` model exports to ONNX with ``quantize``."""
+def check_request(family: str, quantize: str | None, fmt: str = "ONNX") -> None:
+    """OnnxExportError unless a ``family`` model's graphs export (to ``fmt``, as named in the
+    message) with ``quantize``."""
     if family not in ("CTC", "S2S"):
-        raise OnnxExportError(f"ONNX export of {family} models: expected a CTC or S2S model")
+        raise OnnxExportError(f"{fmt} export of {family} models: expected a CTC or S2S model")
     if quantize not in (None, *QUANTIZE):
         raise OnnxExportError(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZE)}")
 
@@ -408,37 +445,50 @@ def load_graphs(folder: Path, family: str) -> tuple[list[Graph], str]:
     return ctc_graphs(asr), tokens_text(asr.tokenizer.ind2lab, int(h.blank_index))
 
 
-def write_onnx_files(folder: Path, family: str, quantize: str | None = None) -> list[str]:
-    """Writes the ONNX files into the export folder ``folder`` (its card untouched); returns
-    their names. Each file appears whole or not at all, and none unless all were written."""
-    check_request(family, quantize)
-    graphs, tokens = load_graphs(folder, family)
-    protos = [(f"{g.name}.onnx", _to_onnx(g)) for g in graphs]
-    quantized = [f"{g.name}.int8.onnx" for g in graphs if g.quantize] if quantize else []
-    names = [name for name, _ in protos] + [TOKENS_FILE] + quantized
+def write_graph_files(folder: Path, files: list[tuple[str, Callable[[Path], Any]]],
+                      tokens: str) -> list[str]:
+    """Writes each ``(name, write)`` of ``files`` in order (``write(path)`` writes the file at
+    ``path``), then tokens.txt (``tokens``), into ``folder``; returns their names. Each file
+    appears whole or not at all, and none unless all were written."""
+    files = [*files, (TOKENS_FILE, lambda path: path.write_text(tokens, encoding="utf-8"))]
     written: list[Path] = []
     try:
-        for name, proto in protos:
-            _save(proto, folder / name)
-            written.append(folder / name)
-        with atomic_open(folder / TOKENS_FILE, "w", encoding="utf-8") as f:
-            f.write(tokens)
-        written.append(folder / TOKENS_FILE)
-        for name in quantized:
-            _quantize(folder / name.replace(".int8.onnx", ".onnx"), folder / name)
+        for name, write in files:
+            with atomic_path(folder / name) as tmp:
+                write(tmp)
             written.append(folder / name)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    return names
+    return [name for name, _ in files]
+
+
+def write_onnx_files(folder: Path, family: str, quantize: str | None = None) -> list[str]:
+    """Writes the ONNX files into the export folder ``folder`` (its card untouched); returns
+    their names (:func:`write_graph_files`)."""
+    check_request(family, quantize)
+    graphs, tokens = load_graphs(folder, family)
+    files = [(f"{g.name}.onnx", functools.partial(onnx.save_model, _to_onnx(g))) for g in graphs]
+    if quantize:
+        files += [(f"{g.name}.int8.onnx", functools.partial(_quantize, folder / f"{g.name}.onnx"))
+                  for g in graphs if g.quantize]
+    return write_graph_files(folder, files, tokens)
+
+
+def add_to_folder(folder: str | os.PathLike,
+                  write: Callable[[Path, str], list[str]]) -> dict[str, Any]:
+    """Adds the files ``write(folder, family)`` writes (returning their names) to the export
+    folder ``folder`` (checksums verified first) and to its model card and README; returns
+    the card."""
+    folder = Path(folder)
+    card = verify_folder(folder)
+    names = write(folder, card["family"])
+    write_card(folder, card, sorted({*card["files"], *names}), str(folder))
+    return card
 
 
 def export_onnx(folder: str | os.PathLike, quantize: str | None = None) -> dict[str, Any]:
-    """Adds the ONNX files to the export folder ``folder`` (checksums verified first) and to
-    its model card and README; returns the card."""
-    folder = Path(folder)
-    card = verify_folder(folder)
-    names = write_onnx_files(folder, card["family"], quantize)
-    write_card(folder, card, sorted({*card["files"], *names}), str(folder))
-    return card
+    """Adds the ONNX files to the export folder ``folder`` and its card (:func:`add_to_folder`);
+    returns the card."""
+    return add_to_folder(folder, functools.partial(write_onnx_files, quantize=quantize))
