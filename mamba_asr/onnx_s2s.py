@@ -232,7 +232,7 @@ def s2s_graphs(asr: EncoderDecoderASR) -> list[Graph]:
             dynamic=({0: batch}, {0: batch}, {1: batch}, {1: batch}), quantize=True,
         ))
     else:
-        prefix = torch.export.Dim("prefix")
+        prefix = _prefix_dim(transformer)
         graphs.append(Graph(
             name=step_name, module=TransformerDecoderStepGraph(transformer, h.seq_lin),
             example=(torch.tensor([[1, 5, 7], [1, 4, 4], [1, 9, 3]]), *memory),
@@ -243,9 +243,15 @@ def s2s_graphs(asr: EncoderDecoderASR) -> list[Graph]:
         graphs.append(Graph(
             name=LM_FILE.removesuffix(".onnx"), module=LMGraph(h.lm_model),
             example=(torch.tensor([[1, 5, 7], [1, 4, 4]]),), inputs=("tokens",),
-            outputs=("logits",), dynamic=({0: batch, 1: torch.export.Dim("prefix")},),
+            outputs=("logits",), dynamic=({0: batch, 1: _prefix_dim(h.lm_model)},),
         ))
     return graphs
+
+
+def _prefix_dim(model: nn.Module) -> torch.export.Dim:
+    """The dynamic prefix axis: at most the rows of the model's positional-encoding table."""
+    rows = [m.pe.shape[1] for m in model.modules() if isinstance(getattr(m, "pe", None), Tensor)]
+    return torch.export.Dim("prefix", max=min(rows)) if rows else torch.export.Dim("prefix")
 
 
 def s2s_tokens(asr: EncoderDecoderASR) -> str:
