@@ -252,17 +252,44 @@ def test_untrained_s2s_needs_a_tokenizer(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def s2s_export(tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random demo S2S model (with its LM) exported with all ONNX files and int8."""
+    """The tiny random demo S2S model (with its LM) exported with all ONNX files, int8 and
+    the pt2 programs."""
     out = tmp_path_factory.mktemp("onnx_s2s") / "demo-s2s"
     return export_random("hparams/S2S/demo.yaml", out,
                          [*TINY, "--pretrained_tokenizer_path", str(tokenizer)],
-                         onnx=True, quantize="int8")
+                         onnx=True, quantize="int8", pt2=True)
+
+
+@pytest.mark.slow
+def test_pt2_programs_are_the_onnx_graphs(s2s_export: Path) -> None:
+    """Each S2S graph's torch.export program (torch.export.load) gives its ONNX graph's
+    outputs, fed one after the other as a search feeds them, at a new batch size."""
+    feats, lengths = padded_features([301, 170, 45], 40, seed=3)
+    tokens = np.array([[1, 7, 9, 4], [1, 3, 3, 8], [1, 250, 5, 2]], dtype=np.int64)
+    feeds: dict[str, np.ndarray] = {"features": feats, "feature_lengths": lengths}
+    for name in ("encoder", "decoder_init", "decoder_step", "lm"):
+        if name == "decoder_step":
+            feeds.update(tokens=tokens[:, -1], position=np.full(3, 3, dtype=np.int64))
+        elif name == "lm":
+            feeds["tokens"] = tokens
+        sess = session(s2s_export / f"{name}.onnx")
+        inputs = {i.name: feeds[i.name] for i in sess.get_inputs()}
+        expected = sess.run(None, inputs)
+        program = torch.export.load(str(s2s_export / f"{name}.pt2")).module()
+        with torch.no_grad():
+            got = program(*(torch.from_numpy(inputs[i.name]) for i in sess.get_inputs()))
+        got = got if isinstance(got, tuple | list) else (got,)
+        assert len(got) == len(expected)
+        for out, ours, theirs in zip(sess.get_outputs(), got, expected, strict=True):
+            np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-4, err_msg=name)
+            feeds[out.name] = theirs
 
 
 @pytest.mark.slow
 def test_export_files_tokens_and_int8(s2s_export: Path, tokenizer: Path) -> None:
     files = {FEATURES_FILE, ENCODER_FILE, ENCODER_INT8_FILE, DECODER_INIT_FILE,
-             DECODER_STEP_FILE, DECODER_STEP_INT8_FILE, LM_FILE, TOKENS_FILE}
+             DECODER_STEP_FILE, DECODER_STEP_INT8_FILE, LM_FILE, TOKENS_FILE,
+             "features.pt2", "encoder.pt2", "decoder_init.pt2", "decoder_step.pt2", "lm.pt2"}
     assert files <= set(verify_folder(s2s_export)["files"])
     import sentencepiece as spm
 
