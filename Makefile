@@ -28,17 +28,21 @@ corpus: $(STAMP)
 
 # Trains the CTC demo configuration on CPU (rerunning resumes or just re-evaluates), evaluates
 # the average of its best checkpoints on the unseen-voice test sets, plots the curves, exports
-# the model to models/demo-ctc and transcribes two test recordings with it (text, word times).
+# the model to models/demo-ctc (with its ONNX files) and transcribes two test recordings with
+# it (text, word times), then again with onnxruntime alone.
 demo: corpus
 	$(PY) train_CTC.py hparams/CTC/demo.yaml --data_folder $(DEMO_DATA) --noprogressbar
 	$(PY) -m mamba_asr.reports.curves $(DEMO_CTC)/train_log.txt --out $(DEMO_CTC)/curves.png \
 		--title "CTC demo (hparams/CTC/demo.yaml)"
 	$(PY) -m mamba_asr.reports.wer_table $(DEMO_CTC)
 	@echo "curves: $(DEMO_CTC)/curves.png  WER details: $(DEMO_CTC)/wer_test-*.txt"
-	$(PY) export.py $(DEMO_CTC) --out $(DEMO_MODEL) --overwrite
+	$(PY) export.py $(DEMO_CTC) --out $(DEMO_MODEL) --overwrite --format onnx --quantize int8
 	$(PY) transcribe.py $(DEMO_MODEL) $(DEMO_AUDIO) --output_dir $(DEMO_OUT)/transcripts \
 		--verbose --quiet
 	@echo "model: $(DEMO_MODEL)  transcripts (txt json srt vtt tsv): $(DEMO_OUT)/transcripts"
+	@echo "the same recordings through the model's ONNX files with onnxruntime, without PyTorch:"
+	$(PY) transcribe.py $(DEMO_MODEL) $(DEMO_AUDIO) --backend onnxruntime \
+		--output_dir $(DEMO_OUT)/transcripts-onnxruntime --verbose --quiet
 
 test: corpus
 	$(PY) -m pytest tests
