@@ -79,18 +79,20 @@ def selective_scan_export(
         for t in time_major_factors(u_c.index_select(-1, frames), delta_g, A_c,
                                     B_c.index_select(-1, frames), C_c.index_select(-1, frames))
     )
+    decays, drives = decay.unbind(0), drive.unbind(0)  # one node each, not one per step
     # Each chunk's state at its end from a zero start, and its decay: the carry's inputs.
-    end = drive[0]
+    end = drives[0]
     for step in range(1, CHUNK):
-        end = decay[step] * end + drive[step]
+        end = torch.addcmul(drives[step], decays[step], end)
     h0 = u_c.new_zeros(batch, groups, dim // groups, nstate)
     last, starts = scan(_carry, h0, (decay.prod(0), end), dim=0)
-    # The chunks again from their initial states, reading each step's output.
-    h, ys = starts, []
+    # The chunks again from their initial states, then every step's output at once.
+    h, states = starts, []
     for step in range(CHUNK):
-        h = decay[step] * h + drive[step]
-        ys.append((h * c[step]).sum(-1))
+        h = torch.addcmul(drives[step], decays[step], h)
+        states.append(h)
+    ys = (torch.stack(states) * c).sum(-1)  # (CHUNK, n_chunks, b, g, d/g)
     frame = torch.arange(length, device=u.device)
-    y = torch.stack(ys)[frame % CHUNK, frame // CHUNK]  # (L, b, g, d/g)
+    y = ys[frame % CHUNK, frame // CHUNK]  # (L, b, g, d/g)
     out = finish_output(y.reshape(length, batch, dim).permute(1, 2, 0), u_c, D, z, dtype_in)
     return (out, last.reshape(batch, dim, nstate)) if return_last_state else out
