@@ -2,7 +2,7 @@
 
 The recurrence of :mod:`modules.mamba.selective_scan_interface` is split into chunks of
 ``CHUNK`` frames. Only the carry from one chunk to the next runs through torch's ``scan``
-higher-order operator (an ONNX ``Scan`` of ceil(L / CHUNK) iterations); inside the chunks the
+higher-order operator (an ONNX ``Scan`` of ceil(L / CHUNK) + 1 iterations); inside the chunks the
 recurrence is unrolled, ``CHUNK`` vectorised steps over every chunk at once, so the exported
 graph holds few, large operations instead of one loop iteration per frame.
 
@@ -28,15 +28,18 @@ __all__ = ["CHUNK", "selective_scan_export"]
 
 Tensor = torch.Tensor
 
-# Frames per chunk. ConMamba-S's model.onnx in onnxruntime on 2 CPU cores (see the report in
-# bench/bench_onnx_scan.py): 16 and 32 are about as fast; 8 leaves more loop iterations, 64
-# more and smaller operations per chunk.
+# Frames per chunk: the graph unrolls 2 CHUNK steps per scan call and loops L / CHUNK times
+# (bench/bench_onnx_scan.py times model.onnx for other values).
 CHUNK = 16
 
 
 def _chunk_frames(length: int, chunk: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Frame index (chunk * n_chunks,) in step-major order, (step, chunk) flattened, clamped to
-    the last frame, and whether each is a real frame (same shape)."""
+    the last frame, and whether each is a real frame (same shape).
+
+    n_chunks is ceil(L / chunk) + 1, never 1: ``torch.export`` would specialise the graph to the
+    single chunk of a short example. The extra chunk is all padding, identity steps.
+    """
     n_chunks = (length + 2 * chunk - 1) // chunk
     steps = torch.arange(chunk, device=device).unsqueeze(1)
     frames = (steps + torch.arange(n_chunks, device=device) * chunk).reshape(-1)
@@ -65,8 +68,8 @@ def selective_scan_export(
     """(b, d, L) -> y (b, d, L) [, last_state (b, d, N)]: chunks unrolled, carried by ``scan``.
 
     Arguments and results as mamba-ssm's ``selective_scan_fn``; computes in float32 (float64
-    for float64 inputs). Holds the per-frame decay and drive, (L, b, d, N) each (rounded up
-    to whole chunks).
+    for float64 inputs). Holds the per-frame decay, drive and state, (L, b, d, N) each
+    (rounded up to whole chunks).
     """
     dtype_in = u.dtype
     u_c, delta_c, A_c, B_c, C_c = prepare_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
