@@ -24,8 +24,8 @@ Five implementations, chosen in one place (:func:`resolve_scan_impl`):
   the oracle through Triton's CPU interpreter (``TRITON_INTERPRET=1``), not yet timed on a GPU,
   so ``auto`` does not pick it;
 * ``export``: :func:`selective_scan_export` (:mod:`selective_scan_export`), the recurrence
-  unrolled over chunks of frames, carried from chunk to chunk by torch's ``scan`` operator,
-  which ``torch.export`` and the ONNX exporter handle for any batch and length.
+  through torch's ``scan`` operator, which ``torch.export`` and the ONNX exporter handle for
+  any batch and length (slow in eager mode).
 
 ``auto`` (the default) picks ``export`` while ``torch.export`` traces the model
 (``torch.compiler.is_exporting()``), else ``cuda`` when possible and ``torch`` otherwise. The
