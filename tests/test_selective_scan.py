@@ -7,6 +7,8 @@ import logging
 import math
 import random
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -553,6 +555,61 @@ def test_export_scan_matches_reference(case, dtype, tol):
     assert ours.shape == ref.shape and ours_last.shape == ref_last.shape
     assert (ours - ref).abs().max() <= tol
     assert (ours_last - ref_last).abs().max() <= tol
+
+
+@pytest.mark.parametrize("length", [1, 2, 15, 16, 17, 53])
+@pytest.mark.parametrize("a_min, delta_scale", [(-0.1, 1.0), (-60.0, 30.0)],
+                         ids=["slow-decay", "stiff"])
+def test_export_scan_lengths_and_decays(length, a_min, delta_scale):
+    """Short and odd lengths, decays from about 1 (long memory) to exp(-1000s) (underflow): the
+    reference's outputs and last state, finite."""
+    inputs = make_inputs(2, 6, 5, length, None, torch.float32, seed=length, a_min=a_min)
+    inputs["delta"] = inputs["delta"] * delta_scale
+    kw = {"delta_softplus": True, "return_last_state": True}
+    (ours, ours_last), (ref, ref_last) = (selective_scan_export(**inputs, **kw),
+                                          selective_scan_ref(**inputs, **kw))
+    assert torch.isfinite(ours).all() and torch.isfinite(ours_last).all()
+    assert ours.shape == ref.shape == (2, 6, length) and ours_last.shape == (2, 6, 5)
+    assert (ours - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert (ours_last - ref_last).abs().max() <= 1e-5 * max(1.0, ref_last.abs().max().item())
+
+
+class _Scan(torch.nn.Module):
+    """The export scan with fixed A, D and delta bias, for an ONNX export of the scan alone."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor | None]) -> None:
+        super().__init__()
+        for name in ("A", "D", "delta_bias"):
+            self.register_buffer(name, inputs[name])
+
+    def forward(self, u, delta, B, C, z):  # noqa: N803 (mamba-ssm's names)
+        return selective_scan_export(u, delta, self.A, B, C, self.D, z, self.delta_bias,
+                                     delta_softplus=True, return_last_state=True)
+
+
+def test_export_scan_runs_in_onnxruntime_at_any_length():
+    """Exported once (dynamic batch and length), the scan gives onnxruntime the reference's
+    outputs and last state at other batch sizes and lengths, 1 included."""
+    names = ("u", "delta", "B", "C", "z")
+    example = make_inputs(2, 4, 3, 11, 1, torch.float32, seed=1)
+    batch, frames = torch.export.Dim("batch"), torch.export.Dim("frames", min=2)
+    dynamic = {"u": {0: batch, 2: frames}, "delta": {0: batch, 2: frames},
+               "B": {0: batch, 3: frames}, "C": {0: batch, 3: frames}, "z": {0: batch, 2: frames}}
+    with torch.no_grad():
+        program = torch.onnx.export(_Scan(example), tuple(example[n] for n in names),
+                                    dynamo=True, input_names=list(names),
+                                    output_names=["y", "last_state"], dynamic_shapes=dynamic,
+                                    verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for batch_size, length in [(1, 1), (3, 3), (2, 4), (1, 5), (2, 17)]:
+        inputs = make_inputs(batch_size, 4, 3, length, 1, torch.float32, seed=length)
+        inputs.update({n: example[n] for n in ("A", "D", "delta_bias")})
+        y, last = session.run(None, {n: inputs[n].numpy() for n in names})
+        ref, ref_last = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+        assert y.shape == tuple(ref.shape) and last.shape == tuple(ref_last.shape)
+        assert np.abs(y - ref.numpy()).max() <= 1e-5
+        assert np.abs(last - ref_last.numpy()).max() <= 1e-5
 
 
 def test_export_path_is_chosen_while_exporting_only(no_env):
