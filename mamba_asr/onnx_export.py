@@ -252,6 +252,8 @@ def _quiet() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+            # SpeechBrain's Transformer decoder and LM mix a float and a bool mask
+            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
