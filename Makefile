@@ -68,7 +68,8 @@ serve: $(STAMP)
 # S2S demo: the demo LM and its tokenizer (hparams/LM/demo.yaml), then the S2S demo model
 # (ConMamba encoder + Mamba decoder, hparams/S2S/demo.yaml) on CPU; decodes the unseen-voice
 # test sets with the LM (wer_*.txt) and without (no_lm/wer_*.txt), prints both WERs and
-# plots the curves (valid ACC every epoch, valid WER every 4).
+# plots the curves (valid ACC every epoch, valid WER every 4); exports it to models/demo-s2s
+# with its ONNX files and transcribes two test recordings with onnxruntime alone.
 # Rerunning resumes, or only re-evaluates a finished run.
 DEMO_S2S := $(DEMO_OUT)/demo_S2S/7775
 .PHONY: demo-s2s
@@ -81,3 +82,6 @@ demo-s2s: corpus
 		--rates "valid WER" "valid ACC" --title "S2S demo (hparams/S2S/demo.yaml)"
 	$(PY) -m mamba_asr.reports.wer_table $(DEMO_S2S)
 	@echo "curves: $(DEMO_S2S)/curves.png  WER details: $(DEMO_S2S)/wer_test-*.txt, $(DEMO_S2S)/no_lm/wer_test-*.txt"
+	$(PY) export.py $(DEMO_S2S) --out models/demo-s2s --overwrite --format onnx --quantize int8
+	$(PY) transcribe.py models/demo-s2s $(DEMO_AUDIO) --backend onnxruntime --verbose --quiet \
+		--output_dir $(DEMO_OUT)/transcripts-s2s-onnxruntime

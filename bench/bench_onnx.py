@@ -26,11 +26,13 @@ after the first call (one file, as ``transcribe.py`` runs it) and after the seco
 Repeats interleave the engines (repeat 1 of each engine, then repeat 2, ...) so machine noise
 hits all alike; RTF = the best repeat's seconds / audio seconds. Each engine's log-probabilities
 are compared with eager's (max abs difference). The 10-minute check: onnxruntime's peak on
-ConMamba-S at 10 min against 4,000 MB. WER: the trained demo model (``--demo_model``; its ONNX
-files are exported into a copy in ``--work`` when it has none), greedy search, eager
-(``Transcriber``) and onnxruntime fp32 / int8 (``OnnxTranscriber``) on the demo corpus'
-test-clean and test-other utterances against their transcripts (SpeechBrain's
-``ErrorRateStats``). MB = 10^6 bytes.
+ConMamba-S at 10 min against 4,000 MB. WER: the trained demo models (``--demo_model``, by
+default ``make demo``'s models/demo-ctc and ``make demo-s2s``'s models/demo-s2s; their ONNX
+files are exported into a copy in ``--work`` when they have none), eager (``Transcriber``) and
+onnxruntime fp32 / int8 (``OnnxTranscriber``) on the demo corpus' test-clean and test-other
+utterances against their transcripts (SpeechBrain's ``ErrorRateStats``): CTC greedy; S2S
+the folder's beam search without its LM and with it; and how many transcripts differ from
+eager's. MB = 10^6 bytes.
 
 On a machine shared with other jobs pass ``--threads 1``: with more threads than free cores,
 torch's OpenMP threads wait for each other at every operator (eager was 10-25x slower with 2
@@ -52,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,15 +186,17 @@ def random_export(name: str, work: Path) -> Path:
 
 
 def demo_export(model: Path, work: Path) -> Path:
-    """``model`` itself when it has model.onnx and model.int8.onnx, else a copy in ``work``
+    """``model`` itself when it has its fp32 and int8 ONNX files, else a copy in ``work``
     with them added (made when absent or stale)."""
     from mamba_asr.model_card import read_card
     from mamba_asr.onnx_export import export_onnx
 
-    if (model / "model.onnx").is_file() and (model / "model.int8.onnx").is_file():
+    card = read_card(model)
+    main = "encoder" if card["family"] == "S2S" else "model"
+    if (model / f"{main}.onnx").is_file() and (model / f"{main}.int8.onnx").is_file():
         return model
     folder = work / f"demo-{model.name}"
-    stamp = source_stamp(json.dumps(read_card(model)["files"], sort_keys=True))
+    stamp = source_stamp(json.dumps(card["files"], sort_keys=True))
     if not _is_current(folder, stamp):
         print(f"exporting {model} to ONNX in {folder} ...", file=sys.stderr, flush=True)
         shutil.rmtree(folder, ignore_errors=True)
@@ -327,12 +332,18 @@ def check_table(runs: dict[tuple[str, float, str], Runs]) -> None:
 
 
 def sizes_table(folders: dict[str, Path]) -> None:
-    files = ("features.onnx", "model.onnx", "model.int8.onnx", "asr.ckpt")
-    print("\n| model | " + " | ".join(files) + " |")
-    print("|---|" + "---:|" * len(files))
+    """Each folder's file sizes; a CTC model's model*.onnx and an S2S model's encoder*.onnx
+    share a column."""
+    columns = (("features.onnx",), ("model.onnx", "encoder.onnx"),
+               ("model.int8.onnx", "encoder.int8.onnx"), ("decoder_init.onnx",),
+               ("decoder_step.onnx",), ("decoder_step.int8.onnx",), ("lm.onnx",), ("asr.ckpt",))
+    print("\n| model | " + " | ".join(" / ".join(c) for c in columns) + " |")
+    print("|---|" + "---:|" * len(columns))
     for name, folder in folders.items():
-        cells = [f"{(folder / f).stat().st_size / 1e6:.1f}" if (folder / f).is_file() else "-"
-                 for f in files]
+        cells = []
+        for names in columns:
+            found = [folder / f for f in names if (folder / f).is_file()]
+            cells.append(f"{found[0].stat().st_size / 1e6:.1f}" if found else "-")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
@@ -353,6 +364,31 @@ def test_set(split: str) -> list[tuple[str, Path, list[str]]]:
             for uid in sorted(refs)]
 
 
+def wer_engines(folder: Path, s2s: bool, threads: int) -> dict[str, tuple[Callable, str]]:
+    """The WER table's engines: label -> (loader, label of the engine it is compared with).
+
+    CTC: greedy search. S2S: the folder's beam search, without the LM (eager, onnxruntime
+    fp32 and int8) and with it (eager, onnxruntime fp32).
+    """
+    from mamba_asr.ort.transcriber import OnnxTranscriber
+    from mamba_asr.transcriber import Transcriber
+
+    ort = {"threads": threads or None}
+    variants = [({"no_lm": True}, ", no LM"), ({}, " + LM")] if s2s else [({"search": "greedy"},
+                                                                            "")]
+    engines = {}
+    for options, suffix in variants:
+        eager = f"PyTorch eager fp32{suffix}"
+        engines[eager] = (lambda o=options: Transcriber.from_folder(folder, **o), eager)
+        engines[f"onnxruntime fp32{suffix}"] = (
+            lambda o=options: OnnxTranscriber.from_folder(folder, **o, **ort), eager)
+        if "search" in options or options.get("no_lm"):
+            engines[f"onnxruntime int8{suffix}"] = (
+                lambda o=options: OnnxTranscriber.from_folder(folder, quantized=True, **o, **ort),
+                eager)
+    return engines
+
+
 def wer_table(model: Path, folder: Path, threads: int) -> None:
     import mamba_asr  # noqa: F401
 
@@ -360,21 +396,15 @@ def wer_table(model: Path, folder: Path, threads: int) -> None:
     import torch
     from speechbrain.utils.metric_stats import ErrorRateStats
 
-    from mamba_asr.ort.transcriber import OnnxTranscriber
-    from mamba_asr.transcriber import Transcriber
+    from mamba_asr.model_card import read_card
 
     if threads:
         torch.set_num_threads(threads)
-    engines = {
-        "eager": lambda: Transcriber.from_folder(folder, search="greedy"),
-        "ort": lambda: OnnxTranscriber.from_folder(folder, search="greedy",
-                                                   threads=threads or None),
-        "ort-int8": lambda: OnnxTranscriber.from_folder(folder, quantized=True, search="greedy",
-                                                        threads=threads or None),
-    }
+    s2s = read_card(folder)["family"] == "S2S"
+    engines = wer_engines(folder, s2s, threads)
     sets = {split: test_set(split) for split in WER_SETS}
     rows, texts = {}, {}
-    for engine, load in engines.items():
+    for engine, (load, reference) in engines.items():
         asr = load()
         cells, seconds = [], 0.0
         for split, utterances in sets.items():
@@ -387,17 +417,18 @@ def wer_table(model: Path, folder: Path, threads: int) -> None:
                          [ref for _, _, ref in utterances])
             cells.append(stats.summarize("error_rate"))
         differ = sum(a != b for split in WER_SETS
-                     for a, b in zip(texts[engine, split], texts["eager", split], strict=True))
-        rows[engine] = (cells, differ, seconds)
+                     for a, b in zip(texts[engine, split], texts[reference, split], strict=True))
+        rows[engine] = (cells, "—" if reference == engine else str(differ), seconds)
     total = sum(len(u) for u in sets.values())
-    print(f"\nDemo model {model} ({folder}), greedy search, "
+    search = "its beam search" if s2s else "greedy search"
+    print(f"\nDemo model {model} ({folder}), {search}, "
           + ", ".join(f"{s} {len(u)} utterances" for s, u in sets.items()))
     print("| engine | " + " | ".join(f"{s} WER %" for s in WER_SETS)
-          + " | transcripts differing from eager | transcription s |")
+          + f" | transcripts differing from eager (of {total}) | transcription s |")
     print("|---|" + "---:|" * len(WER_SETS) + "---:|---:|")
     for engine, (cells, differ, seconds) in rows.items():
-        print(f"| {ENGINES[engine]} | " + " | ".join(f"{c:.2f}" for c in cells)
-              + f" | {differ} of {total} | {seconds:.1f} |")
+        print(f"| {engine} | " + " | ".join(f"{c:.2f}" for c in cells)
+              + f" | {differ} | {seconds:.1f} |")
 
 
 # --------------------------------------------------------------------------- main
@@ -439,8 +470,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path,
                         default=Path(tempfile.gettempdir()) / "mamba-asr-bench-onnx",
                         help="folder of the exports (reused while current) and inputs")
-    parser.add_argument("--demo_model", type=Path, default=REPO / "models" / "demo-ctc",
-                        help="a trained CTC export folder for the WER table")
+    parser.add_argument("--demo_model", type=Path, nargs="+",
+                        default=[REPO / "models" / "demo-ctc", REPO / "models" / "demo-s2s"],
+                        help="trained export folders (CTC or S2S) for the WER tables")
     parser.add_argument("--no_wer", action="store_true", help="skip the WER table")
     args = parser.parse_args()
     if args.quick:
@@ -449,15 +481,16 @@ def main() -> None:
             or args.memory_limit_gb <= 0 or args.timeout <= 0):
         parser.error("--repeats, --lengths, --memory_limit_gb and --timeout must be positive, "
                      "--threads at least 0")
-    if not args.no_wer and not (args.demo_model / "model_card.json").is_file():
-        parser.error(f"--demo_model {args.demo_model}: not an export folder (no "
-                     "model_card.json); run `make demo`, pass one, or add --no_wer")
+    for model in [] if args.no_wer else args.demo_model:
+        if not (model / "model_card.json").is_file():
+            parser.error(f"--demo_model {model}: not an export folder (no model_card.json); "
+                         "run `make demo` (`make demo-s2s`), pass others, or add --no_wer")
     args.work.mkdir(parents=True, exist_ok=True)
 
     from bench_transcribe import tiled_speech
 
     folders = {name: random_export(name, args.work) for name in args.models}
-    demo = None if args.no_wer else demo_export(args.demo_model, args.work)
+    demos = {} if args.no_wer else {m: demo_export(m, args.work) for m in args.demo_model}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         scratch = Path(tmp)
         audios = {}
@@ -472,9 +505,9 @@ def main() -> None:
     speed_table(runs)
     check_table(runs)
     print("\nFile sizes (MB)")
-    sizes_table({**folders, **({"demo (trained)": demo} if demo else {})})
-    if demo:
-        wer_table(args.demo_model, demo, args.threads)
+    sizes_table({**folders, **{f"{m.name} (trained)": d for m, d in demos.items()}})
+    for model, folder in demos.items():
+        wer_table(model, folder, args.threads)
 
 
 if __name__ == "__main__":
