@@ -473,7 +473,9 @@ def main() -> None:
     parser.add_argument("--demo_model", type=Path, nargs="+",
                         default=[REPO / "models" / "demo-ctc", REPO / "models" / "demo-s2s"],
                         help="trained export folders (CTC or S2S) for the WER tables")
-    parser.add_argument("--no_wer", action="store_true", help="skip the WER table")
+    parser.add_argument("--no_wer", action="store_true", help="skip the WER tables")
+    parser.add_argument("--no_speed", action="store_true",
+                        help="only the WER tables (and the demo models' sizes)")
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.repeats = [10.0, 60.0], 1
@@ -489,21 +491,22 @@ def main() -> None:
 
     from bench_transcribe import tiled_speech
 
-    folders = {name: random_export(name, args.work) for name in args.models}
+    folders = {} if args.no_speed else {name: random_export(name, args.work)
+                                        for name in args.models}
     demos = {} if args.no_wer else {m: demo_export(m, args.work) for m in args.demo_model}
-    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        scratch = Path(tmp)
-        audios = {}
-        for seconds in args.lengths:
-            audios[seconds] = scratch / f"speech-{seconds:g}s.npy"
-            np.save(audios[seconds], tiled_speech(seconds).numpy().astype(np.float32))
-        runs = measure(folders, audios, args, scratch)
-
-    print(f"\n# ONNX vs PyTorch eager, random weights, batch 1; {machine_line(args.threads)}; "
-          f"best of {args.repeats}, each run in its own process under "
-          f"{args.memory_limit_gb:g} GiB")
-    speed_table(runs)
-    check_table(runs)
+    if folders:
+        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+            scratch = Path(tmp)
+            audios = {}
+            for seconds in args.lengths:
+                audios[seconds] = scratch / f"speech-{seconds:g}s.npy"
+                np.save(audios[seconds], tiled_speech(seconds).numpy().astype(np.float32))
+            runs = measure(folders, audios, args, scratch)
+        print(f"\n# ONNX vs PyTorch eager, random weights, batch 1; "
+              f"{machine_line(args.threads)}; best of {args.repeats}, each run in its own "
+              f"process under {args.memory_limit_gb:g} GiB")
+        speed_table(runs)
+        check_table(runs)
     print("\nFile sizes (MB)")
     sizes_table({**folders, **{f"{m.name} (trained)": d for m, d in demos.items()}})
     for model, folder in demos.items():
