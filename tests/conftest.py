@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 from runs import (  # noqa: F401  (session fixtures)
     ctc_export,
+    ctc_graph_export,
     ctc_random_run,
     ctc_run,
     s2s_lm_folder,

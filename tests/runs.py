@@ -142,3 +142,15 @@ def ctc_export(ctc_random_run: Path, tmp_path_factory: pytest.TempPathFactory) -
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def ctc_graph_export(ctc_random_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random-weight CTC demo run exported by export.py with every graph format:
+    --format onnx pt2 --quantize int8."""
+    out = tmp_path_factory.mktemp("graph-export") / "demo-ctc"
+    cmd = [sys.executable, "export.py", str(ctc_random_run), "--out", str(out),
+           "--format", "onnx", "pt2", "--quantize", "int8"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -76,18 +76,26 @@ def write_graphs(asr, out: Path, names: set[str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mamba_asr(tokenizer: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The S2S demo configuration (ConMamba + Mamba decoder + Transformer LM), tiny, random."""
+def s2s_export(tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random demo S2S model (with its LM) exported with all ONNX files, int8 and
+    the pt2 programs."""
     out = tmp_path_factory.mktemp("onnx_s2s") / "demo-s2s"
-    return load_s2s(export_random("hparams/S2S/demo.yaml", out,
-                                  [*TINY, "--pretrained_tokenizer_path", str(tokenizer)]))
+    return export_random("hparams/S2S/demo.yaml", out,
+                         [*TINY, "--pretrained_tokenizer_path", str(tokenizer)],
+                         onnx=True, quantize="int8", pt2=True)
 
 
 @pytest.fixture(scope="module")
-def mamba_folder(mamba_asr, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """encoder, decoder_init, decoder_step and lm graphs of ``mamba_asr``."""
-    return write_graphs(mamba_asr, tmp_path_factory.mktemp("onnx_s2s") / "graphs",
-                        {"encoder", "decoder_init", "decoder_step", "lm"})
+def mamba_asr(s2s_export: Path):
+    """The exported model (ConMamba + Mamba decoder + Transformer LM) loaded as SpeechBrain's
+    EncoderDecoderASR."""
+    return load_s2s(s2s_export)
+
+
+@pytest.fixture(scope="module")
+def mamba_folder(s2s_export: Path) -> Path:
+    """The folder of its encoder, decoder_init, decoder_step and lm graphs."""
+    return s2s_export
 
 
 @pytest.fixture(scope="module")
@@ -248,16 +256,6 @@ def test_untrained_s2s_needs_a_tokenizer(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="--pretrained_tokenizer_path"):
         export_untrained("hparams/S2S/demo.yaml", tmp_path / "x", overrides=TINY)
     assert not (tmp_path / "x").exists()
-
-
-@pytest.fixture(scope="module")
-def s2s_export(tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random demo S2S model (with its LM) exported with all ONNX files, int8 and
-    the pt2 programs."""
-    out = tmp_path_factory.mktemp("onnx_s2s") / "demo-s2s"
-    return export_random("hparams/S2S/demo.yaml", out,
-                         [*TINY, "--pretrained_tokenizer_path", str(tokenizer)],
-                         onnx=True, quantize="int8", pt2=True)
 
 
 @pytest.mark.slow

@@ -417,14 +417,9 @@ def test_transcribe_onnxruntime_imports_no_torch(level_model: Path, tmp_path: Pa
 
 NO_EXPORTER = importlib.util.find_spec("mamba_asr.onnx_export") is None
 @pytest.fixture(scope="module")
-def onnx_export(ctc_random_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The random-weight CTC demo run exported by export.py --format onnx."""
-    out = tmp_path_factory.mktemp("onnx-export") / "demo-ctc"
-    cmd = [sys.executable, "export.py", str(ctc_random_run), "--out", str(out),
-           "--format", "onnx"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def onnx_export(ctc_graph_export: Path) -> Path:
+    """The random-weight CTC demo run exported by export.py --format onnx (pt2, int8)."""
+    return ctc_graph_export
 
 
 @pytest.mark.slow
