@@ -8,6 +8,8 @@ Files added to an export folder (``export.py --format pt2``, or :func:`export_pt
     model.pt2      features (batch, frames, n_mels), feature_lengths (batch,) -> log_probs
                    (batch, out_frames, vocab), log_prob_lengths (batch,): as model.onnx
     tokens.txt     as the ONNX export's
+    encoder.pt2, decoder_init.pt2, decoder_step.pt2, lm.pt2
+                   S2S models: as their .onnx files (:mod:`mamba_asr.onnx_s2s`)
 
 Each is an ``ExportedProgram`` written by ``torch.export.save``, weights inside, batch and
 time dynamic: the PyTorch-native replacement of TorchScript files. Plain PyTorch runs it,
