@@ -16,6 +16,7 @@ import yaml
 from conftest import DEMO_DATA, REPO, logged_epochs
 from runs import CTC_DEMO, ENV, S2S_DEMO
 from speechbrain.inference.ASR import EncoderASR
+from speechbrain.processing.features import InputNormalization
 
 import train_CTC
 import train_S2S
@@ -83,7 +84,7 @@ def test_init_skip_new_vocabulary_and_mismatch_errors(tmp_path: Path) -> None:
     names the parameter and both shapes; a model tensor the source lacks, or a pattern that
     matches nothing, is an error too."""
     source, _ = _brain(tmp_path / "src", seed="5")
-    ckpt = tmp_path / "model.ckpt"
+    ckpt = tmp_path / "src" / "model.ckpt"
     torch.save(source.hparams.model.state_dict(), ckpt)
     new_vocab = ["--characters", "\" ABCDEFGHIJKLMNOPQRSTUVWXYZ\"", "--output_neurons", "30"]
     fresh = _state(_brain(tmp_path / "fresh", *new_vocab)[0].hparams.model)
@@ -96,6 +97,7 @@ def test_init_skip_new_vocabulary_and_mismatch_errors(tmp_path: Path) -> None:
         assert torch.equal(value, expected), key
     assert sum(not torch.equal(fresh[k], theirs[k]) for k in fresh if k[0] != "2") > 20
 
+    assert brain.modules.normalize.count == 0  # fresh statistics
     brain, _ = _brain(tmp_path / "b", *new_vocab, "--init_from", str(ckpt))
     with pytest.raises(ConfigError) as info:
         brain.init_from_source()
@@ -116,6 +118,28 @@ def test_init_skip_new_vocabulary_and_mismatch_errors(tmp_path: Path) -> None:
         brain.init_from_source()
     with pytest.raises(ConfigError, match=r"init_from .*nowhere: no such file or folder"):
         _brain(tmp_path / "e", "--init_from", str(tmp_path / "nowhere"))[0].init_from_source()
+
+
+def test_init_normalizer_loads_the_source_statistics(tmp_path: Path) -> None:
+    """init_normalizer: the statistics of the normalizer.ckpt beside the source's weights, as
+    SpeechBrain's checkpointer loads them; an error when the source has none."""
+    source, _ = _brain(tmp_path / "src", seed="5")
+    folder = tmp_path / "src"
+    torch.save(source.hparams.model.state_dict(), folder / "model.ckpt")
+    norm = InputNormalization(norm_type="global")
+    norm(torch.randn(3, 50, 40) * 2 + 1, torch.ones(3))
+    norm._save(folder / "normalizer.ckpt")
+    brain, _ = _brain(tmp_path, "--init_from", str(folder / "model.ckpt"), "--init_normalizer",
+                      "True")
+    brain.init_from_source()
+    assert brain.modules.normalize.count == norm.count > 0
+    assert torch.equal(brain.modules.normalize.glob_mean, norm.glob_mean)
+    (folder / "normalizer.ckpt").unlink()
+    brain, _ = _brain(tmp_path / "b", "--init_from", str(folder / "model.ckpt"),
+                      "--init_normalizer", "True")
+    with pytest.raises(ConfigError, match=r"init_normalizer: True, but init_from .*model.ckpt "
+                                          r"has no normalizer.ckpt"):
+        brain.init_from_source()
 
 
 # --------------------------------------------------------------------------- freezing
@@ -170,8 +194,8 @@ def _upstream_layout(run: Path, folder: Path) -> Path:
         meta = yaml.safe_load((ckpt / "CKPT.yaml").read_text())
         out = save / f"CKPT+2024-01-0{i + 1}+00-00-00+00"
         out.mkdir(parents=True)
-        for name in ("model", "normalizer", "noam_scheduler", "counter"):
-            shutil.copyfile(ckpt / f"{name}.ckpt", out / f"{name}.ckpt")
+        for file in ckpt.glob("*.ckpt"):  # model, normalizer, noam_scheduler, counter, ...
+            shutil.copyfile(file, out / file.name)
         upstream = {"WER": meta["WER"], "epoch": meta["epoch"], "end-of-epoch": True,
                     "unixtime": 1704067200.0 + i}
         (out / "CKPT.yaml").write_text(yaml.safe_dump(upstream))
@@ -185,8 +209,7 @@ def test_init_from_each_source_kind_gives_its_outputs(
     """Before the first step, a model initialised from a run folder, a CKPT+... folder, an
     upstream-layout save folder, a bare model.ckpt and an export folder gives the CTC
     log-probabilities of the source as evaluate.py (load_trained) or SpeechBrain's EncoderASR
-    load it; the fresh model does not; the normaliser statistics are fresh unless
-    init_normalizer."""
+    load it; the fresh model does not."""
     ckpts = sorted((ctc_run / "save").glob("CKPT+*"))
     assert len(ckpts) == 2
     bare = tmp_path / "bare" / "model.ckpt"
@@ -199,7 +222,8 @@ def test_init_from_each_source_kind_gives_its_outputs(
     fresh_out = _log_probs(fresh, batch)
 
     def evaluated(ckpt: list[Path]) -> torch.Tensor:
-        model = load_trained(str(ctc_run / "hyperparams.yaml"), [str(c) for c in ckpt], [])
+        model = load_trained(str(ctc_run / "hyperparams.yaml"), [str(c) for c in ckpt],
+                             ["--data_folder", str(DEMO_DATA)])
         model.load_weights()
         return _log_probs(model.brain, batch)
 
@@ -219,11 +243,6 @@ def test_init_from_each_source_kind_gives_its_outputs(
         assert not torch.allclose(fresh_out, reference, atol=1e-3), source
         torch.testing.assert_close(got, reference, atol=1e-5, rtol=0, msg=str(source))
 
-    norm = torch.load(ckpts[1] / "normalizer.ckpt")
-    assert brain.modules.normalize.count != norm["count"]  # fresh
-    brain, _ = _brain(tmp_path / "n", "--init_from", str(ckpts[1]), "--init_normalizer", "True")
-    brain.init_from_source()
-    assert brain.modules.normalize.count == norm["count"] > 0
 
 
 @pytest.mark.slow
