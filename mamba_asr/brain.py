@@ -286,8 +286,8 @@ class RecipeBrain(TrainingBrain):
         """Training past ``unfreeze_after_epochs``: the frozen parameters train again.
         Validation and test: fresh ``wer_metric``/``cer_metric``."""
         super().on_stage_start(stage, epoch)
-        after = self.hparams.unfreeze_after_epochs
-        if stage == sb.Stage.TRAIN and self.frozen and after is not None and epoch > after:
+        after = self.hparams.unfreeze_after_epochs if self.frozen else None
+        if stage == sb.Stage.TRAIN and after is not None and epoch > after:
             finetune.set_trainable(self.frozen.values(), True)
             logger.info("epoch %d: %d frozen tensors train from now on (unfreeze_after_epochs: "
                         "%d)", epoch, len(self.frozen), after)

@@ -26,6 +26,7 @@ from speechbrain.utils.checkpoints import METAFNAME, Checkpoint
 
 from mamba_asr.brain import RecipeBrain
 from mamba_asr.config import ConfigError, load_config
+from mamba_asr.finetune import FINETUNE_KEYS
 from mamba_asr.resume import checkpoint_from_dir
 
 # Configuration family (the folder under hparams/) -> recipe module providing
@@ -198,8 +199,10 @@ def load_trained(
     rest = overrides + trained_overrides(save_folder, module.KEYS, overrides)
     if "--save_folder" not in rest:
         rest += ["--save_folder", str(save_folder)]
+    # The fine-tuning keys only matter to training: runs older than them evaluate too.
+    keys = tuple(k for k in module.KEYS if k not in FINETUNE_KEYS)
     _, hparams, run_opts, yaml_overrides = load_config(
-        [hparams_file, *rest], module.KEYS, write_output=False
+        [hparams_file, *rest], keys, write_output=False
     )
     if not Path(hparams["tokenizer_file"]).is_file():
         raise ConfigError(

@@ -23,7 +23,7 @@ import train_S2S
 from mamba_asr import data
 from mamba_asr.checkpoints import KILL_ENV
 from mamba_asr.config import ConfigError, load_config, start_run
-from mamba_asr.finetune import matches, select
+from mamba_asr.finetune import FINETUNE_KEYS, matches, select
 from mamba_asr.trained import load_trained
 
 SEED = "1"  # not the demo's: a fresh model differs from every source
@@ -228,6 +228,15 @@ def test_init_from_each_source_kind_gives_its_outputs(
         return _log_probs(model.brain, batch)
 
     both = evaluated([ctc_run / "save"])
+    # A run older than the fine-tuning keys evaluates as before (they only matter to training).
+    lines = (ctc_run / "hyperparams.yaml").read_text().splitlines(keepends=True)
+    old = tmp_path / "old.yaml"
+    old.write_text("".join(x for x in lines if not x.startswith(FINETUNE_KEYS)))
+    assert "init_from" not in old.read_text()
+    model = load_trained(str(old), [str(ctc_run / "save")], ["--data_folder", str(DEMO_DATA)],
+                         recipe="CTC")
+    model.load_weights()
+    assert torch.equal(_log_probs(model.brain, batch), both)
     expected = {
         ctc_run: both, ckpts[1]: evaluated([ckpts[1]]), upstream.parent: evaluated(list(
             upstream.glob("CKPT+*"))), bare: evaluated([ckpts[0]]),
