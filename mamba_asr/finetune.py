@@ -19,6 +19,7 @@ chooses them; an upstream xi-j/Mamba-ASR save folder by its CKPT.yaml ``WER``/``
 
 from __future__ import annotations
 
+import filecmp
 import fnmatch
 import logging
 import re
@@ -49,6 +50,9 @@ SOURCE_KINDS = (
     "(model.ckpt) or a model.ckpt file"
 )
 EXPORT_WEIGHTS = "asr.ckpt"
+EXPORT_TOKENIZER = "tokenizer.ckpt"
+# The modules whose outputs are tokens: loading them for another token map is an error.
+OUTPUT_LAYERS = ("ctc_lin", "seq_lin")
 CKPT_WEIGHTS = "model.ckpt"
 NORMALIZER_FILE = "normalizer.ckpt"
 SAVE_FOLDER = "save"
@@ -133,6 +137,7 @@ class InitSource:
     state: dict[str, torch.Tensor]
     normalizer: Path | None  # the source's normalizer.ckpt, when it has one
     detail: str = ""  # which checkpoints, for the log
+    tokenizer: Path | None = None  # the source's token map, when it has one of ours
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -150,10 +155,13 @@ def _optional(path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def read_source(path: str | Path, model: torch.nn.Module, best_key: tuple[str, bool]) -> InitSource:
+def read_source(
+    path: str | Path, model: torch.nn.Module, best_key: tuple[str, bool], tokenizer_name: str
+) -> InitSource:
     """The weights ``init_from`` names (see the module docstring). ``model`` (the recipe's
     ``model``) checks a save folder's checkpoints complete; ``best_key`` is the recipe's
-    ranking, used when the run's configuration does not name one."""
+    ranking, used when the run's configuration does not name one; ``tokenizer_name`` the
+    file name of a run's token map in its save folder."""
     source = Path(path)
     if source.is_file():
         return InitSource("model file", source, _load_state(source),
@@ -167,18 +175,22 @@ def read_source(path: str | Path, model: torch.nn.Module, best_key: tuple[str, b
             except CardError as exc:
                 raise ConfigError(f"init_from: {exc}") from exc
         return InitSource("export folder", source, _load_state(source / EXPORT_WEIGHTS),
-                          _optional(source / NORMALIZER_FILE))
+                          _optional(source / NORMALIZER_FILE),
+                          tokenizer=_optional(source / EXPORT_TOKENIZER))
     if (source / METAFNAME).is_file():
         if not (source / CKPT_WEIGHTS).is_file():
             raise ConfigError(f"init_from {source}: a checkpoint folder without {CKPT_WEIGHTS}")
         return InitSource("checkpoint", source, _load_state(source / CKPT_WEIGHTS),
-                          _optional(source / NORMALIZER_FILE))
+                          _optional(source / NORMALIZER_FILE),
+                          tokenizer=_optional(source.parent / tokenizer_name))
     folder = source
     if not any(folder.glob(f"{CKPT_PREFIX}+*")) and (folder / SAVE_FOLDER).is_dir():
         folder = folder / SAVE_FOLDER
     if not any(folder.glob(f"{CKPT_PREFIX}+*")):
         raise ConfigError(f"init_from {source}: holds no model; expected {SOURCE_KINDS}")
-    return _best_of_save_folder(source, folder, model, best_key)
+    found = _best_of_save_folder(source, folder, model, best_key)
+    found.tokenizer = _optional(folder / tokenizer_name)
+    return found
 
 
 def _best_of_save_folder(
@@ -259,6 +271,26 @@ def load_init(
     return len(own) - len(skipped & own.keys()), sorted(skipped)
 
 
+def check_tokens(
+    source: InitSource, tokenizer: Path, modules: Iterable[str], skipped: list[str]
+) -> None:
+    """ConfigError when the source's token map differs from this run's (``tokenizer``) while
+    an output layer among ``modules`` keeps the source's weights: its outputs would mean
+    other tokens."""
+    if source.tokenizer is None or not tokenizer.is_file():
+        return
+    if filecmp.cmp(source.tokenizer, tokenizer, shallow=False):
+        return
+    kept = [m for m in OUTPUT_LAYERS
+            if m in modules and not any(matches(m, s) for s in skipped)]
+    if kept:
+        raise ConfigError(
+            f"init_from {source.path}: its token map {source.tokenizer} differs from this run's "
+            f"{tokenizer}, but {', '.join(kept)} would keep the source's weights: add the output "
+            "layers to init_skip (a new vocabulary) or give this run the source's tokenizer"
+        )
+
+
 def load_normalizer(source: InitSource, normalizer: torch.nn.Module) -> None:
     """The source's normaliser statistics into ``normalizer``, as SpeechBrain's checkpointer
     loads them (its default load hook)."""
@@ -274,9 +306,12 @@ def initialise(brain: Any) -> None:
     ``init_normalizer``) and logs what it loaded. Called before the optimizer exists, on every
     process alike (each reads the same files)."""
     hparams = brain.hparams
-    source = read_source(hparams.init_from, hparams.model, brain.best_key())
+    tokenizer = Path(hparams.tokenizer_file)
+    source = read_source(hparams.init_from, hparams.model, brain.best_key(), tokenizer.name)
     skip = patterns_of(hparams.init_skip, "init_skip")
-    loaded, skipped = load_init(source, hparams.model, dict(brain.modules.items()), skip)
+    modules = dict(brain.modules.items())
+    loaded, skipped = load_init(source, hparams.model, modules, skip)
+    check_tokens(source, tokenizer, modules, skipped)
     norm = "fresh"
     if hparams.init_normalizer:
         load_normalizer(source, brain.modules.normalize)
