@@ -178,8 +178,9 @@ def read_source(
                           _optional(source / NORMALIZER_FILE),
                           tokenizer=_optional(source / EXPORT_TOKENIZER))
     if (source / METAFNAME).is_file():
-        if not (source / CKPT_WEIGHTS).is_file():
-            raise ConfigError(f"init_from {source}: a checkpoint folder without {CKPT_WEIGHTS}")
+        problem = AtomicCheckpointer(source.parent, {"model": model}).check_checkpoint_dir(source)
+        if problem is not None:
+            raise ConfigError(f"init_from {source}: the checkpoint is incomplete: {problem}")
         return InitSource("checkpoint", source, _load_state(source / CKPT_WEIGHTS),
                           _optional(source / NORMALIZER_FILE),
                           tokenizer=_optional(source.parent / tokenizer_name))

@@ -117,8 +117,29 @@ def test_init_skip_new_vocabulary_and_mismatch_errors(tmp_path: Path) -> None:
     brain, _ = _brain(tmp_path / "d", "--init_from", str(ckpt), "--init_skip", "[ctc]")
     with pytest.raises(ConfigError, match="init_skip: pattern 'ctc' matches no parameter"):
         brain.init_from_source()
-    with pytest.raises(ConfigError, match=r"init_from .*nowhere: no such file or folder"):
-        _brain(tmp_path / "e", "--init_from", str(tmp_path / "nowhere"))[0].init_from_source()
+
+
+def test_unusable_sources_are_one_line_errors(tmp_path: Path) -> None:
+    """A missing path, a folder holding no model, a truncated model.ckpt in a checkpoint
+    folder: one ConfigError line naming the path."""
+    source, _ = _brain(tmp_path / "src", seed="5")
+    ckpt = tmp_path / "save" / "CKPT+2026-01-01+00-00-00+00"
+    ckpt.mkdir(parents=True)
+    torch.save(source.hparams.model.state_dict(), ckpt / "model.ckpt")
+    (ckpt / "CKPT.yaml").write_text("end-of-epoch: true\nunixtime: 1.0\nepoch: 1\n")
+    brain, _ = _brain(tmp_path, "--init_from", str(ckpt))
+    brain.init_from_source()  # complete
+    data = (ckpt / "model.ckpt").read_bytes()
+    (ckpt / "model.ckpt").write_bytes(data[: len(data) // 2])
+    errors = {
+        ckpt: r"CKPT\+2026-01-01\+00-00-00\+00: the checkpoint is incomplete: model.ckpt",
+        tmp_path / "nowhere": r"nowhere: no such file or folder; expected an export folder",
+        tmp_path / "src": r"src: holds no model; expected an export folder",
+    }
+    for path, message in errors.items():
+        brain.hparams.init_from = str(path)
+        with pytest.raises(ConfigError, match=rf"^init_from .*{message}[^\n]*$"):
+            brain.init_from_source()
 
 
 def test_init_normalizer_loads_the_source_statistics(tmp_path: Path) -> None:
