@@ -2,11 +2,11 @@
 
 :func:`normalise` applies, in order: Unicode NFKC; upper-case (lower-case when the character set
 has lower-case letters and no upper-case ones, neither when it has both); curly and other
-typographic single quotes to ``'``; hyphens, dashes and slashes to a space; accents stripped
-where that gives an allowed letter (``É`` -> ``E``); other punctuation dropped; whitespace
-collapsed. What is still outside the set (digits, symbols, other scripts) is not guessed:
-:func:`normalise` returns the text with the first offending character, and :func:`problem`
-says what it is and what to do about it.
+typographic single quotes to ``'`` (a quote mark standing alone dropped); hyphens, dashes and
+slashes to a space; accents stripped where that gives an allowed letter (``É`` -> ``E``); other
+punctuation dropped, except ``& % @ #``, which are read out; whitespace collapsed. What is still
+outside the set (digits, symbols, other scripts) is not guessed: :func:`normalise` returns the
+text with the first offending character, and :func:`problem` says what it is and what to do.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import unicodedata
 # SentencePiece vocabularies of the S2S recipes are trained on too.
 LIBRISPEECH_CHARACTERS = " 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 APOSTROPHES = "'\u2018\u2019\u201a\u201b\u2032\u02bc\u0060\u00b4"  # ' ‘ ’ ‚ ‛ ′ ʼ ` ´
+SPOKEN_PUNCTUATION = "&%@#"  # read out ("and", "percent", ...): never dropped silently
 SEPARATORS = "-/\\\u2010\u2011\u2012\u2013\u2014\u2015\u2212"  # - / \ ‐ ‑ ‒ – — ― −
 
 
@@ -50,7 +51,7 @@ def normalise(text: str, characters: str) -> tuple[str, str | None]:
             out.append("'" if "'" in allowed else "")
         elif char in SEPARATORS or char.isspace():
             out.append(" ")
-        elif unicodedata.category(char).startswith("P"):
+        elif unicodedata.category(char).startswith("P") and char not in SPOKEN_PUNCTUATION:
             continue
         else:
             out.append(case(_strip_accents(char)))
@@ -66,7 +67,7 @@ def problem(char: str) -> str:
     if char.isdigit():
         return "digits: write numbers as words"
     category = unicodedata.category(char)
-    if category.startswith("S"):
+    if category.startswith("S") or char in SPOKEN_PUNCTUATION:
         return f"symbol {name}: write it as words or remove it"
     if category.startswith("L"):
         return f"letter {name} is not among the model's characters"
