@@ -41,6 +41,7 @@ Errors are collected for the whole corpus and raised together (one
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -233,6 +234,13 @@ def _source_facts(path: Path) -> dict:
     return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _cache_name(source: Path) -> str:
+    """``<stem>-<hash of the absolute path>.flac``: one name per source file, so corpora
+    prepared into one cache (train, dev, ...) never share a converted file."""
+    digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
+    return f"{source.stem}-{digest}.flac"
+
+
 def _convert(source: Path, target: Path) -> int:
     """``source`` as 16 kHz mono 16-bit FLAC at ``target`` (atomically); its frame count."""
     from mamba_asr.audio_io import load_audio  # torch and SpeechBrain: only for --resample
@@ -248,7 +256,8 @@ def _resample(
     items: list[tuple[str, Path]], cache: Path, errors: list[str]
 ) -> tuple[dict[str, Path], int, int]:
     """``{ID: converted file}`` for ``items`` (ID, source), converting those not converted
-    from the same source file (path, size, mtime) before; ``(files, converted, reused)``."""
+    from the same source file (path, size, mtime) before (recorded in ``resampled.json``);
+    ``(files, converted, reused)``."""
     cache.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(cache)
     record_path = cache / RESAMPLE_RECORD
@@ -260,7 +269,7 @@ def _resample(
     converted = reused = 0
     try:
         for utt_id, source in items:
-            target = cache / f"{utt_id}.flac"
+            target = cache / _cache_name(source)
             facts = _source_facts(source)
             if record.get(target.name) == facts and target.is_file():
                 reused += 1

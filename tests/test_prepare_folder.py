@@ -270,26 +270,36 @@ def test_resample_converts_once_into_the_cache(corpus: Path, tmp_path: Path) -> 
     assert (result.converted, result.reused, result.formats) == (2, 0, None)
     rows = read_rows(tmp_path / "out" / "train.csv")
     assert Path(rows["a1"]["wav"]) == corpus / "alice" / "a1.flac"  # already 16 kHz mono
+    converted_b1 = Path(rows["b1"]["wav"])
     for utt_id, seconds in (("b1", 1.0), ("b2", 1.5)):
         converted = Path(rows[utt_id]["wav"])
-        assert converted == cache / f"{utt_id}.flac"
+        assert converted.parent == cache and converted.name.startswith(f"{utt_id}-")
         info = sf.info(converted)
         assert (info.samplerate, info.channels, info.format) == (16000, 1, "FLAC")
         assert info.frames == int(seconds * 16000)
         assert float(rows[utt_id]["duration"]) == seconds
     stereo, _ = sf.read(corpus / "bob" / "b2.flac")
-    mono, _ = sf.read(cache / "b2.flac")
+    mono, _ = sf.read(rows["b2"]["wav"])
     assert np.abs(mono - stereo.mean(axis=1)).max() < 2e-4  # averaged, 16-bit rounding
-    mtime = (cache / "b1.flac").stat().st_mtime_ns
+    mtime = converted_b1.stat().st_mtime_ns
 
     again = fc.prepare_folder(corpus, tmp_path / "out", resample=cache, num_workers=1)
     assert (again.converted, again.reused) == (0, 2)
-    assert (cache / "b1.flac").stat().st_mtime_ns == mtime
+    assert converted_b1.stat().st_mtime_ns == mtime
     write_flac(corpus / "bob" / "b1.flac", 12000, sample_rate=8000)  # the source changed
     changed = fc.prepare_folder(corpus, tmp_path / "out", resample=cache, num_workers=1)
     assert (changed.converted, changed.reused) == (1, 1)
-    assert sf.info(cache / "b1.flac").frames == 24000
-    assert sorted(p.name for p in cache.iterdir()) == ["b1.flac", "b2.flac", "resampled.json"]
+    assert sf.info(converted_b1).frames == 24000
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [converted_b1.name, Path(rows["b2"]["wav"]).name, "resampled.json"])
+
+    other = tmp_path / "other" / "bob"  # another corpus's b1.flac: its own file in the cache
+    write_flac(other / "b1.flac", 4000, sample_rate=8000)
+    (other / "b1.txt").write_text("the other one")
+    dev = fc.prepare_folder(other, tmp_path / "out", "dev", resample=cache, num_workers=1)
+    assert dev.converted == 1
+    assert read_rows(tmp_path / "out" / "dev.csv")["b1"]["wav"] != str(converted_b1)
+    assert sf.info(converted_b1).frames == 24000
 
 
 def test_resample_failing_midway_writes_no_csv_and_keeps_what_was_converted(
@@ -306,7 +316,7 @@ def test_resample_failing_midway_writes_no_csv_and_keeps_what_was_converted(
     with pytest.raises(fc.FolderPrepError, match=r"1 problem.*\n  .*b\.flac: .*truncated"):
         fc.prepare_folder(root, tmp_path / "out", resample=cache, num_workers=1)
     assert not (tmp_path / "out" / "train.csv").exists()
-    assert sorted(p.name for p in cache.iterdir()) == ["a.flac", "resampled.json"]
+    assert sorted(p.name[:2] for p in cache.iterdir()) == ["a-", "re"]
     (root / "b.flac").unlink()
     (root / "b.txt").unlink()
     assert fc.prepare_folder(root, tmp_path / "out", resample=cache, num_workers=1).reused == 1
