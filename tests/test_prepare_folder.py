@@ -367,3 +367,17 @@ def test_ctc_recipe_trains_and_tests_on_prepared_manifests(tmp_path: Path) -> No
     wer = (out / "wer_test.txt").read_text()
     assert "Scored 2 sentences, 0 not present in hyp." in wer
     assert "\ntest0, %WER" in wer and "\ntest1, %WER" in wer
+
+
+def test_cli_takes_the_characters_of_hparams(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "c"
+    write_flac(root / "a.flac", 4000)
+    (root / "a.txt").write_text("Ça va, Zoë?")
+    yaml_file = tmp_path / "lower.yaml"
+    yaml_file.write_text('data_folder: !PLACEHOLDER\ncharacters: " abcdefghijklmnopqrstuvwxyz"\n')
+    assert fc.main([str(root), "--out", str(tmp_path / "out"), "--hparams", str(yaml_file)]) == 0
+    assert read_rows(tmp_path / "out" / "train.csv")["a"]["wrd"] == "ca va zoe"
+    yaml_file.write_text("characters: [a, b]\n")
+    assert fc.main([str(root), "--out", str(tmp_path / "o2"), "--hparams", str(yaml_file)]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        "characters must be a non-empty string, not ['a', 'b']")
