@@ -21,7 +21,8 @@ Problems are handled as follows:
 case                                                   handling
 =====================================================  ==========================================
 source missing, or neither a folder nor a file         error
-TSV line without a tab or path, not UTF-8, duplicate   error (file and line number)
+TSV line without a tab or path, duplicate path        error (file and line number)
+transcript or TSV not UTF-8 (a BOM is allowed)         error (file and line number)
 TSV line whose audio file is missing                   error
 two audio files sharing one transcript (a.wav, a.flac) error
 empty, unreadable, truncated or non-audio file         error (truncation past the header only
@@ -302,6 +303,37 @@ def _text_problem(utt: Utterance, characters: str) -> str:
     raise AssertionError("normalise found a character the lines of the text do not hold")
 
 
+def _normalised(
+    utterances: list[Utterance], characters: str
+) -> tuple[list[tuple[Utterance, str]], list[str]]:
+    """``(utterance, normalised text)`` of those whose text fits ``characters``, and the
+    report lines of the others."""
+    kept: list[tuple[Utterance, str]] = []
+    left_out: list[str] = []
+    for utt in utterances:
+        text, bad = normalise(utt.text, characters)
+        if not text:
+            left_out.append(f"{utt.transcript}:{utt.line}: empty transcript")
+        elif bad is not None:
+            left_out.append(_text_problem(utt, characters))
+        else:
+            kept.append((utt, text))
+    return kept, left_out
+
+
+def _headers(
+    paths: list[str], workers: int, check_audio: bool, errors: list[str]
+) -> dict[str, AudioInfo]:
+    """Header facts by path, read by ``workers`` processes; unreadable files go to ``errors``."""
+    infos: dict[str, AudioInfo] = {}
+    for path, head in zip(paths, read_headers(paths, workers, check_audio), strict=True):
+        if isinstance(head, str):
+            errors.append(_unreadable(Path(path), head))
+        else:
+            infos[path] = AudioInfo(*head)
+    return infos
+
+
 def _unreadable(path: Path, message: str) -> str:
     """The reason ``audio_files`` gives for a file whose header cannot be read (with how to
     convert a container libsndfile does not read), else ``message``."""
@@ -346,26 +378,10 @@ def prepare_folder(
             f"{source} does not exist: expected a folder of audio files with same-named "
             f"{TRANSCRIPT_SUFFIX} transcripts, or a TSV file of path<TAB>text lines"
         )
-    kept: list[tuple[Utterance, str]] = []
-    left_out: list[str] = []
-    for utt in utterances:
-        text, bad = normalise(utt.text, characters)
-        if not text:
-            left_out.append(f"{utt.transcript}:{utt.line}: empty transcript")
-        elif bad is not None:
-            left_out.append(_text_problem(utt, characters))
-        else:
-            kept.append((utt, text))
+    kept, left_out = _normalised(utterances, characters)
     ids = _ids([u for u, _ in kept])
     paths = [str(u.audio) for u, _ in kept]
-    workers = num_workers or available_cores()
-    headers = read_headers(paths, workers, check_audio)
-    infos: dict[str, AudioInfo] = {}
-    for path, head in zip(paths, headers, strict=True):
-        if isinstance(head, str):
-            errors.append(_unreadable(Path(path), head))
-        else:
-            infos[path] = AudioInfo(*head)
+    infos = _headers(paths, num_workers or available_cores(), check_audio, errors)
     if not errors and not infos:
         errors.append(f"{source} holds no utterance with a usable transcript "
                       f"({len(left_out)} left out, {len(unpaired)} unpaired file(s))")
