@@ -381,3 +381,13 @@ def test_cli_takes_the_characters_of_hparams(tmp_path: Path, capsys) -> None:
     assert fc.main([str(root), "--out", str(tmp_path / "o2"), "--hparams", str(yaml_file)]) == 1
     assert capsys.readouterr().err.strip().endswith(
         "characters must be a non-empty string, not ['a', 'b']")
+
+
+def test_script_exits_1_with_one_error_line(tmp_path: Path) -> None:
+    cmd = [sys.executable, "prepare_folder.py", str(tmp_path / "nope"), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"error: {tmp_path / 'nope'} does not exist: expected a folder of audio files with "
+        "same-named .txt transcripts, or a TSV file of path<TAB>text lines"
+    ]
