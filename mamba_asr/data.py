@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mamba_asr.atomic import atomic_path
-from mamba_asr.audio_info import AudioHeaderError, read_audio_info
+from mamba_asr.audio_info import AudioHeaderError, format_summary, read_audio_info
 from mamba_asr.audio_io import AudioError, load_audio
 from mamba_asr.librispeech import librispeech_root, prepare_librispeech
 from mamba_asr.unreadable_audio import UnreadableAudio
@@ -188,35 +187,15 @@ def audio_format_warning(datasets: Sequence[Any], sample_rate: int) -> str | Non
     multi-channel files, with an example of each; None when every file is ``sample_rate`` Hz
     mono. Raises FileNotFoundError / AudioHeaderError naming a missing or unreadable file."""
     files = {d.data[uid]["wav"]: uid for d in datasets for uid in d.data_ids}
-    rates: Counter[int] = Counter()
-    examples: dict[str, str] = {}
-    multichannel = 0
+    infos = {}
     for wav, uid in files.items():
         try:
-            info = read_audio_info(wav)
+            infos[wav] = read_audio_info(wav)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"audio file {wav} of utterance {uid} does not exist") from exc
         except (OSError, AudioHeaderError) as exc:
             raise AudioHeaderError(f"audio file {wav} of utterance {uid}: {exc}") from exc
-        if info.sample_rate != sample_rate:
-            rates[info.sample_rate] += 1
-            examples.setdefault("rate", f"{wav}: {info.sample_rate} Hz")
-        if info.channels > 1:
-            multichannel += 1
-            examples.setdefault("channels", f"{wav}: {info.channels} channels")
-    parts = []
-    if rates:
-        by_rate = ", ".join(f"{n} at {rate} Hz" for rate, n in sorted(rates.items()))
-        parts.append(
-            f"{rates.total()} of {len(files)} audio files are not at sample_rate {sample_rate} "
-            f"Hz ({by_rate}; e.g. {examples['rate']}): they are resampled to {sample_rate} Hz"
-        )
-    if multichannel:
-        parts.append(
-            f"{multichannel} of {len(files)} audio files have several channels (e.g. "
-            f"{examples['channels']}): they are averaged to mono"
-        )
-    return "; ".join(parts) + " on loading" if parts else None
+    return format_summary(infos, sample_rate)
 
 
 def load_or_mark(wav: str, sample_rate: int) -> torch.Tensor | UnreadableAudio:
