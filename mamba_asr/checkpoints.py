@@ -53,7 +53,6 @@ file of its s-th save. Meant for tests only.
 from __future__ import annotations
 
 import errno
-import hashlib
 import itertools
 import logging
 import os
@@ -87,6 +86,7 @@ from speechbrain.utils.checkpoints import (
 )
 
 from mamba_asr.atomic import atomic_open
+from mamba_asr.model_card import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -536,7 +536,8 @@ class _Hasher:
     def add(self, path: Path) -> None:
         """Starts hashing the file ``path`` (or every file below the folder ``path``)."""
         for file in _files(path):
-            self._jobs[file.relative_to(self.root).as_posix()] = self._pool.submit(_sha256, file)
+            name = file.relative_to(self.root).as_posix()
+            self._jobs[name] = self._pool.submit(sha256_file, file)
 
     def digests(self) -> dict[str, str]:
         """``{file name relative to root: sha256}`` of every file in root (those other
@@ -560,11 +561,6 @@ def _files(path: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _cache_key(path: Path) -> tuple[str, int, int, int]:
     st = path.stat()
     return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
@@ -579,7 +575,7 @@ def _remember_digests(folder: Path, digests: Mapping[str, str]) -> None:
 def _cached_sha256(path: Path) -> str:
     key = _cache_key(path)
     if key not in _DIGEST_CACHE:
-        _DIGEST_CACHE[key] = _sha256(path)
+        _DIGEST_CACHE[key] = sha256_file(path)
     return _DIGEST_CACHE[key]
 
 

@@ -23,7 +23,9 @@ from test_checkpoints import assert_state, ckpt_dirs, hidden_dirs, make_recovera
 
 from mamba_asr import checkpoints
 from mamba_asr.checkpoints import DIGESTS_KEY, AtomicCheckpointer, CheckpointSpaceError
+from mamba_asr.command_line import ConfigError
 from mamba_asr.config import cli
+from mamba_asr.resume import checkpoint_from_dir, newest_checkpoint
 
 DAMAGED = "does not match the sha256 recorded when it was saved"
 NO_SPACE = re.compile(
@@ -94,6 +96,17 @@ def test_flipped_byte_falls_back_to_the_previous_checkpoint(
     assert newest.path.is_dir() and not older.path.exists()
 
 
+def test_a_named_damaged_checkpoint_is_refused(tmp_path: Path) -> None:
+    """--resume_from, evaluate.py/export.py --ckpt CKPT+...: one error line; --resume PATTERN
+    takes the newest that verifies."""
+    older, newest = save_states(tmp_path, [1, 2])
+    flip_middle_byte(newest.path / "counter.ckpt")
+    ckpter = AtomicCheckpointer(tmp_path, make_recoverables())
+    with pytest.raises(ConfigError, match=re.escape(f"{newest.path} is incomplete or damaged: c")):
+        checkpoint_from_dir(newest.path, ckpter)
+    assert newest_checkpoint([str(tmp_path / "CKPT+*")], ckpter) == older.path
+
+
 def test_best_checkpoints_skip_a_damaged_one(tmp_path: Path) -> None:
     """What evaluate.py and export.py average: the best by valid WER that verify."""
     saved = save_states(tmp_path, [1, 2, 3, 4])
@@ -108,8 +121,8 @@ def test_verification_hashes_each_file_once_per_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hashed: list[Path] = []
-    real = checkpoints._sha256
-    monkeypatch.setattr(checkpoints, "_sha256", lambda p: hashed.append(Path(p)) or real(p))
+    real = checkpoints.sha256_file
+    monkeypatch.setattr(checkpoints, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
     recs = make_recoverables()
     ckpter = AtomicCheckpointer(tmp_path, recs)
     for k in range(1, 6):
