@@ -102,8 +102,9 @@ _TORCH_SAVERS = (torch_save, torch_save_once_per_node)
 DIGESTS_KEY = "sha256"  # CKPT.yaml: {file name relative to the folder: sha256 hex digest}
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # What torch's zip writer raises when a write fails (it keeps no errno): "[enforce fail at
-# inline_container.cc:...] . unexpected pos ..." or "... failed writing file ...".
-_TORCH_WRITE_FAILED = re.compile(r"inline_container|unexpected pos|file write failed")
+# inline_container.cc:...] . unexpected pos ...", "... file write failed", or on closing the
+# file "basic_ios::clear: iostream error".
+_TORCH_WRITE_FAILED = re.compile(r"inline_container|unexpected pos|write failed|iostream error")
 # Digests of files this process hashed or wrote: (path, size, mtime_ns, inode) -> sha256 hex.
 _DIGEST_CACHE: dict[tuple[str, int, int, int], str] = {}
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,40 @@ def test_torch_write_failure_is_a_space_error_only_without_space(
     # holds none)
     assert (match["need"], match["free"]) == ("0.1", "0.0")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs mounted on a temporary folder (where this process may mount one)."""
+    folder = tmp_path / "tmpfs"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        # lazily: the failed torch writer's file may stay open until garbage collection
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_real_full_disk(small_tmpfs: Path) -> None:
+    """torch's own error on a full tmpfs ("unexpected pos") becomes the one line."""
+    model = torch.nn.Linear(400, 400)  # 0.64 MB of weights, as many of momentum
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"] = torch.ones_like(p)
+    ckpter = AtomicCheckpointer(small_tmpfs, {"model": model, "optimizer": opt})
+    first = ckpter.save_checkpoint(meta={"k": 1})
+    with pytest.raises(CheckpointSpaceError) as caught:
+        ckpter.save_checkpoint(meta={"k": 2})
+    match = NO_SPACE.match(str(caught.value))
+    assert match and float(match["need"]) == pytest.approx(1.3, abs=0.05), str(caught.value)
+    assert float(match["free"]) < 1.3
+    assert list(small_tmpfs.iterdir()) == [first.path]
+    assert AtomicCheckpointer(small_tmpfs, {"model": model, "optimizer": opt}).find_checkpoint()
 
 
 def test_full_disk_through_cli(
