@@ -44,7 +44,13 @@ from mamba_asr.model_card import CARD_FILE, CardError, verify_folder
 logger = logging.getLogger(__name__)
 
 # The YAML keys of fine-tuning (every CTC and S2S configuration has them).
-FINETUNE_KEYS = ("init_from", "init_skip", "init_normalizer", "freeze", "unfreeze_after_epochs")
+# Their values when a configuration lacks them (a run trained before they existed): no
+# fine-tuning.
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "init_from": None, "init_skip": [], "init_normalizer": False, "freeze": [],
+    "unfreeze_after_epochs": None,
+}
+FINETUNE_KEYS = tuple(FINETUNE_DEFAULTS)
 SOURCE_KINDS = (
     "an export folder (asr.ckpt), a run or save folder (CKPT+... folders), a CKPT+... folder "
     "(model.ckpt) or a model.ckpt file"

@@ -26,8 +26,9 @@ from speechbrain.utils.checkpoints import METAFNAME, Checkpoint
 
 from mamba_asr.brain import RecipeBrain
 from mamba_asr.config import ConfigError, load_config
-from mamba_asr.finetune import FINETUNE_KEYS
+from mamba_asr.finetune import FINETUNE_DEFAULTS
 from mamba_asr.resume import checkpoint_from_dir
+from mamba_asr.unreadable_audio import MAX_SKIPPED_DEFAULT, MAX_SKIPPED_KEY
 
 # Configuration family (the folder under hparams/) -> recipe module providing
 # KEYS (the YAML keys it reads), build_brain(hparams, run_opts, checkpointer) and
@@ -36,6 +37,10 @@ RECIPES = {"CTC": "train_CTC", "S2S": "train_S2S"}
 SAVE_FOLDER = "save"
 # Keys that default to the values the run was trained with (when the recipe reads them).
 TRAINED_DEFAULTS = ("data_folder", "pretrained_lm_path", "avg_checkpoints", "keep_best_by")
+# Keys added to the recipes after runs were trained without them -> the value such a run
+# evaluates with: the fine-tuning keys only matter to training, and an old run evaluates with
+# the default tolerance for unreadable audio.
+LATER_KEYS: dict[str, Any] = {**FINETUNE_DEFAULTS, MAX_SKIPPED_KEY: MAX_SKIPPED_DEFAULT}
 
 
 def checkpoint_source(folders: list[str]) -> tuple[Path, list[Checkpoint] | None]:
@@ -199,11 +204,13 @@ def load_trained(
     rest = overrides + trained_overrides(save_folder, module.KEYS, overrides)
     if "--save_folder" not in rest:
         rest += ["--save_folder", str(save_folder)]
-    # The fine-tuning keys only matter to training: runs older than them evaluate too.
-    keys = tuple(k for k in module.KEYS if k not in FINETUNE_KEYS)
+    # Runs older than the keys of LATER_KEYS evaluate too (with those defaults).
+    keys = tuple(k for k in module.KEYS if k not in LATER_KEYS)
     _, hparams, run_opts, yaml_overrides = load_config(
         [hparams_file, *rest], keys, write_output=False
     )
+    for key, default in LATER_KEYS.items():
+        hparams.setdefault(key, default)
     if not Path(hparams["tokenizer_file"]).is_file():
         raise ConfigError(
             f"{hparams['tokenizer_file']} not found: the checkpoint's token map is needed "

@@ -28,6 +28,7 @@ from mamba_asr.command_line import ConfigError
 logger = logging.getLogger(__name__)
 
 MAX_SKIPPED_KEY = "max_skipped_fraction"
+MAX_SKIPPED_DEFAULT = 0.01  # the configurations' value; runs trained before the key use it
 _NAMED_FILES = 3  # files named in the error
 
 

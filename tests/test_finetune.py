@@ -23,9 +23,9 @@ import train_S2S
 from mamba_asr import data
 from mamba_asr.checkpoints import KILL_ENV
 from mamba_asr.config import ConfigError, load_config, start_run
-from mamba_asr.finetune import FINETUNE_KEYS, matches, select
+from mamba_asr.finetune import matches, select
 from mamba_asr.resume import checkpoint_from_dir
-from mamba_asr.trained import load_trained
+from mamba_asr.trained import LATER_KEYS, load_trained
 
 SEED = "1"  # not the demo's: a fresh model differs from every source
 
@@ -292,11 +292,11 @@ def test_init_from_each_source_kind_gives_its_outputs(
         got = _log_probs(brain, batch)
         torch.testing.assert_close(got, reference, atol=1e-5, rtol=0, msg=str(source))
 
-    # A run older than the fine-tuning keys evaluates as before (they only matter to training).
+    # A run older than the fine-tuning keys and max_skipped_fraction evaluates as before.
     lines = (ctc_run / "hyperparams.yaml").read_text().splitlines(keepends=True)
     old = tmp_path / "old.yaml"
-    old.write_text("".join(x for x in lines if not x.startswith(FINETUNE_KEYS)))
-    assert "init_from" not in old.read_text()
+    old.write_text("".join(x for x in lines if not x.startswith(tuple(LATER_KEYS))))
+    assert "init_from" not in old.read_text() and "max_skipped" not in old.read_text()
     model = load_trained(str(old), [str(ctc_run / "save")], ["--data_folder", str(DEMO_DATA)],
                          recipe="CTC")
     model.load_weights()
