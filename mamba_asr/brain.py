@@ -36,7 +36,9 @@ from speechbrain.utils.checkpoints import Checkpoint, average_checkpoints
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain.utils.metric_stats import ErrorRateStats
 
+from mamba_asr import finetune
 from mamba_asr.atomic import atomic_open
+from mamba_asr.command_line import ConfigError
 from mamba_asr.reports.scores import scores_path, write_scores
 from mamba_asr.resume import checkpoint_from_dir, pending_resume, resume_marker
 
@@ -48,7 +50,7 @@ TRAINING_KEYS = (
     "train_logger", "checkpointer", "cpu_threads",
 )
 # Keys RecipeBrain reads (an ASR recipe's KEYS add data.DATA_KEYS and its own).
-RECIPE_KEYS = (*TRAINING_KEYS, "avg_checkpoints", "model")
+RECIPE_KEYS = (*TRAINING_KEYS, "avg_checkpoints", "model", *finetune.FINETUNE_KEYS)
 
 
 class TrainingBrain(sb.Brain):
@@ -265,6 +267,7 @@ class RecipeBrain(TrainingBrain):
         self.eval_checkpoints: list[Checkpoint] | None = None
         self.wer_file: Path | None = None
         self._loaded_for_eval: tuple[Path, ...] | None = None
+        self.frozen: dict[str, torch.nn.Parameter] = {}  # by name, while frozen
 
     @classmethod
     def from_hparams(
@@ -280,8 +283,15 @@ class RecipeBrain(TrainingBrain):
         )
 
     def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
-        """Validation and test: fresh ``wer_metric``/``cer_metric``."""
+        """Training past ``unfreeze_after_epochs``: the frozen parameters train again.
+        Validation and test: fresh ``wer_metric``/``cer_metric``."""
         super().on_stage_start(stage, epoch)
+        after = self.hparams.unfreeze_after_epochs
+        if stage == sb.Stage.TRAIN and self.frozen and after is not None and epoch > after:
+            finetune.set_trainable(self.frozen.values(), True)
+            logger.info("epoch %d: %d frozen tensors train from now on (unfreeze_after_epochs: "
+                        "%d)", epoch, len(self.frozen), after)
+            self.frozen = {}
         if stage != sb.Stage.TRAIN:
             self.wer_metric = self.hparams.wer_computer()
             self.cer_metric = self.hparams.cer_computer()
@@ -310,6 +320,48 @@ class RecipeBrain(TrainingBrain):
     def checkpoints_to_keep(self) -> int:
         """``avg_checkpoints``: the best checkpoints are the ones averaged for testing."""
         return self.hparams.avg_checkpoints
+
+    # ------------------------------------------------------------------ fine-tuning
+
+    def on_fit_start(self) -> None:
+        """Before the optimizer and DDP wrappers exist: the ``init_from`` weights unless the
+        run resumes (:meth:`init_from_source`), then ``freeze`` (:meth:`freeze_parameters`)."""
+        self.init_from_source()
+        self.freeze_parameters()
+        super().on_fit_start()
+
+    def init_from_source(self) -> None:
+        """Loads ``init_from`` (:func:`finetune.initialise`) when this run has no checkpoint
+        of its own and no ``resume_from``: a rerun continues from its own checkpoints."""
+        if not self.hparams.init_from:
+            return
+        own = self.checkpointer.find_checkpoint() if self.checkpointer is not None else None
+        if self.hparams.resume_from or own is not None:
+            logger.info("init_from %s ignored: this run resumes from %s", self.hparams.init_from,
+                        self.hparams.resume_from or own.path)
+            return
+        finetune.initialise(self)
+
+    def freeze_parameters(self) -> None:
+        """``freeze``: the matched parameters get no gradient (so no optimizer state) until
+        epoch ``unfreeze_after_epochs`` + 1 (:meth:`on_stage_start`). Under DDP a module
+        wrapped without trainable parameters cannot start training later: unfreezing is a
+        ConfigError there."""
+        patterns = finetune.patterns_of(self.hparams.freeze, "freeze")
+        if not patterns:
+            return
+        after = self.hparams.unfreeze_after_epochs
+        if after is not None and (not isinstance(after, int) or after < 0):
+            raise ConfigError(f"unfreeze_after_epochs: expected null or an epoch count >= 0, "
+                              f"got {after!r}")
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if after is not None and distributed:
+            raise ConfigError("unfreeze_after_epochs is not supported under DDP (the frozen "
+                              "modules are not wrapped for training): run two fine-tunings, "
+                              "the second from the first with a shorter freeze")
+        self.frozen = finetune.frozen_parameters(self.modules, patterns)
+        finetune.set_trainable(self.frozen.values(), False)
+        logger.info(finetune.describe_frozen(self.modules, self.frozen, patterns))
 
     # ------------------------------------------------------------------ evaluation
 

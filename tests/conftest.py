@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 # The shared code that reads the YAML keys of the ASR recipes (besides the scripts).
-RECIPE_CODE = [REPO / "mamba_asr" / f"{name}.py" for name in ("data", "brain", "config")]
+RECIPE_CODE = [
+    REPO / "mamba_asr" / f"{name}.py" for name in ("data", "brain", "config", "finetune")
+]
 DEMO_DATA = REPO / "data" / "demo"
 
 WORDS = ["HELLO", "WORLD", "MAMBA", "SPEECH", "IT'S", "A", "TEST", "OF", "THE", "SCAN"]
