@@ -451,6 +451,8 @@ def test_wer_table_names_and_wide(results, capsys):
         "| before     |         100.00 |                |",
         "| after/7775 |          30.43 |          16.67 |",
     ]
+    nested = wer_table.wer_table([results / "exp_a", results], names=["a", "all"])
+    assert nested["experiment"].tolist() == ["a/7775", "a/7775", "all/exp_b"]
     assert wer_table.main([*args[:2], "--names", "one"]) == 1
     assert "1 names for 2 folders" in capsys.readouterr().err
 

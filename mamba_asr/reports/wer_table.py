@@ -93,8 +93,9 @@ def wer_table(
     N)`` and which has only the WER. Files that do not read (and ``wer_*.txt`` without their
     JSON) are skipped with a warning on stderr (raise with ``strict``); a folder that does not
     exist raises ReportError, as does finding nothing. ``names`` (one per folder) name the
-    experiments instead: a file in folder ``i`` belongs to ``names[i]`` (``names[i]/<sub
-    folder>`` below it) and the rows follow the folders' order.
+    experiments instead: a file belongs to the innermost folder ``i`` given that holds it, as
+    ``names[i]`` (``names[i]/<sub folder>`` below it), and the rows follow the folders' order
+    (``run/before run --names before after``: the run's own files are ``after``).
     """
     roots = [Path(f).resolve() for f in folders]
     for given, root in zip(folders, roots, strict=True):
@@ -108,7 +109,8 @@ def wer_table(
         """(folder index or 0, experiment name) of a file's folder."""
         if names is None:
             return 0, _experiment(folder, base)
-        i = next(i for i, root in enumerate(roots) if folder.is_relative_to(root))
+        holders = [i for i, root in enumerate(roots) if folder.is_relative_to(root)]
+        i = max(holders, key=lambda i: len(roots[i].parts))  # the innermost folder given
         rel = folder.relative_to(roots[i])
         return i, f"{names[i]}/{rel.as_posix()}" if rel.parts else names[i]
 
