@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Benchmark fine-tuning: adapting the CTC demo model to new voices, and what freezing saves.
+
+Usage:
+    python bench/bench_finetune.py                   # after make demo (its run is the source)
+    python bench/bench_finetune.py --source results/demo/demo_CTC/3402 --out results/bench_ft
+    python bench/bench_finetune.py --no_adaptation   # only the freezing table (no corpus)
+
+Part 1, adaptation (the demo corpus's adapt splits: test-other's voices, new sentences): the
+adapt-test and test-clean (forgetting) WER of the source model (``evaluate.py`` on the
+fine-tuning run's manifests), of ``hparams/CTC/finetune_demo.yaml`` (``train_CTC.py
+--init_from <source>``) and of the same architecture trained from scratch on adapt-train alone
+(``hparams/CTC/demo.yaml``'s hyperparameters on the adapt splits) for the same number of
+epochs, hence the same budget: the runs differ only in their initial weights (both wall times
+are printed). Every run is a separate process; a run already in ``--out`` is only
+re-evaluated.
+
+Part 2, freezing (in-process, ``--config``, ConMamba-S by default): time of one CTC training
+step (``bench_train_step.py``'s, a fixed random batch) and the bytes of AdamW state with the
+encoder's first half frozen (``freeze: [Transformer.encoder.layers.0-<n/2-1>]``) vs nothing
+frozen, both in the same run. Times are the best of ``--repeats`` after a warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO))
+from bench_train_step import build_step  # noqa: E402
+from timing import best_time  # noqa: E402
+
+from mamba_asr.reports.wer_table import read_wer_file  # noqa: E402
+
+TEST_SETS = ("adapt-test", "test-clean")
+# The adapt splits, as hparams/CTC/finetune_demo.yaml names them (overrides of demo.yaml).
+ADAPT_SPLITS = {
+    "train_splits": '["adapt-train"]', "dev_splits": '["adapt-dev"]',
+    "test_splits": '["adapt-test", "test-clean"]',
+}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Runs ``cmd`` in the repository (output to ``log``); its wall time in seconds."""
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def wers(folder: Path) -> list[float]:
+    """The WER of each of TEST_SETS from the ``wer_<set>.json`` files in ``folder``."""
+    return [read_wer_file(folder / f"wer_{name}.json")["WER"] for name in TEST_SETS]
+
+
+def epochs_run(train_log: Path) -> int:
+    """The number of epoch lines in a run's ``train_log.txt``."""
+    return sum(line.startswith("epoch: ") for line in train_log.read_text().splitlines())
+
+
+def adaptation(args: argparse.Namespace, out: Path) -> None:
+    """Part 1: before, fine-tuned, from scratch (same epochs), WER and wall time."""
+    threads = ["--cpu_threads", str(args.threads)] if args.threads else []
+    py = sys.executable
+    common = ["--data_folder", str(args.data_folder), "--noprogressbar", *threads]
+    tuned = out / "finetune"
+    seconds_ft = run([py, "train_CTC.py", "hparams/CTC/finetune_demo.yaml", *common,
+                      "--output_folder", str(tuned), "--init_from", str(args.source)],
+                     out / "finetune.log")
+    epochs = epochs_run(tuned / "train_log.txt")
+    prepared = tuned / "prepared"
+    run([py, "evaluate.py", "hparams/CTC/demo.yaml", "--ckpt", str(args.source),
+         "--out_dir", str(out / "before"), "--test_csv",
+         *(str(prepared / f"{name}.csv") for name in TEST_SETS), *threads],
+        out / "before.log")
+    scratch = out / "scratch"
+    overrides = [x for key, value in ADAPT_SPLITS.items() for x in (f"--{key}", value)]
+    seconds_scratch = run(
+        [py, "train_CTC.py", "hparams/CTC/demo.yaml", *common, "--output_folder", str(scratch),
+         *overrides, "--valid_csv", str(scratch / "prepared" / "adapt-dev.csv"),
+         "--test_csv", str([str(scratch / "prepared" / f"{n}.csv") for n in TEST_SETS]),
+         "--number_of_epochs", str(epochs)],
+        out / "scratch.log",
+    )
+    print(f"\n## Adaptation to new voices (source {args.source}; {epochs} epochs on adapt-train; "
+          "wall time: the whole train_CTC.py run, data preparation and test included)\n")
+    print("| model | adapt-test WER | test-clean WER | wall time |")
+    print("|---|---:|---:|---:|")
+    rows = [("source (before)", wers(out / "before"), None),
+            ("fine-tuned (finetune_demo.yaml)", wers(tuned), seconds_ft),
+            ("from scratch on adapt-train", wers(scratch), seconds_scratch)]
+    for label, (adapt, clean), seconds in rows:
+        wall = "-" if seconds is None else f"{seconds / 60:.1f} min"
+        print(f"| {label} | {adapt:.2f} | {clean:.2f} | {wall} |", flush=True)
+
+
+def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors (AdamW: step, exp_avg, exp_avg_sq)."""
+    return sum(v.numel() * v.element_size() for state in opt.state.values()
+               for v in state.values() if torch.is_tensor(v))
+
+
+def freezing(args: argparse.Namespace) -> None:
+    """Part 2: step time and optimizer state, encoder's first half frozen vs nothing."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    with open(REPO / "hparams" / "CTC" / f"{args.config}.yaml", encoding="utf-8") as f:
+        with tempfile.TemporaryDirectory() as tmp:
+            layers = load_hyperpyyaml(f, {"data_folder": tmp})["num_encoder_layers"]
+    half = f"Transformer.encoder.layers.0-{layers // 2 - 1}"
+    where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"\n## Freezing: {args.config}, CTC training step, batch {args.batch} x "
+          f"{args.seconds:g} s, fp32, {args.device} ({where})\n")
+    print("| freeze | trainable params | step s | AdamW state | vs nothing frozen |")
+    print("|---|---:|---:|---:|---:|")
+    reference = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for freeze in ([], [half]):
+            torch.manual_seed(0)
+            step, _, opt = build_step(args.config, args, tmp, freeze)
+            seconds = best_time(step, args.repeats, args.device)  # steps fill the state
+            trainable = sum(p.numel() for g in opt.param_groups for p in g["params"]
+                            if p.requires_grad)
+            state = optimizer_bytes(opt)
+            reference = reference or (seconds, state)
+            print(f"| {', '.join(freeze) or 'nothing'} | {trainable / 1e6:.2f} M | "
+                  f"{seconds:.3f} | {state / 2**20:.1f} MiB | "
+                  f"{seconds / reference[0]:.2f}x time, {state / reference[1]:.2f}x state |",
+                  flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source", type=Path, default=Path("results/demo/demo_CTC/3402"),
+                        help="the model to adapt (the run make demo leaves)")
+    parser.add_argument("--data_folder", type=Path, default=Path("data/demo"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the runs go (default: a temporary folder)")
+    parser.add_argument("--no_adaptation", action="store_true", help="only part 2")
+    parser.add_argument("--config", default="conmamba_small", help="hparams/CTC config, part 2")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    freezing(args)
+    if args.no_adaptation:
+        return
+    if not (REPO / args.source).exists():
+        sys.exit(f"error: {args.source}: no such run (run make demo, or give --source)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = (args.out or Path(tmp)).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        adaptation(args, out)
+
+
+if __name__ == "__main__":
+    main()
