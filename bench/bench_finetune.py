@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
-from bench_train_step import build_step  # noqa: E402
+from bench_train_step import build_step, parse_step_args  # noqa: E402
 from timing import best_time  # noqa: E402
 
 from mamba_asr.reports.wer_table import read_wer_file  # noqa: E402
@@ -160,14 +160,7 @@ def main() -> None:
                         help="where the runs go (default: a temporary folder)")
     parser.add_argument("--no_adaptation", action="store_true", help="only part 2")
     parser.add_argument("--config", default="conmamba_small", help="hparams/CTC config, part 2")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_step_args(parser)
     freezing(args)
     if args.no_adaptation:
         return

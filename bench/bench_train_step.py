@@ -77,8 +77,9 @@ def build_step(
     return step, sum(p.numel() for p in model.parameters()), opt
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_step_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser``'s arguments plus the step's (``--batch``, ``--seconds``, ``--repeats``,
+    ``--threads``, ``--device``), parsed; ``--threads`` applied to torch."""
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3)
@@ -87,6 +88,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = parse_step_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     if args.device == "cpu":
         where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     else:
