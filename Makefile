@@ -66,7 +66,7 @@ demo-finetune: corpus
 	$(PY) evaluate.py hparams/CTC/demo.yaml --ckpt $(DEMO_CTC) --out_dir $(DEMO_FT)/before \
 		--test_csv $(DEMO_FT)/prepared/adapt-test.csv $(DEMO_FT)/prepared/test-clean.csv
 	@echo "WER before (the demo model) and after fine-tuning on adapt-train:"
-	@$(PY) -m mamba_asr.reports.wer_table $(DEMO_FT)/before $(DEMO_FT) --pattern "wer_*.json" \
+	@$(PY) -m mamba_asr.reports.wer_table $(DEMO_FT)/before $(DEMO_FT) \
 		--names before after --wide
 
 # Serves the model `make demo` exported: adds it to the registry models/registry as demo-ctc
