@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -105,3 +106,32 @@ def count_decoded_frames(path: str) -> int:
             return sum(len(b) for b in decoded_blocks(sound, dtype="int16"))
     except Exception as exc:  # soundfile raises its own error type or RuntimeError
         raise AudioHeaderError(f"decoding failed ({exc})") from exc
+
+
+def format_summary(files: Mapping[str, AudioInfo], sample_rate: int) -> str | None:
+    """What loading ``files`` (path -> header facts) at ``sample_rate`` Hz mono changes: the
+    count of files at another rate (by rate) and of multi-channel files, with an example of
+    each; None when every file is ``sample_rate`` Hz mono."""
+    rates: Counter[int] = Counter()
+    examples: dict[str, str] = {}
+    multichannel = 0
+    for path, info in files.items():
+        if info.sample_rate != sample_rate:
+            rates[info.sample_rate] += 1
+            examples.setdefault("rate", f"{path}: {info.sample_rate} Hz")
+        if info.channels > 1:
+            multichannel += 1
+            examples.setdefault("channels", f"{path}: {info.channels} channels")
+    parts = []
+    if rates:
+        by_rate = ", ".join(f"{n} at {rate} Hz" for rate, n in sorted(rates.items()))
+        parts.append(
+            f"{rates.total()} of {len(files)} audio files are not at sample_rate {sample_rate} "
+            f"Hz ({by_rate}; e.g. {examples['rate']}): they are resampled to {sample_rate} Hz"
+        )
+    if multichannel:
+        parts.append(
+            f"{multichannel} of {len(files)} audio files have several channels (e.g. "
+            f"{examples['channels']}): they are averaged to mono"
+        )
+    return "; ".join(parts) + " on loading" if parts else None

@@ -19,7 +19,10 @@
 * :class:`RecipeBrain`: the ``TrainingBrain`` of the ASR recipes, which adds WER/CER: it
   keeps the best ``avg_checkpoints`` by valid WER (the S2S recipe: ``keep_best_by``),
   evaluates their average (or that of ``eval_checkpoints``, set by ``evaluate.py``) and
-  writes ``wer_<test-set>.txt`` / ``.json`` plus a one-line summary in the train log.
+  writes ``wer_<test-set>.txt`` / ``.json`` plus a one-line summary in the train log. Its
+  loaders drop utterances whose audio cannot be decoded (:mod:`mamba_asr.unreadable_audio`):
+  counted as ``skipped_utterances`` per stage, more than ``max_skipped_fraction`` of a
+  stage's utterances stop the run.
 """
 
 from __future__ import annotations
@@ -33,7 +36,11 @@ from typing import Any
 import speechbrain as sb
 import torch
 from speechbrain.utils.checkpoints import Checkpoint, average_checkpoints
-from speechbrain.utils.distributed import ddp_barrier, if_main_process
+from speechbrain.utils.distributed import (
+    ddp_barrier,
+    if_main_process,
+    is_distributed_initialized,
+)
 from speechbrain.utils.metric_stats import ErrorRateStats
 
 from mamba_asr import finetune
@@ -41,6 +48,12 @@ from mamba_asr.atomic import atomic_open
 from mamba_asr.command_line import ConfigError
 from mamba_asr.reports.scores import scores_path, write_scores
 from mamba_asr.resume import checkpoint_from_dir, pending_resume, resume_marker
+from mamba_asr.unreadable_audio import (
+    SkippedUtterances,
+    UnreadableBatch,
+    collate_readable,
+    unreadable_batch_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +63,9 @@ TRAINING_KEYS = (
     "train_logger", "checkpointer", "cpu_threads",
 )
 # Keys RecipeBrain reads (an ASR recipe's KEYS add data.DATA_KEYS and its own).
-RECIPE_KEYS = (*TRAINING_KEYS, "avg_checkpoints", "model", *finetune.FINETUNE_KEYS)
+RECIPE_KEYS = (
+    *TRAINING_KEYS, "avg_checkpoints", "model", "max_skipped_fraction", *finetune.FINETUNE_KEYS
+)
 
 
 class TrainingBrain(sb.Brain):
@@ -267,6 +282,7 @@ class RecipeBrain(TrainingBrain):
         self.eval_checkpoints: list[Checkpoint] | None = None
         self.wer_file: Path | None = None
         self._loaded_for_eval: tuple[Path, ...] | None = None
+        self.unreadable = SkippedUtterances()
         self.frozen: dict[str, torch.nn.Parameter] = {}  # by name, while frozen
 
     @classmethod
@@ -282,10 +298,60 @@ class RecipeBrain(TrainingBrain):
             checkpointer=checkpointer,
         )
 
+    # ------------------------------------------------------------------ unreadable audio
+
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """The loader of every stage drops the utterances whose audio cannot be decoded
+        (``collate_fn``: ``collate_readable``, unless given); the stage's data-set size is
+        what ``max_skipped_fraction`` counts against."""
+        loader_kwargs.setdefault("collate_fn", collate_readable)
+        if hasattr(dataset, "__len__"):
+            self.unreadable.sizes[stage] = len(dataset)
+        return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+
+    def fit_batch(self, batch):
+        """SpeechBrain's training step on the batch's readable utterances; a batch with none
+        is skipped (NaN loss, left out of the epoch's mean)."""
+        if self._readable(batch, sb.Stage.TRAIN):
+            return super().fit_batch(batch)
+        return torch.tensor(float("nan"))
+
+    def evaluate_batch(self, batch, stage):
+        """SpeechBrain's evaluation of the batch's readable utterances; a batch with none is
+        skipped (NaN loss, left out of the mean)."""
+        if self._readable(batch, stage):
+            return super().evaluate_batch(batch, stage)
+        return torch.tensor(float("nan"))
+
+    def _readable(self, batch: Any, stage: sb.Stage) -> bool:
+        """Counts and warns about the utterances ``batch`` dropped (raising beyond
+        ``max_skipped_fraction``); whether any is left. Under DDP a training batch with none
+        is an error: the other processes would take an optimizer step this one cannot."""
+        skipped = getattr(batch, "skipped", ())
+        if skipped:
+            self.unreadable.add(stage, skipped, self.hparams.max_skipped_fraction)
+        if not isinstance(batch, UnreadableBatch):
+            return True
+        if stage == sb.Stage.TRAIN and is_distributed_initialized():
+            raise unreadable_batch_error(batch)
+        return False
+
+    def _skipped_in_training(self) -> int:
+        """The training utterances every process skipped this epoch, together."""
+        counts = [self.unreadable.count(sb.Stage.TRAIN)]
+        if is_distributed_initialized():
+            counts = [0] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(counts, self.unreadable.count(sb.Stage.TRAIN))
+        return sum(counts)
+
+    # ------------------------------------------------------------------ stages
+
     def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
         """Training past ``unfreeze_after_epochs``: the frozen parameters train again.
-        Validation and test: fresh ``wer_metric``/``cer_metric``."""
+        Validation and test: fresh ``wer_metric``/``cer_metric``; every stage: a fresh count
+        of skipped utterances."""
         super().on_stage_start(stage, epoch)
+        self.unreadable.start(stage)
         after = self.hparams.unfreeze_after_epochs
         if stage == sb.Stage.TRAIN and self.frozen and after is not None and epoch > after:
             finetune.set_trainable(self.frozen.values(), True)
@@ -297,11 +363,21 @@ class RecipeBrain(TrainingBrain):
             self.cer_metric = self.hparams.cer_computer()
 
     def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
-        """After a test: writes the results (:meth:`report_test`)."""
+        """After training: the epoch's ``skipped_utterances`` (all processes) join the train
+        stats; after a test: writes the results (:meth:`report_test`)."""
         if stage == sb.Stage.TEST:
             self.report_test(self.eval_stats(stage_loss), self.wer_metric)
             return
         super().on_stage_end(stage, stage_loss, epoch)
+        if stage == sb.Stage.TRAIN:
+            self.train_stats["skipped_utterances"] = self._skipped_in_training()
+
+    def log_epoch(self, epoch: int, valid_stats: dict[str, float]) -> None:
+        """The epoch line, with ``valid skipped_utterances`` when validation skipped some."""
+        skipped = self.unreadable.count(sb.Stage.VALID)
+        if skipped:
+            valid_stats = {**valid_stats, "skipped_utterances": skipped}
+        super().log_epoch(epoch, valid_stats)
 
     def eval_stats(self, stage_loss: float) -> dict[str, float]:
         """Validation/test stats, in train-log order: loss, CER and WER (%); recipes that
@@ -422,8 +498,10 @@ class RecipeBrain(TrainingBrain):
         """Writes ``self.wer_file`` (SpeechBrain's alignments, for reading), the per-utterance
         WER and CER scores as JSON beside it (``wer_<name>.json``, what the report tools read)
         and logs ``Epoch loaded: N, test set: <name> - test loss: ..., test CER: ..., test
-        WER: ..., test utterances: N`` to the train log."""
-        self.log_test({**stats, "utterances": len(wer_metric.scores)})
+        WER: ..., test utterances: N, test skipped_utterances: M`` to the train log."""
+        skipped = self.unreadable.count(sb.Stage.TEST)
+        self.log_test({**stats, "utterances": len(wer_metric.scores),
+                       "skipped_utterances": skipped})
         logger.info(
             "%s: WER %.2f %%, CER %.2f %% (%d utterances)",
             self.test_set_name, stats["WER"], stats["CER"], len(wer_metric.scores),

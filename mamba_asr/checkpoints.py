@@ -29,6 +29,20 @@ which plain SpeechBrain reads. It differs in:
 * Recovery: when loading a listed checkpoint raises, ``recover_if_possible`` warns and loads the
   next one (which loads every recoverable again). If every candidate raises it re-raises the
   first error instead of starting from scratch (it is likely a model/config mismatch).
+* Integrity: ``CKPT.yaml`` records the sha256 of every file of the checkpoint (``sha256:
+  {model.ckpt: <hex>, ...}``, computed on a background thread while the save goes on: the
+  next file is serialised, this one fsync'ed). Listing, ``find_checkpoint(s)`` (what
+  recovery, keep-only, ``evaluate.py`` and ``export.py`` choose from) and
+  ``check_checkpoint_dir`` verify the files of the checkpoints they return and skip one whose
+  file changed since (a flipped byte inside a tensor loads silently otherwise), with one
+  warning naming the file; such a folder is left in place. ``find_checkpoints`` hashes only
+  down its ranking until it has the checkpoints asked for, and digests are cached per process
+  by path, size and mtime (seeded at save), so keep-only does not rehash the kept ones at
+  every save. Checkpoints without ``sha256`` (older runs, plain SpeechBrain) are not verified.
+* Full disk: a save that fails for lack of space (``ENOSPC``/``EDQUOT``, or torch's zip writer
+  failing while the save folder has less free space than the checkpoint needs) removes its
+  hidden folder and raises :class:`CheckpointSpaceError`, one line saying how much the
+  checkpoint needs, how much is free and that the previous checkpoints are intact.
 
 Test hook: the environment variable ``MAMBA_ASR_KILL_DURING_SAVE=<n>`` makes the process SIGKILL
 itself right after the n-th checkpoint file that it writes (counted over all its saves; a save
@@ -38,6 +52,8 @@ file of its s-th save. Meant for tests only.
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import os
 import re
@@ -48,10 +64,12 @@ import socket
 import sys
 import time
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from speechbrain.utils import distributed as sb_dist
 from speechbrain.utils.checkpoints import (
@@ -68,6 +86,7 @@ from speechbrain.utils.checkpoints import (
 )
 
 from mamba_asr.atomic import atomic_open
+from mamba_asr.model_card import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +99,24 @@ _HIDDEN_RE = re.compile(
     r"(?P<host>.+)-(?P<pid>\d+)-\w+$"
 )
 _TORCH_SAVERS = (torch_save, torch_save_once_per_node)
+DIGESTS_KEY = "sha256"  # CKPT.yaml: {file name relative to the folder: sha256 hex digest}
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# What torch's zip writer raises when a write fails (it keeps no errno): "[enforce fail at
+# inline_container.cc:...] . unexpected pos ...", "... file write failed", or on closing the
+# file "basic_ios::clear: iostream error".
+_TORCH_WRITE_FAILED = re.compile(r"inline_container|unexpected pos|write failed|iostream error")
+# Digests of files this process hashed or wrote: (path, size, mtime_ns, inode) -> sha256 hex.
+_DIGEST_CACHE: dict[tuple[str, int, int, int], str] = {}
+
+
+class CheckpointSpaceError(OSError):
+    """A checkpoint save failed for lack of space; the message is one line for the user."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class AtomicCheckpointer(Checkpointer):
@@ -97,7 +134,9 @@ class AtomicCheckpointer(Checkpointer):
         super().__init__(
             checkpoints_dir, recoverables, custom_load_hooks, custom_save_hooks, allow_partial_load
         )
-        self._reported: set[Path] = set()  # incomplete folders already warned about
+        self._reported: set[Path] = set()  # incomplete or damaged folders already warned about
+        self._damaged: set[Path] = set()  # folders whose files do not match their sha256
+        self._unverified_listing = False  # list_checkpoints leaves the hashing to the caller
 
     # ------------------------------------------------------------------ saving
 
@@ -123,22 +162,33 @@ class AtomicCheckpointer(Checkpointer):
             dirs = (tmp, final)
             _KillSwitch.new_save()
         tmp, final = sb_dist.ddp_broadcast(dirs, src=0)
+        hasher = _Hasher(tmp) if main else None
         try:
             for rec_name, obj in self.recoverables.items():
                 path = tmp / f"{rec_name}{PARAMFILE_EXT}"
                 self._save_hook(rec_name, obj)(obj, path)
-                if main and path.exists():
+                if hasher is not None and path.exists():
+                    hasher.add(path)  # hashed while the file is fsync'ed and the next written
                     _fsync_tree(path)
                     _KillSwitch.file_written(path)
             sb_dist.ddp_barrier()  # every process has written its part
-            if main:
-                saved_meta = _write_meta(tmp / METAFNAME, meta, end_of_epoch)
+            if hasher is not None:
+                digests = hasher.digests()
+                saved_meta = _write_meta(tmp / METAFNAME, meta, end_of_epoch, digests)
                 _KillSwitch.file_written(tmp / METAFNAME)
                 self._publish(tmp, final)
-        except BaseException:
-            if main:
+                _remember_digests(final, digests)
+        except BaseException as err:
+            if hasher is not None:
+                hasher.close()
                 shutil.rmtree(tmp, ignore_errors=True)
+                space_error = self._space_error(err)
+                if space_error is not None:
+                    raise space_error from err
             raise
+        finally:
+            if hasher is not None:
+                hasher.close()
         sb_dist.ddp_barrier()  # the checkpoint is in place when save_checkpoint returns
         if not main:
             return None
@@ -198,10 +248,11 @@ class AtomicCheckpointer(Checkpointer):
             candidates: set[Checkpoint] = set()
             kept: set[Checkpoint] = set()
             for order in orders:
-                ranked = self.find_checkpoints(ckpt_predicate=ckpt_predicate, **order)
+                ranked = self._ranked(ckpt_predicate=ckpt_predicate, **order)
                 candidates.update(ranked)
-                kept.update(ranked[:num_to_keep])
-            for ckpt in sorted(candidates - kept, key=lambda c: str(c.path)):
+                kept.update(itertools.islice(filter(self._intact, ranked), num_to_keep))
+            damaged = {c for c in candidates if c.path in self._damaged}  # left in place
+            for ckpt in sorted(candidates - kept - damaged, key=lambda c: str(c.path)):
                 hidden = ckpt.path.with_name(_hidden_name(ckpt.path.name, "del"))
                 os.rename(ckpt.path, hidden)
                 shutil.rmtree(hidden)
@@ -234,7 +285,8 @@ class AtomicCheckpointer(Checkpointer):
     # ------------------------------------------------------------------ listing, recovery
 
     def list_checkpoints(self) -> list[Checkpoint]:
-        """SpeechBrain's, without incomplete checkpoints (each one warned about once)."""
+        """SpeechBrain's, without incomplete or damaged checkpoints (each one warned about
+        once)."""
         ckpts = []
         for path in self._list_checkpoint_dirs():
             ckpt, problem = self._inspect(path)
@@ -243,11 +295,40 @@ class AtomicCheckpointer(Checkpointer):
             elif problem is not None and path not in self._reported:
                 self._reported.add(path)
                 logger.warning("skipping incomplete checkpoint %s: %s", path, problem)
-        return ckpts
+        if self._unverified_listing:
+            return ckpts
+        return [c for c in ckpts if self._intact(c)]
+
+    def find_checkpoints(
+        self,
+        importance_key: Callable[[Checkpoint], Any] | None = None,
+        max_key: str | None = None,
+        min_key: str | None = None,
+        ckpt_predicate: Callable[[Checkpoint], bool] | None = None,
+        max_num_checkpoints: int | None = None,
+    ) -> list[Checkpoint]:
+        """SpeechBrain's, verifying the files only of the checkpoints it returns: down the
+        ranking until ``max_num_checkpoints`` (default: all) verify."""
+        ranked = self._ranked(importance_key, max_key, min_key, ckpt_predicate)
+        return list(itertools.islice(filter(self._intact, ranked), max_num_checkpoints))
+
+    def find_checkpoint(
+        self,
+        importance_key: Callable[[Checkpoint], Any] | None = None,
+        max_key: str | None = None,
+        min_key: str | None = None,
+        ckpt_predicate: Callable[[Checkpoint], bool] | None = None,
+    ) -> Checkpoint | None:
+        """SpeechBrain's (the best checkpoint, or None), verifying only down to the first that
+        verifies."""
+        found = self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate, 1)
+        return found[0] if found else None
 
     def check_checkpoint_dir(self, path: str | os.PathLike) -> str | None:
-        """What makes the checkpoint folder ``path`` incomplete for these recoverables, or None."""
-        return self._inspect(Path(path))[1]
+        """What makes the checkpoint folder ``path`` incomplete for these recoverables or
+        damaged (a file not matching its recorded sha256), or None."""
+        ckpt, problem = self._inspect(Path(path))
+        return problem if ckpt is None else _digest_problem(ckpt)
 
     def recover_if_possible(
         self,
@@ -259,9 +340,9 @@ class AtomicCheckpointer(Checkpointer):
         """Loads the best complete checkpoint (default: the most recent), falling back to the
         next one when loading raises; returns it, or None when there is none."""
         self.remove_stale_temporaries()
-        ckpts = self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate)
+        ranked = self._ranked(importance_key, max_key, min_key, ckpt_predicate)
         errors: list[BaseException] = []
-        for ckpt in ckpts:
+        for ckpt in filter(self._intact, ranked):
             try:
                 self.load_checkpoint(ckpt)
             except Exception as err:
@@ -278,12 +359,61 @@ class AtomicCheckpointer(Checkpointer):
             return ckpt
         if errors:
             raise RuntimeError(
-                f"none of the {len(ckpts)} checkpoints in {self.checkpoints_dir} could be loaded"
+                f"none of the {len(errors)} checkpoints in {self.checkpoints_dir} could be loaded"
             ) from errors[0]
         logger.info("Would load a checkpoint here, but none found yet.")
         return None
 
     # ------------------------------------------------------------------ internals
+
+    def _ranked(
+        self,
+        importance_key: Callable[[Checkpoint], Any] | None = None,
+        max_key: str | None = None,
+        min_key: str | None = None,
+        ckpt_predicate: Callable[[Checkpoint], bool] | None = None,
+    ) -> list[Checkpoint]:
+        """The complete checkpoints in SpeechBrain's order for these keys, files unverified."""
+        self._unverified_listing = True
+        try:
+            return super().find_checkpoints(importance_key, max_key, min_key, ckpt_predicate)
+        finally:
+            self._unverified_listing = False
+
+    def _intact(self, ckpt: Checkpoint) -> bool:
+        """Whether ``ckpt``'s files match their recorded sha256; warns once when not."""
+        problem = _digest_problem(ckpt)
+        if problem is None:
+            return True
+        self._damaged.add(ckpt.path)
+        if ckpt.path not in self._reported:
+            self._reported.add(ckpt.path)
+            logger.warning("skipping damaged checkpoint %s: %s", ckpt.path, problem)
+        return False
+
+    def _space_error(self, err: BaseException) -> CheckpointSpaceError | None:
+        """The one-line error for a save that ``err`` ended for lack of space, else None."""
+        if isinstance(err, OSError):
+            if err.errno not in NO_SPACE_ERRNOS:
+                return None
+        elif not (isinstance(err, RuntimeError) and _TORCH_WRITE_FAILED.search(str(err))):
+            return None
+        try:
+            complete = self._ranked()  # newest first
+            if complete:
+                need = _tree_bytes(Path(complete[0].path))
+            else:
+                need = sum(_state_bytes(obj) for obj in self.recoverables.values())
+            free = shutil.disk_usage(self.checkpoints_dir).free
+        except OSError:
+            return None
+        if not isinstance(err, OSError) and free >= need:
+            return None  # torch's writer failed for another reason
+        return CheckpointSpaceError(
+            f"no space left in {self.checkpoints_dir}: the checkpoint needs about "
+            f"{_megabytes(need)} MB and {_megabytes(free)} MB are free; the previous "
+            "checkpoints are intact: free space and rerun the same command to resume"
+        )
 
     def _save_hook(self, name: str, obj: Any) -> Callable:
         hook = self.custom_save_hooks.get(name) or get_default_hook(obj, DEFAULT_SAVE_HOOKS)
@@ -379,13 +509,118 @@ def _hidden_name(final_name: str, kind: str) -> str:
     return f".{final_name}.{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _write_meta(path: Path, meta: Mapping[str, Any] | None, end_of_epoch: bool) -> dict:
-    """Writes ``CKPT.yaml`` as SpeechBrain does (``unixtime``, ``end-of-epoch``, then ``meta``)."""
-    saved = {"unixtime": time.time(), "end-of-epoch": end_of_epoch, **(meta or {})}
+def _write_meta(
+    path: Path, meta: Mapping[str, Any] | None, end_of_epoch: bool, digests: dict[str, str]
+) -> dict:
+    """Writes ``CKPT.yaml`` as SpeechBrain does (``unixtime``, ``end-of-epoch``, then ``meta``),
+    with the files' sha256 ``digests`` under ``DIGESTS_KEY``."""
+    saved = {
+        "unixtime": time.time(), "end-of-epoch": end_of_epoch, **(meta or {}),
+        DIGESTS_KEY: digests,
+    }
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write("# yamllint disable\n")
         f.write(yaml.dump(saved))
     return saved
+
+
+class _Hasher:
+    """sha256 of the files of a save in the hidden folder ``root``, each computed on a
+    background thread from the moment it is written (reading and hashing release the GIL, so
+    it overlaps the fsync and the serialisation of the next file)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-sha256")
+        self._jobs: dict[str, Future[str]] = {}
+
+    def add(self, path: Path) -> None:
+        """Starts hashing the file ``path`` (or every file below the folder ``path``)."""
+        for file in _files(path):
+            name = file.relative_to(self.root).as_posix()
+            self._jobs[name] = self._pool.submit(sha256_file, file)
+
+    def digests(self) -> dict[str, str]:
+        """``{file name relative to root: sha256}`` of every file in root (those other
+        processes wrote are hashed now)."""
+        for file in _files(self.root):
+            if file.relative_to(self.root).as_posix() not in self._jobs:
+                self.add(file)
+        return {name: job.result() for name, job in sorted(self._jobs.items())}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _files(path: Path) -> Iterator[Path]:
+    """``path`` when it is a file, else the files below it."""
+    if not path.is_dir():
+        yield path
+        return
+    for dirpath, _, names in os.walk(path):
+        for name in sorted(names):
+            yield Path(dirpath) / name
+
+
+def _cache_key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _remember_digests(folder: Path, digests: Mapping[str, str]) -> None:
+    """Caches the digests computed while saving into ``folder``: not hashed again to verify."""
+    for name, digest in digests.items():
+        _DIGEST_CACHE[_cache_key(folder / name)] = digest
+
+
+def _cached_sha256(path: Path) -> str:
+    key = _cache_key(path)
+    if key not in _DIGEST_CACHE:
+        _DIGEST_CACHE[key] = sha256_file(path)
+    return _DIGEST_CACHE[key]
+
+
+def _digest_problem(ckpt: Checkpoint) -> str | None:
+    """Which file of ``ckpt`` does not match the sha256 its ``CKPT.yaml`` records, or None
+    (also when it records none: saved by plain SpeechBrain or before digests were kept)."""
+    recorded = ckpt.meta.get(DIGESTS_KEY) if isinstance(ckpt.meta, dict) else None
+    if recorded is None:
+        return None
+    if not isinstance(recorded, dict):
+        return f"{METAFNAME}'s {DIGESTS_KEY} is not a mapping of file names to digests"
+    for name, digest in sorted(recorded.items()):
+        try:
+            actual = _cached_sha256(Path(ckpt.path) / str(name))
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if actual != digest:
+            return f"{name} does not match the sha256 recorded when it was saved"
+    return None
+
+
+def _tree_bytes(path: Path) -> int:
+    """The bytes of the files of ``path``."""
+    return sum(f.stat().st_size for f in _files(path))
+
+
+def _state_bytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj``'s state dict (what saving it writes, roughly)."""
+    state_dict = getattr(obj, "state_dict", None)
+    return _tensor_bytes(state_dict()) if callable(state_dict) else 0
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return _tensor_bytes(list(value.values()))
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f}" if n < 1e7 else f"{n / 1e6:.0f}"
 
 
 def _torch_file_problem(path: Path, expect_torch: bool) -> str | None:

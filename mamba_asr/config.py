@@ -9,9 +9,9 @@
 * :func:`start_run`: the start every recipe shares (config, threads, DDP group, experiment
   folder, manifests). Both check before they create: an error before the run starts leaves
   no output folder behind that was not there before.
-* :func:`cli`: a recipe's ``__main__``: those errors become one ``error:`` line and exit
-  status 2; Ctrl-C one ``interrupted:`` line naming the checkpoint the same command resumes
-  from, and exit status 130.
+* :func:`cli`: a recipe's ``__main__``: those errors (and a checkpoint save out of disk
+  space) become one ``error:`` line and exit status 2; Ctrl-C one ``interrupted:`` line
+  naming the checkpoint the same command resumes from, and exit status 130.
 * :func:`resolve_run_opts`: device-dependent run options, checked before anything runs
   (gloo for ``torchrun`` without CUDA, a clear error for fp16 without CUDA).
 """
@@ -39,6 +39,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from speechbrain.utils.distributed import get_rank, infer_device
 from speechbrain.utils.run_opts import RunOptions
 
+from mamba_asr.checkpoints import CheckpointSpaceError
 from mamba_asr.command_line import ConfigError, run_main
 from mamba_asr.commands import rerun_command
 from mamba_asr.data import check_data_folder, prepare_manifests
@@ -169,17 +170,21 @@ def start_run(
 
 
 def cli(main: Callable[[list[str]], Any]) -> None:
-    """Runs ``main(sys.argv[1:])``. A configuration or data-folder error becomes one
-    ``error: ...`` line on stderr and exit status 2; Ctrl-C (KeyboardInterrupt) one line on
-    where the same command resumes from (:func:`interrupt_message`; the main process only,
-    as under torchrun every process gets the signal) and exit status 130. Other exceptions
-    keep their traceback. An ``int`` returned by ``main`` is the exit status."""
+    """Runs ``main(sys.argv[1:])``. A configuration or data-folder error, or a checkpoint
+    save that ran out of space, becomes one ``error: ...`` line on stderr and exit status 2;
+    Ctrl-C (KeyboardInterrupt) one line on where the same command resumes from
+    (:func:`interrupt_message`; the main process only, as under torchrun every process gets
+    the signal) and exit status 130. Other exceptions keep their traceback. An ``int``
+    returned by ``main`` is the exit status."""
     def interrupted() -> None:
         if _first_process():
             print(interrupt_message(_started_run), file=sys.stderr, flush=True)
 
-    run_main(main, (ConfigError, LibriSpeechPrepError, FileNotFoundError, CardError),
-             interrupted)
+    run_main(
+        main,
+        (ConfigError, LibriSpeechPrepError, FileNotFoundError, CardError, CheckpointSpaceError),
+        interrupted,
+    )
 
 
 def split_command_line(argv: list[str]) -> tuple[list[str], list[str] | None]:

@@ -12,7 +12,8 @@ pipelines; everything here is driven by the keys of their YAML files:
 * :func:`loader_options` builds the train/valid loader arguments, with SpeechBrain's
   ``DynamicBatchSampler`` when ``dynamic_batching`` is on.
 * :func:`add_audio_pipelines` gives datasets their ``sig`` item (mono, at ``sample_rate``:
-  other rates resampled, with one warning; speed-perturbed for training).
+  other rates resampled, with one warning; speed-perturbed for training; a file that fails to
+  decode marked for its batch to drop, see :mod:`mamba_asr.unreadable_audio`).
 * :func:`char_encoder` creates once, then loads, the character map of the CTC recipe.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,10 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mamba_asr.atomic import atomic_path
-from mamba_asr.audio_info import AudioHeaderError, read_audio_info
-from mamba_asr.audio_io import load_audio
+from mamba_asr.audio_info import AudioHeaderError, format_summary, read_audio_info
+from mamba_asr.audio_io import AudioError, load_audio
 from mamba_asr.librispeech import librispeech_root, prepare_librispeech
+from mamba_asr.unreadable_audio import UnreadableAudio
 
 logger = logging.getLogger(__name__)
 
@@ -186,35 +187,24 @@ def audio_format_warning(datasets: Sequence[Any], sample_rate: int) -> str | Non
     multi-channel files, with an example of each; None when every file is ``sample_rate`` Hz
     mono. Raises FileNotFoundError / AudioHeaderError naming a missing or unreadable file."""
     files = {d.data[uid]["wav"]: uid for d in datasets for uid in d.data_ids}
-    rates: Counter[int] = Counter()
-    examples: dict[str, str] = {}
-    multichannel = 0
+    infos = {}
     for wav, uid in files.items():
         try:
-            info = read_audio_info(wav)
+            infos[wav] = read_audio_info(wav)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"audio file {wav} of utterance {uid} does not exist") from exc
         except (OSError, AudioHeaderError) as exc:
             raise AudioHeaderError(f"audio file {wav} of utterance {uid}: {exc}") from exc
-        if info.sample_rate != sample_rate:
-            rates[info.sample_rate] += 1
-            examples.setdefault("rate", f"{wav}: {info.sample_rate} Hz")
-        if info.channels > 1:
-            multichannel += 1
-            examples.setdefault("channels", f"{wav}: {info.channels} channels")
-    parts = []
-    if rates:
-        by_rate = ", ".join(f"{n} at {rate} Hz" for rate, n in sorted(rates.items()))
-        parts.append(
-            f"{rates.total()} of {len(files)} audio files are not at sample_rate {sample_rate} "
-            f"Hz ({by_rate}; e.g. {examples['rate']}): they are resampled to {sample_rate} Hz"
-        )
-    if multichannel:
-        parts.append(
-            f"{multichannel} of {len(files)} audio files have several channels (e.g. "
-            f"{examples['channels']}): they are averaged to mono"
-        )
-    return "; ".join(parts) + " on loading" if parts else None
+    return format_summary(infos, sample_rate)
+
+
+def load_or_mark(wav: str, sample_rate: int) -> torch.Tensor | UnreadableAudio:
+    """``load_audio(wav, sample_rate)``, or an ``UnreadableAudio`` marker naming the file and
+    the reason when it cannot be decoded (AudioError)."""
+    try:
+        return load_audio(wav, sample_rate)
+    except AudioError as exc:
+        return UnreadableAudio(str(wav), exc.reason)
 
 
 def add_audio_pipelines(hparams: dict[str, Any], train: Any, evaluation: Sequence[Any]) -> None:
@@ -225,6 +215,9 @@ def add_audio_pipelines(hparams: dict[str, Any], train: Any, evaluation: Sequenc
     Files at another rate are resampled and multi-channel files averaged to mono
     (``audio_io.load_audio``, as transcription reads them); the main process warns once, with
     their count (:func:`audio_format_warning`), and fails naming a missing or unreadable file.
+    A file that passes that header scan but fails to decode later (truncated or damaged after
+    its header: ``load_audio`` compares the decoded length with the header's) gives an
+    ``UnreadableAudio`` marker, which the loaders' collate function drops.
     """
     rate = hparams["sample_rate"]
     if if_main_process():
@@ -234,13 +227,15 @@ def add_audio_pipelines(hparams: dict[str, Any], train: Any, evaluation: Sequenc
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline(wav: str) -> torch.Tensor:
-        return load_audio(wav, rate)
+    def audio_pipeline(wav: str) -> torch.Tensor | UnreadableAudio:
+        return load_or_mark(wav, rate)
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline_train(wav: str) -> torch.Tensor:
-        sig = load_audio(wav, rate)
+    def audio_pipeline_train(wav: str) -> torch.Tensor | UnreadableAudio:
+        sig = load_or_mark(wav, rate)
+        if isinstance(sig, UnreadableAudio):
+            return sig
         if hparams["speed_perturb"] is not None:  # here, so that loader workers do it
             sig = hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
         return sig

@@ -40,7 +40,7 @@ import os
 import random
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,7 +229,7 @@ def _decode_check(path: str, info: AudioInfo) -> AudioInfo:
     return info
 
 
-def _read_headers(
+def read_headers(
     paths: list[str], num_workers: int, check_audio: bool = False
 ) -> list[tuple[int, int, int] | str]:
     """Header facts of ``paths`` in order, read by ``num_workers`` processes."""
@@ -306,7 +306,7 @@ def _split_rows(
     if n_sentences is not None:
         ids = ids[:n_sentences]
     paths = [scan.audio[u] for u in ids]
-    headers = _read_headers(paths, num_workers, check_audio) if not scan.errors else []
+    headers = read_headers(paths, num_workers, check_audio) if not scan.errors else []
     rows: list[list[str]] = []
     errors = scan.errors
     for utt_id, path, head in zip(ids, paths, headers, strict=False):
@@ -333,13 +333,7 @@ def _split_rows(
             "(expected <speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac files)"
         )
     if errors:
-        listed = "\n  ".join(errors[:MAX_LISTED_PROBLEMS])
-        more = len(errors) - MAX_LISTED_PROBLEMS
-        tail = f"\n  … and {more} more" if more > 0 else ""
-        raise LibriSpeechPrepError(
-            f"{len(errors)} problem(s) in {root / split}; no CSV was written for it:\n  "
-            f"{listed}{tail}"
-        )
+        raise LibriSpeechPrepError(problems_message(errors, root / split))
     if scan.untranscribed:
         logger.warning(
             "%s: skipped %d audio file(s) without a transcript line, e.g. %s",
@@ -350,7 +344,20 @@ def _split_rows(
     return rows, len(scan.untranscribed)
 
 
-def _write_csv(path: Path, rows: Iterable[Sequence[str]]) -> int:
+def listed(lines: Sequence[str], limit: int = MAX_LISTED_PROBLEMS) -> str:
+    """The first ``limit`` of ``lines``, one per indented line, and how many more there are."""
+    more = len(lines) - limit
+    tail = f"\n  … and {more} more" if more > 0 else ""
+    return "\n  " + "\n  ".join(lines[:limit]) + tail
+
+
+def problems_message(errors: Sequence[str], where: str | os.PathLike) -> str:
+    """The error table of ``where``: how many problems, that no CSV was written, and the first
+    ``MAX_LISTED_PROBLEMS`` of them, one per line."""
+    return f"{len(errors)} problem(s) in {where}; no CSV was written for it:{listed(errors)}"
+
+
+def write_csv(path: Path, rows: Iterable[Sequence[str]]) -> int:
     """Write header + rows atomically; returns the number of rows."""
     n = 0
     with atomic_open(path, "w", newline="", encoding="utf-8") as f:
@@ -428,7 +435,7 @@ def _write_lexicon(save_folder: Path, lexicon: Path, record: dict) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-def _available_cores() -> int:
+def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -509,7 +516,7 @@ def prepare_librispeech(
     save.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(save)
     record = _load_record(save)
-    workers = num_workers if num_workers else _available_cores()
+    workers = num_workers if num_workers else available_cores()
 
     options_of = {
         split: {
@@ -539,7 +546,7 @@ def prepare_librispeech(
             data_root_placeholder,
             check_audio,
         )
-        counts[name] = _write_csv(save / name, rows)
+        counts[name] = write_csv(save / name, rows)
         _remember(save, record, name, options_of[split], rows=counts[name], skipped=skipped)
 
     if merge_lst:
@@ -552,7 +559,7 @@ def prepare_librispeech(
         else:
             logger.info("merging %s into %s", ", ".join(merge_lst), save / merge_name)
             merged = (row for s in merge_lst for row in _read_csv_rows(save / f"{s}.csv"))
-            counts[merge_name] = _write_csv(save / merge_name, merged)
+            counts[merge_name] = write_csv(save / merge_name, merged)
             _remember(save, record, merge_name, merge_options, rows=counts[merge_name])
 
     if create_lexicon:
@@ -563,13 +570,22 @@ def prepare_librispeech(
 # --------------------------------------------------------------------------- CLI
 
 
-def summarize(save_folder: str | os.PathLike, names: Iterable[str]) -> str:
-    """A table of the manifests: utterances, hours, speakers, words, vocabulary."""
+def _librispeech_speaker(spk_id: str) -> str:
+    return spk_id.split("-")[0]  # LibriSpeech's spk_id is <speaker>-<chapter>
+
+
+def summarize(
+    save_folder: str | os.PathLike,
+    names: Iterable[str],
+    speaker: Callable[[str], str] = _librispeech_speaker,
+) -> str:
+    """A table of the manifests: utterances, hours, speakers (``speaker(spk_id)`` counted),
+    words, vocabulary."""
     lines = [f"{'manifest':<24} {'utts':>8} {'hours':>7} {'speakers':>8} {'words':>9} {'vocab':>7}"]
     for name in names:
         rows = _read_csv_rows(Path(save_folder) / name)
         words = [w for r in rows for w in r[4].split()]
-        speakers = {r[3].split("-")[0] for r in rows}
+        speakers = {speaker(r[3]) for r in rows}
         hours = sum(float(r[1]) for r in rows) / 3600
         lines.append(
             f"{name:<24} {len(rows):>8} {hours:>7.2f} {len(speakers):>8} {len(words):>9} "

@@ -20,6 +20,7 @@ import yaml
 from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, PARAMFILE_EXT, Checkpoint
 
 from mamba_asr.checkpoints import AtomicCheckpointer
+from mamba_asr.command_line import ConfigError
 
 RESUME_MARKER = "resumed_from.txt"
 
@@ -82,7 +83,8 @@ def resume_marker(checkpointer: Any) -> Path:
 
 def checkpoint_from_dir(path: str | os.PathLike, checkpointer: Any = None) -> Checkpoint:
     """The SpeechBrain ``Checkpoint`` stored in the folder ``path`` (``CKPT+...``); checked
-    complete for ``checkpointer``'s recoverables when it is an ``AtomicCheckpointer``."""
+    complete for ``checkpointer``'s recoverables, and its files against their recorded sha256,
+    when it is an ``AtomicCheckpointer`` (ConfigError naming the file otherwise)."""
     folder = Path(path)
     meta_file = folder / METAFNAME
     if not meta_file.is_file():
@@ -93,7 +95,7 @@ def checkpoint_from_dir(path: str | os.PathLike, checkpointer: Any = None) -> Ch
     if isinstance(checkpointer, AtomicCheckpointer):
         problem = checkpointer.check_checkpoint_dir(folder)
         if problem is not None:
-            raise ValueError(f"checkpoint {folder} is incomplete: {problem}")
+            raise ConfigError(f"checkpoint {folder} is incomplete or damaged: {problem}")
     meta = yaml.safe_load(meta_file.read_text(encoding="utf-8"))
     params = {f.stem: f for f in folder.iterdir() if f.suffix == PARAMFILE_EXT}
     return Checkpoint(folder, meta, params)

@@ -295,7 +295,7 @@ def test_second_run_opens_no_audio_and_rewrites_nothing(small_tree, tmp_path, mo
         raise AssertionError("audio was opened on an idempotent re-run")
 
     monkeypatch.setattr(lp, "read_audio_info", forbidden)
-    monkeypatch.setattr(lp, "_read_headers", forbidden)
+    monkeypatch.setattr(lp, "read_headers", forbidden)
     monkeypatch.setattr(lp, "_scan_split", forbidden)
     assert lp.prepare_librispeech(root, out, **kwargs) == first
     assert file_state(out) == before
