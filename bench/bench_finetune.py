@@ -81,14 +81,13 @@ def epochs_run(train_log: Path) -> int:
 
 
 def adaptation(args: argparse.Namespace, out: Path) -> None:
-    """Part 1: before, fine-tuned, from scratch (same epochs), WER and wall time."""
+    """Part 1: before, fine-tuned, from scratch (same epochs): WER and training time."""
     threads = ["--cpu_threads", str(args.threads)] if args.threads else []
     py = sys.executable
     common = ["--data_folder", str(args.data_folder), "--noprogressbar", *threads]
     tuned = out / "finetune"
     run([py, "train_CTC.py", "hparams/CTC/finetune_demo.yaml", *common,
-                      "--output_folder", str(tuned), "--init_from", str(args.source)],
-                     out / "finetune.log")
+         "--output_folder", str(tuned), "--init_from", str(args.source)], out / "finetune.log")
     epochs = epochs_run(tuned / "train_log.txt")
     prepared = tuned / "prepared"
     run([py, "evaluate.py", "hparams/CTC/demo.yaml", "--ckpt", str(args.source),
@@ -112,8 +111,8 @@ def adaptation(args: argparse.Namespace, out: Path) -> None:
             ("fine-tuned (finetune_demo.yaml)", wers(tuned), training_seconds(tuned)),
             ("from scratch on adapt-train", wers(scratch), training_seconds(scratch))]
     for label, (adapt, clean), seconds in rows:
-        wall = "-" if seconds is None else f"{seconds / 60:.1f} min"
-        print(f"| {label} | {adapt:.2f} | {clean:.2f} | {wall} |", flush=True)
+        took = "-" if seconds is None else f"{seconds / 60:.1f} min"
+        print(f"| {label} | {adapt:.2f} | {clean:.2f} | {took} |", flush=True)
 
 
 def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
