@@ -19,7 +19,8 @@ run already in ``--out`` is only re-evaluated.
 Part 2, freezing (in-process, ``--config``, ConMamba-S by default): time of one CTC training
 step (``bench_train_step.py``'s, a fixed random batch) and the bytes of AdamW state with the
 encoder's first half frozen (``freeze: [Transformer.encoder.layers.0-<n/2-1>]``) vs nothing
-frozen, both in the same run. Times are the best of ``--repeats`` after a warm-up step.
+frozen, both in the same run, their steps interleaved. Times are the best of ``--repeats``
+after a warm-up step each.
 """
 
 from __future__ import annotations
@@ -134,20 +135,25 @@ def freezing(args: argparse.Namespace) -> None:
           f"{args.seconds:g} s, fp32, {args.device} ({where})\n")
     print("| freeze | trainable params | step s | AdamW state | vs nothing frozen |")
     print("|---|---:|---:|---:|---:|")
-    reference = None
     with tempfile.TemporaryDirectory() as tmp:
+        runs = []
         for freeze in ([], [half]):
             torch.manual_seed(0)
             step, _, opt = build_step(args.config, args, tmp, freeze)
-            seconds = best_time(step, args.repeats, args.device)  # steps fill the state
-            trainable = sum(p.numel() for g in opt.param_groups for p in g["params"]
-                            if p.requires_grad)
-            state = optimizer_bytes(opt)
-            reference = reference or (seconds, state)
-            print(f"| {', '.join(freeze) or 'nothing'} | {trainable / 1e6:.2f} M | "
-                  f"{seconds:.3f} | {state / 2**20:.1f} MiB | "
-                  f"{seconds / reference[0]:.2f}x time, {state / reference[1]:.2f}x state |",
-                  flush=True)
+            step()  # warm-up; the steps fill the optimizer state
+            runs.append((freeze, step, opt, []))
+        for _ in range(args.repeats):  # interleaved: both see the same machine
+            for _, step, _, times in runs:
+                times.append(best_time(step, 1, args.device, warmup=False))
+    reference = None
+    for freeze, _, opt, times in runs:
+        trainable = sum(p.numel() for g in opt.param_groups for p in g["params"]
+                        if p.requires_grad)
+        seconds, state = min(times), optimizer_bytes(opt)
+        reference = reference or (seconds, state)
+        print(f"| {', '.join(freeze) or 'nothing'} | {trainable / 1e6:.2f} M | {seconds:.3f} | "
+              f"{state / 2**20:.1f} MiB | {seconds / reference[0]:.2f}x time, "
+              f"{state / reference[1]:.2f}x state |", flush=True)
 
 
 def main() -> None:
