@@ -22,7 +22,7 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,19 +34,27 @@ sys.path.insert(0, str(REPO))
 from timing import best_time  # noqa: E402
 
 import mamba_asr  # noqa: E402, F401  (drops SpeechBrain's torchvision notice)
+from mamba_asr import finetune  # noqa: E402
 from modules.mamba.selective_scan_interface import ENV_VAR, kernel_status  # noqa: E402
 
 CONFIGS = {"conformer_small": "Conformer-S", "conmamba_small": "ConMamba-S"}
 
 
-def build_step(name: str, args: argparse.Namespace, out: str) -> tuple[Callable[[], float], int]:
-    """A closure running one training step of ``hparams/CTC/<name>.yaml``; its parameter count."""
+def build_step(
+    name: str, args: argparse.Namespace, out: str, freeze: Sequence[str] = ()
+) -> tuple[Callable[[], float], int, torch.optim.Optimizer]:
+    """A closure running one training step of ``hparams/CTC/<name>.yaml`` (``args``: device,
+    batch, seconds), its parameter count and its optimizer; parameters that ``freeze``
+    patterns match (``mamba_asr.finetune``'s, as the recipes' ``freeze``) are not trained."""
     with open(REPO / "hparams" / "CTC" / f"{name}.yaml", encoding="utf-8") as f:
         hp = load_hyperpyyaml(f, {"data_folder": out, "output_folder": out})
     device = args.device
     model = hp["model"].to(device).train()
     normalize = hp["normalize"].to(device)
     features = hp["compute_features"].to(device)
+    if freeze:
+        modules = torch.nn.ModuleDict(hp["modules"])
+        finetune.set_trainable(finetune.frozen_parameters(modules, list(freeze)).values(), False)
     opt = hp["model_opt_class"](model.parameters())
     gen = torch.Generator().manual_seed(0)
     wavs = 0.1 * torch.randn(args.batch, int(args.seconds * 16000), generator=gen).to(device)
@@ -66,11 +74,12 @@ def build_step(name: str, args: argparse.Namespace, out: str) -> tuple[Callable[
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step, sum(p.numel() for p in model.parameters())
+    return step, sum(p.numel() for p in model.parameters()), opt
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_step_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser``'s arguments plus the step's (``--batch``, ``--seconds``, ``--repeats``,
+    ``--threads``, ``--device``), parsed; ``--threads`` applied to torch."""
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3)
@@ -79,6 +88,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = parse_step_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     if args.device == "cpu":
         where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     else:
@@ -101,7 +115,7 @@ def main() -> None:
             else:
                 os.environ[ENV_VAR] = impl
             torch.manual_seed(0)
-            step, params = build_step(name, args, out)
+            step, params, _ = build_step(name, args, out)
             seconds = best_time(step, args.repeats, args.device)
             reference = seconds if reference is None else reference
             scan = "-" if name == "conformer_small" else (impl or "auto")

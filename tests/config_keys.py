@@ -110,6 +110,34 @@ def assert_declared_keys_present(declared: set[str], folder: Path, names: list[s
         assert declared <= keys, (name, sorted(declared - keys))
 
 
+# The demo configurations of a family (ConMamba, without it in their names).
+DEMO_CONFIGS = ("demo", "finetune_demo")
+
+
+def assert_finetunes_demo(finetune: dict, demo: dict) -> None:
+    """A fine-tuning demo configuration (loaded) adapts its family's demo model: the same
+    architecture (parameter names and shapes), initialised from the run the demo leaves, on
+    demo-corpus adapt splits (valid: adapt-dev; test: adapt-test and test-clean, whose
+    manifests the test stage reads), in its own output folder."""
+    from mamba_asr.demo_corpus.corpus import SPLITS
+
+    def shapes(hparams: dict) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in hparams["model"].state_dict().items()}
+
+    assert shapes(finetune) == shapes(demo)
+    assert finetune["init_from"] == demo["output_folder"]
+    assert finetune["output_folder"] != demo["output_folder"]
+    assert (finetune["train_splits"], finetune["dev_splits"]) == (["adapt-train"], ["adapt-dev"])
+    assert finetune["test_splits"] == ["adapt-test", "test-clean"]
+    splits = finetune["train_splits"] + finetune["dev_splits"] + finetune["test_splits"]
+    assert set(splits) <= set(SPLITS)  # the corpus has them
+    prep = Path(finetune["prep_folder"])
+    assert Path(finetune["valid_csv"]) == prep / "adapt-dev.csv"
+    assert [Path(p) for p in finetune["test_csv"]] == [
+        prep / f"{split}.csv" for split in finetune["test_splits"]
+    ]
+
+
 # The Mamba keys only the ConMamba configurations of a family have.
 MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_init", "mamba_config"]
 
@@ -129,7 +157,8 @@ def assert_asr_family(
     names = sorted(p.stem for p in folder.glob("*.yaml"))
     assert_family_shares_keys(folder, names, MAMBA_KEYS)
     for name in names:
-        assert is_conmamba(folder / f"{name}.yaml") == ("conmamba" in name or name == "demo"), name
+        conmamba = "conmamba" in name or name in DEMO_CONFIGS
+        assert is_conmamba(folder / f"{name}.yaml") == conmamba, name
     assert_every_key_used(folder, names, scripts)
     assert set(RECIPE_KEYS) | set(DATA_KEYS) <= declared
     read = keys_read(scripts) | {"valid_search", "test_search"}  # read as hparams[key] in a loop

@@ -429,6 +429,34 @@ def test_wer_table_cli(results, capsys):
     assert "no cer_*.json files found under" in capsys.readouterr().err
 
 
+def test_wer_table_names_and_wide(results, capsys):
+    """Named folders keep their order; --wide gives one row per experiment, a column per set."""
+    folders = [results / "exp_b", results / "exp_a"]
+    df = wer_table.wer_table(folders, names=["before", "after"])
+    assert df["experiment"].tolist() == ["before", "after/7775", "after/7775"]
+    wide = wer_table.wide_table(df)
+    assert wide.columns.tolist() == ["experiment", "test-clean WER", "test-other WER"]
+    assert wide.round(2).values.tolist()[0][:2] == ["before", 100.0]
+    assert math.isnan(wide.values.tolist()[0][2])  # before has no test-other
+    assert wide.round(2).values.tolist()[1] == ["after/7775", 30.43, 16.67]
+    both = wer_table.wide_table(df, ["WER", "CER"]).columns.tolist()
+    assert both[1:3] == ["test-clean WER", "test-clean CER"]
+
+    capsys.readouterr()
+    args = [str(f) for f in folders] + ["--names", "before", "after", "--wide"]
+    assert wer_table.main(args) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| experiment | test-clean WER | test-other WER |",
+        "| ---------- | -------------: | -------------: |",
+        "| before     |         100.00 |                |",
+        "| after/7775 |          30.43 |          16.67 |",
+    ]
+    nested = wer_table.wer_table([results / "exp_a", results], names=["a", "all"])
+    assert nested["experiment"].tolist() == ["a/7775", "a/7775", "all/exp_b"]
+    assert wer_table.main([*args[:2], "--names", "one"]) == 1
+    assert "1 names for 2 folders" in capsys.readouterr().err
+
+
 def test_partial_scores(tmp_path):
     """A reference without a hypothesis (SpeechBrain's scoring mode 'present'): partial."""
     refs = {"a": ["x", "y"], "b": ["z"]}

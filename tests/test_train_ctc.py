@@ -23,7 +23,7 @@ import pytest
 import speechbrain as sb
 import torch
 import yaml
-from config_keys import assert_asr_family
+from config_keys import assert_asr_family, assert_finetunes_demo
 from conftest import (
     RECIPE_CODE,
     REPO,
@@ -56,6 +56,7 @@ ARCHITECTURES = {
     "conformer_small": ("conformer", 144, 1024, 12, 80, (64, 32)),
     "conmamba_small": ("conmamba", 144, 1024, 12, 80, (64, 32)),
     "demo": ("conmamba", 144, 576, 2, 40, (32, 16)),
+    "finetune_demo": ("conmamba", 144, 576, 2, 40, (32, 16)),  # the demo model, adapted
 }
 # hparams['model'] totals of upstream's large pair (REFERENCE.md; the paper rounds them).
 UPSTREAM_PARAMS = {"conformer_large": 28_786_111, "conmamba_large": 31_555_519}
@@ -102,6 +103,13 @@ def test_parameter_counts(tmp_path: Path, monkeypatch) -> None:
 
 def test_configurations_and_declared_keys() -> None:
     assert_asr_family(CTC, train_CTC.KEYS, SCRIPTS, {"sorting", "valid_csv", "ctc_cost"})
+
+
+def test_finetune_demo_adapts_the_demo_model(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    finetune, demo = _load("finetune_demo", tmp_path), _load("demo", tmp_path)
+    assert_finetunes_demo(finetune, demo)
+    assert finetune["characters"] == demo["characters"]  # the same outputs: nothing skipped
 
 
 # --------------------------------------------------------------------------- clear errors

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import speechbrain as sb
 import torch
-from config_keys import assert_asr_family
+from config_keys import DEMO_CONFIGS, assert_asr_family, assert_finetunes_demo
 from conftest import (
     RECIPE_CODE,
     REPO,
@@ -56,6 +56,7 @@ PARAMS = {
     "conmamba_large": 115_187_888,
     "conmambamamba_large": 122_917_040,
     "demo": s2s_mamba_model_params(**DEMO_ARCHITECTURE),
+    "finetune_demo": s2s_mamba_model_params(**DEMO_ARCHITECTURE),  # the demo model, adapted
 }
 DECODERS = {"conformer": "transformer", "conmamba": "transformer", "conmambamamba": "mamba"}
 SCRIPTS = [REPO / "train_S2S.py", *RECIPE_CODE]
@@ -90,7 +91,7 @@ def test_config_loads_offline_with_upstream_totals(name: str, tmp_path: Path, mo
     enc, dec = hparams["Transformer"](src, tokens, torch.tensor([1.0, 0.8]))
     assert hparams["ctc_lin"](enc).shape == (2, src.shape[1], hparams["output_neurons"])
     assert hparams["seq_lin"](dec).shape == (2, 3, hparams["output_neurons"])
-    if name != "demo":
+    if name not in DEMO_CONFIGS:
         assert hparams["output_neurons"] == 5000
         assert hparams["pretrained_lm_path"] == "results/LM/transformer/2223/export"
 
@@ -113,6 +114,16 @@ def test_full_configs_declare_the_librispeech_transformer_lm(tmp_path: Path) -> 
 
 def test_configurations_and_declared_keys() -> None:
     assert_asr_family(S2S, train_S2S.KEYS, SCRIPTS, {"ctc_weight", "lm_weight", "keep_best_by"})
+
+
+def test_finetune_demo_adapts_the_demo_model(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    finetune = _load("finetune_demo", data_folder=str(tmp_path))
+    demo = _load("demo", data_folder=str(tmp_path))
+    assert_finetunes_demo(finetune, demo)
+    # the source's tokenizer and LM: the output layers keep their meaning
+    for key in ("pretrained_lm_path", "pretrained_tokenizer_path", "output_neurons"):
+        assert finetune[key] == demo[key], key
 
 
 # --------------------------------------------------------------------------- clear errors

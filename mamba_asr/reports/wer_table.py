@@ -11,6 +11,7 @@ Usage:
     python -m mamba_asr.reports.wer_table results/
     python -m mamba_asr.reports.wer_table results/conmamba_large results/transformer --csv
     python -m mamba_asr.reports.wer_table results/ --train-log   # + test WERs in train_log.txt
+    python -m mamba_asr.reports.wer_table before/ after/ --names before after --wide
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def wer_table(
     pattern: str = PATTERN,
     train_log: bool = False,
     strict: bool = False,
+    names: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """One row per scores JSON found recursively under ``folders``.
 
@@ -90,13 +92,27 @@ def wer_table(
     loaded`` line of a ``train_log.txt`` adds a row whose test set is ``train_log #k (epoch
     N)`` and which has only the WER. Files that do not read (and ``wer_*.txt`` without their
     JSON) are skipped with a warning on stderr (raise with ``strict``); a folder that does not
-    exist raises ReportError, as does finding nothing.
+    exist raises ReportError, as does finding nothing. ``names`` (one per folder) name the
+    experiments instead: a file belongs to the innermost folder ``i`` given that holds it, as
+    ``names[i]`` (``names[i]/<sub folder>`` below it), and the rows follow the folders' order
+    (``run/before run --names before after``: the run's own files are ``after``).
     """
     roots = [Path(f).resolve() for f in folders]
     for given, root in zip(folders, roots, strict=True):
         if not root.is_dir():
             raise ReportError(f"{given}: not a folder (expected a folder of experiment results)")
+    if names is not None and len(names) != len(roots):
+        raise ReportError(f"{len(names)} names for {len(roots)} folders (expected one per folder)")
     base = roots[0] if len(roots) == 1 else Path(os.path.commonpath(roots))
+
+    def experiment_of(folder: Path) -> tuple[int, str]:
+        """(folder index or 0, experiment name) of a file's folder."""
+        if names is None:
+            return 0, _experiment(folder, base)
+        holders = [i for i, root in enumerate(roots) if folder.is_relative_to(root)]
+        i = max(holders, key=lambda i: len(roots[i].parts))  # the innermost folder given
+        rel = folder.relative_to(roots[i])
+        return i, f"{names[i]}/{rel.as_posix()}" if rel.parts else names[i]
 
     def found(name: str) -> list[Path]:
         return sorted({p for root in roots for p in root.rglob(name) if p.is_file()})
@@ -122,20 +138,22 @@ def wer_table(
         except ReportError as e:
             skip(e)
             continue
-        experiment = _experiment(path.parent, base)
+        order, experiment = experiment_of(path.parent)
         test_set = _test_set(json_path.name, json_pattern)
         rows.append({"experiment": experiment, "test_set": test_set, **stats,
-                     "file": str(json_path)})
+                     "file": str(json_path), "order": order})
     for path in found("train_log.txt") if train_log else []:
         try:
             tests = read_test_lines(path)
         except ReportError as e:
             skip(e)
             continue
+        order, experiment = experiment_of(path.parent)
         for k, test in enumerate(tests.to_dict("records"), start=1):
             rows.append(
                 {
-                    "experiment": _experiment(path.parent, base),
+                    "experiment": experiment,
+                    "order": order,
                     "test_set": f"train_log #{k} (epoch {test.get('Epoch loaded', '?')})",
                     "WER": test.get("test WER", float("nan")),
                     "file": f"{path}:{test['line']}",
@@ -145,11 +163,24 @@ def wer_table(
         where = ", ".join(map(str, folders))
         extra = " or train_log.txt test lines" if train_log else ""
         raise ReportError(f"no {pattern} files{extra} found under {where}")
-    df = pd.DataFrame(rows).reindex(columns=[*COLUMNS, "absent", "partial", "file"])
+    df = pd.DataFrame(rows).sort_values(["order", "experiment", "test_set"], kind="stable")
+    df = df.reindex(columns=[*COLUMNS, "absent", "partial", "file"]).reset_index(drop=True)
     counts = ["ins", "del", "sub", "words", "sentences", "absent"]
     df[counts] = df[counts].astype("Int64")
     df["partial"] = df["partial"].astype("boolean")
-    return df.sort_values(["experiment", "test_set"], kind="stable").reset_index(drop=True)
+    return df
+
+
+def wide_table(df: pd.DataFrame, values: Sequence[str] = ("WER",)) -> pd.DataFrame:
+    """:func:`wer_table`'s rows as one row per experiment (in ``df``'s order) with a
+    ``<test set> <value>`` column per test set and value (test sets in order of appearance):
+    e.g. a before/after comparison on the same test sets."""
+    experiments = list(dict.fromkeys(df["experiment"]))
+    test_sets = list(dict.fromkeys(df["test_set"]))
+    table = df.pivot(index="experiment", columns="test_set", values=list(values))
+    table = table.reindex(index=experiments, columns=[(v, t) for t in test_sets for v in values])
+    table.columns = [f"{t} {v}" for v, t in table.columns]
+    return table.astype(float).reset_index()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,15 +197,21 @@ def main(argv: list[str] | None = None) -> int:
         "--train-log", action="store_true", help="add the test WER lines of train_log.txt files"
     )
     parser.add_argument("--strict", action="store_true", help="fail on a file that does not read")
+    parser.add_argument(
+        "--names", nargs="+", help="experiment names, one per folder (rows in the folders' order)"
+    )
+    parser.add_argument(
+        "--wide", action="store_true", help="one row per experiment, a WER column per test set"
+    )
     args = parser.parse_args(argv)
     try:
-        df = wer_table(args.folders, args.pattern, args.train_log, args.strict)
+        df = wer_table(args.folders, args.pattern, args.train_log, args.strict, args.names)
     except ReportError as e:
         return report_error(e)
     if args.csv:
-        df.to_csv(sys.stdout, index=False, float_format="%.2f")
+        (wide_table(df) if args.wide else df).to_csv(sys.stdout, index=False, float_format="%.2f")
     else:
-        print(to_markdown(df[COLUMNS]))
+        print(to_markdown(wide_table(df) if args.wide else df[COLUMNS]))
         partial = df.loc[df["partial"].fillna(False).astype(bool), "file"]
         for path in partial:
             print(f"\nnote: {path} is [PARTIAL]: some references had no hypothesis")
