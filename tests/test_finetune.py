@@ -192,7 +192,7 @@ def _fit(tmp_path: Path, *extra: str):
     """An in-process demo run on 8 utterances (main without its test stage); its brain."""
     argv = [str(CTC_DEMO), "--data_folder", str(DEMO_DATA), "--output_folder",
             str(tmp_path / "run"), "--select_n_sentences", "[8, 4, 4, 4]", "--noprogressbar",
-            "--seed", SEED, *extra]
+            "--seed", SEED, "--num_workers", "0", "--max_batch_length_val", "10", *extra]
     hparams, run_opts = start_run(argv, train_CTC.KEYS)
     brain = train_CTC.build_brain(hparams, run_opts, hparams["checkpointer"])
     train, valid, _ = data.dataio_prepare(hparams, brain.tokenizer, train_CTC.add_pipelines)
