@@ -9,7 +9,7 @@ stored in ``model.ckpt`` / ``asr.ckpt``) map to them through the identity of the
 
 Patterns (:func:`matches`): dot-separated components matched one by one against a name's first
 components; a component is an ``fnmatch`` glob, or ``a-b`` (integers) for any integer in
-[a, b]: ``ctc_lin``, ``Transformer.encoder.layers.0-5``, ``*.norm``.
+[a, b]: ``ctc_lin``, ``Transformer.encoder.layers.0-5``, ``Transformer.*.norm``.
 
 Sources of ``init_from`` (:func:`read_source`): an export folder (``asr.ckpt``), a ``CKPT+...``
 folder (``model.ckpt``), a run or save folder (its best checkpoints averaged, as its test stage

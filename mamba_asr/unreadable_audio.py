@@ -76,20 +76,11 @@ class UnreadableBatch:
         return self
 
 
-class ReadableBatch(PaddedBatch):
-    """SpeechBrain's ``PaddedBatch`` of the readable utterances, with ``skipped`` (the
-    :class:`SkippedUtterance` of each one dropped)."""
-
-    def __init__(self, examples: Sequence[dict[str, Any]], skipped: list[SkippedUtterance],
-                 **kwargs: Any) -> None:
-        super().__init__(examples, **kwargs)
-        self.skipped = skipped
-
-
 def collate_readable(examples: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
-    """The loaders' ``collate_fn``: a :class:`ReadableBatch` of the examples without an
-    :class:`UnreadableAudio` item (``kwargs`` go to ``PaddedBatch``), or an
-    :class:`UnreadableBatch` when every example has one."""
+    """The loaders' ``collate_fn``: SpeechBrain's ``PaddedBatch`` of the examples without an
+    :class:`UnreadableAudio` item (``kwargs`` go to it), with ``skipped`` (the
+    :class:`SkippedUtterance` of each one dropped), or an :class:`UnreadableBatch` when every
+    example has one."""
     readable, skipped = [], []
     for example in examples:
         marker = next((v for v in example.values() if isinstance(v, UnreadableAudio)), None)
@@ -99,7 +90,9 @@ def collate_readable(examples: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
             skipped.append(SkippedUtterance(str(example.get("id")), marker.file, marker.reason))
     if not readable:
         return UnreadableBatch(skipped)
-    return ReadableBatch(readable, skipped, **kwargs)
+    batch = PaddedBatch(readable, **kwargs)
+    batch.skipped = skipped  # kept by .to() and .pin_memory(), which return the batch itself
+    return batch
 
 
 class SkippedUtterances:

@@ -34,6 +34,15 @@ RECIPE_CODE = [
 ]
 DEMO_DATA = REPO / "data" / "demo"
 
+
+@pytest.fixture(autouse=True)
+def _speechbrain_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without ``SB_LOG_LEVEL``: SpeechBrain's ``setup_logging`` (a recipe
+    started in-process) sets it to DEBUG in ``os.environ``, and every subprocess a later test
+    starts would inherit it and log SpeechBrain's debug lines to stderr."""
+    monkeypatch.delenv("SB_LOG_LEVEL", raising=False)
+
+
 WORDS = ["HELLO", "WORLD", "MAMBA", "SPEECH", "IT'S", "A", "TEST", "OF", "THE", "SCAN"]
 
 

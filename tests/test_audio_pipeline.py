@@ -14,7 +14,8 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 
 from mamba_asr import data
 from mamba_asr.audio_info import AudioHeaderError
-from mamba_asr.audio_io import AudioError
+from mamba_asr.audio_io import AudioError, load_audio
+from mamba_asr.unreadable_audio import UnreadableAudio
 
 RATE = 16000
 FREQ = 440.0  # Hz
@@ -111,9 +112,18 @@ def test_missing_or_broken_audio_is_named(tmp_path: Path, files) -> None:
 
 def test_pipeline_reads_audio_as_transcription_does(tmp_path: Path, files) -> None:
     """A WAV cut short passes the header scan (libsndfile sizes it to what is there) but the
-    pipeline refuses it, naming the file, as audio_io.load_audio does."""
+    pipeline does not decode it, as audio_io.load_audio does not: it gives the marker naming
+    the file and the reason, which the loaders' collate function drops from the batch."""
     cut = tmp_path / "cut.wav"
     cut.write_bytes(Path(files["ref"]).read_bytes()[:44 + 1000])
+    dataset = DynamicItemDataset({"u1": {"wav": files["ref"]}, "u2": {"wav": str(cut)}})
+    data.add_audio_pipelines({"sample_rate": RATE, "speed_perturb": None}, None, [dataset])
+    sb.dataio.dataset.set_output_keys([dataset], ["id", "sig"])
+    items = {item["id"]: item["sig"] for item in dataset}
+    assert items["u1"].shape == (int(RATE * SECONDS),)
+    assert items["u2"] == UnreadableAudio(
+        str(cut), "truncated: its header says 16000 bytes of audio, the file holds 1000"
+    )
     with pytest.raises(AudioError, match=f"^{cut}: truncated: its header says 16000 bytes of "
                        "audio, the file holds 1000$"):
-        pipeline_output({"u1": files["ref"], "u2": str(cut)})
+        load_audio(str(cut), RATE)

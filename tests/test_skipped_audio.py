@@ -18,13 +18,13 @@ import soundfile as sf
 import speechbrain as sb
 import torch
 from conftest import REPO, write_flac
+from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataset import DynamicItemDataset
 
 from mamba_asr import data
 from mamba_asr.brain import RecipeBrain
 from mamba_asr.reports.curves import read_test_lines, read_train_log
 from mamba_asr.unreadable_audio import (
-    ReadableBatch,
     SkippedUtterance,
     SkippedUtterances,
     UnreadableAudio,
@@ -94,7 +94,7 @@ def test_collate_drops_the_unreadable_utterances_with_their_text(audio_files) ->
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=3, collate_fn=collate_readable, num_workers=1)
     (batch,) = list(loader)
-    assert isinstance(batch, ReadableBatch)
+    assert isinstance(batch, PaddedBatch)
     assert batch.id == ["ok"] and batch.wrd == ["OK"]
     assert batch.sig.data.shape == (1, 16000)
     assert batch.tokens.data.tolist() == [[ord("O"), ord("K")]]
