@@ -45,7 +45,7 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 
 from mamba_asr import finetune
 from mamba_asr.atomic import atomic_open
-from mamba_asr.command_line import ConfigError
+from mamba_asr.command_line import ConfigError, raise_if_interrupted
 from mamba_asr.reports.scores import scores_path, write_scores
 from mamba_asr.resume import checkpoint_from_dir, pending_resume, resume_marker
 from mamba_asr.unreadable_audio import (
@@ -102,7 +102,9 @@ class TrainingBrain(sb.Brain):
     def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
         """Training: re-shuffles the batch sampler for ``epoch`` (deterministic from seed +
         epoch, so an intra-epoch resume sees the same batches) and resets the per-epoch
-        counters."""
+        counters. Every stage: raises a Ctrl-C that a finaliser swallowed (the previous
+        stage's loader iterator shuts its workers down in ``__del__``)."""
+        raise_if_interrupted()
         if stage != sb.Stage.TRAIN:
             return
         self.skipped_steps = 0
@@ -137,7 +139,9 @@ class TrainingBrain(sb.Brain):
         return {"loss": stage_loss}
 
     def on_fit_batch_end(self, batch: Any, outputs: Any, loss: Any, should_step: bool) -> None:
-        """Steps ``noam_annealing`` (when the config has one) once per optimizer step taken."""
+        """Steps ``noam_annealing`` (when the config has one) once per optimizer step taken;
+        raises a Ctrl-C that a finaliser swallowed (:func:`raise_if_interrupted`)."""
+        raise_if_interrupted()
         scheduler = getattr(self.hparams, "noam_annealing", None)
         if scheduler is not None and should_step and self.optimizer_stepped:
             scheduler(self.optimizer)

@@ -20,6 +20,27 @@ class ConfigError(ValueError):
     """The command line or the YAML asks for something that cannot run."""
 
 
+class _Interrupt:
+    """Whether Ctrl-C came while :func:`run_main` ran (set by :func:`_on_sigint`)."""
+
+    seen = False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C: remembered, then KeyboardInterrupt as Python's default handler raises it."""
+    _Interrupt.seen = True
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt again when Ctrl-C came but its KeyboardInterrupt was lost: raised
+    while a finaliser ran (a DataLoader iterator's ``__del__`` joins its workers at every
+    stage change), Python reports it as ignored and the run would go on. The training loop
+    calls this at batch and stage boundaries."""
+    if _Interrupt.seen:
+        raise KeyboardInterrupt
+
+
 def run_main(
     main: Callable[[list[str]], Any],
     user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, CardError),
@@ -27,8 +48,21 @@ def run_main(
 ) -> None:
     """Runs ``main(sys.argv[1:])``. One of ``user_errors`` becomes one ``error: ...`` line on
     stderr and exit status 2; Ctrl-C (KeyboardInterrupt) calls ``on_interrupt`` (to say how to
-    go on) and exits with status 130. Other exceptions keep their traceback. An ``int``
-    returned by ``main`` is the exit status."""
+    go on) and exits with status 130 (a Ctrl-C whose KeyboardInterrupt a finaliser swallowed
+    is raised again at the training loop's next boundary: :func:`raise_if_interrupted`).
+    Other exceptions keep their traceback. An ``int`` returned by ``main`` is the exit
+    status."""
+    _Interrupt.seen = False
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+    previous_hook = sys.unraisablehook
+
+    def unraisable_hook(unraisable: Any) -> None:  # the lost Ctrl-C is raised again: no report
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = unraisable_hook
     try:
         status = main(sys.argv[1:])
     except user_errors as exc:
@@ -43,5 +77,10 @@ def run_main(
         if on_interrupt is not None:
             on_interrupt()
         sys.exit(130)
+    finally:
+        if signal.getsignal(signal.SIGINT) is _on_sigint:
+            signal.signal(signal.SIGINT, previous)
+        if sys.unraisablehook is unraisable_hook:
+            sys.unraisablehook = previous_hook
     if type(status) is int:  # a command's own exit status (e.g. some inputs failed)
         sys.exit(status)
