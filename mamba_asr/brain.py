@@ -128,7 +128,7 @@ class TrainingBrain(sb.Brain):
             return
         self.train_stats = {"loss": stage_loss}
         batches = [self.step]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed_initialized():
             batches = [0] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(batches, self.step)
         self.process_batches = batches
@@ -434,8 +434,7 @@ class RecipeBrain(TrainingBrain):
         if after is not None and (not isinstance(after, int) or after < 0):
             raise ConfigError(f"unfreeze_after_epochs: expected null or an epoch count >= 0, "
                               f"got {after!r}")
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if after is not None and distributed:
+        if after is not None and is_distributed_initialized():
             raise ConfigError("unfreeze_after_epochs is not supported under DDP (the frozen "
                               "modules are not wrapped for training): run two fine-tunings, "
                               "the second from the first with a shorter freeze")
