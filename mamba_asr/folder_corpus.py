@@ -242,15 +242,14 @@ def _cache_name(source: Path) -> str:
     return f"{source.stem}-{digest}.flac"
 
 
-def _convert(source: Path, target: Path) -> int:
-    """``source`` as 16 kHz mono 16-bit FLAC at ``target`` (atomically); its frame count."""
+def _convert(source: Path, target: Path) -> None:
+    """``source`` as 16 kHz mono 16-bit FLAC at ``target`` (atomically)."""
     from mamba_asr.audio_io import load_audio  # torch and SpeechBrain: only for --resample
 
     wave = load_audio(source, SAMPLERATE).numpy()
     with atomic_path(target) as tmp:
         soundfile.write(tmp, np.clip(wave, -1.0, 1.0), SAMPLERATE, format="FLAC",
                         subtype="PCM_16")
-    return len(wave)
 
 
 def _resample(
