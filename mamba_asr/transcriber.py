@@ -39,6 +39,7 @@ from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
 from mamba_asr import alignment, audio_io, long_audio, vad
 from mamba_asr.model_card import CARD_FILE, verify_folder
+from mamba_asr.streaming import Stream
 from mamba_asr.transcribing import (  # noqa: F401  (re-exported: the command's defaults)
     MAX_BATCH_SECONDS,
     MAX_PASS_SECONDS,
@@ -171,6 +172,15 @@ class Transcriber(BatchingTranscriber):
         self.decoder = decoder.to(self.device).eval()
         if beam_size is not None:
             self.decoder.beam_size = beam_size
+
+    # ------------------------------------------------------------------ streaming
+
+    def stream(self) -> Stream:
+        """A live transcription with this model (:mod:`mamba_asr.streaming`): ``feed`` audio
+        as it arrives, get words as they become final, ``finish`` for the final transcript.
+        ValueError naming the reason when the model cannot stream (a bidirectional encoder,
+        per-utterance feature statistics, an S2S model)."""
+        return Stream(self)
 
     # ------------------------------------------------------------------ transcription
 

@@ -6,7 +6,9 @@ Module and parameter names follow xi-j/Mamba-ASR so its checkpoints load strictl
   "v2", or unidirectional when causal) -> ``x + ConvModule(x)`` -> ``LayerNorm(x + 1/2 FFN(x))``,
   i.e. a Conformer block with the self-attention replaced by (bi)Mamba. Submodules
   ``ffn_module1``, ``mamba``, ``convolution_module``, ``ffn_module2``, ``norm1``, ``norm2``.
-* :class:`ConmambaEncoder`: ``layers`` then ``norm`` (LayerNorm, eps 1e-6).
+* :class:`ConmambaEncoder`: ``layers`` then ``norm`` (LayerNorm, eps 1e-6). A causal one
+  streams: :meth:`ConmambaEncoder.forward_chunk` continues from the state after the frames
+  before, at a constant cost per frame.
 * :class:`MambaDecoderLayer`: ``self_mamba`` over the target, ``cross_mamba`` over memory
   followed by the target (keeping the target's outputs), ``pos_ffn``; ``norm1..3`` before
   (``normalize_before``) or after each residual block.
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from speechbrain.lobes.models.transformer.Conformer import (
     ConvolutionModule as ConformerConvolutionModule,
 )
@@ -91,6 +94,23 @@ class ConvolutionModule(ConformerConvolutionModule):
         return out
 
 
+    def initial_state(self, batch: int, like: Tensor) -> Tensor:
+        """The zero history before a stream's first frame: (B, D, kernel_size - 1)."""
+        width = self.conv.dilation[0] * (self.conv.kernel_size[0] - 1)
+        return like.new_zeros(batch, self.conv.in_channels, width)
+
+    def forward_chunk(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
+        """The next frames of a stream (causal modules only): x (B, L, D), history
+        (B, D, kernel_size - 1) -> (B, L, D), the new history. Equals :meth:`forward` on the
+        whole sequence at those frames."""
+        if not self.causal:
+            raise ValueError("forward_chunk needs a causal convolution module")
+        out = self.bottleneck(self.layer_norm(x).transpose(1, 2))  # (B, D, L)
+        full = torch.cat([history.to(out.dtype), out], dim=-1)  # (B, D, K - 1 + L)
+        conv = self.conv
+        out = F.conv1d(full, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
+        return self.after_conv(out.transpose(1, 2)), full[..., full.shape[-1] - history.shape[-1]:]
+
 def _feed_forward(d_model: int, d_ffn: int, dropout: float, activation: type) -> nn.Sequential:
     """Pre-norm position-wise feed-forward: LayerNorm -> FFN -> Dropout."""
     return nn.Sequential(
@@ -100,6 +120,11 @@ def _feed_forward(d_model: int, d_ffn: int, dropout: float, activation: type) ->
         ),
         nn.Dropout(dropout),
     )
+
+
+# A causal encoder layer's stream state: its Mamba's and its convolution module's history.
+LayerState = tuple[MambaState, Tensor]
+EncoderState = list[LayerState]
 
 
 class ConmambaEncoderLayer(nn.Module):
@@ -152,6 +177,22 @@ class ConmambaEncoderLayer(nn.Module):
         x = x + self.convolution_module(x, conv_mask, dynchunktrain_config=dynchunktrain_config)
         return self.norm2(x + 0.5 * self.ffn_module2(x))
 
+    def initial_state(self, batch: int, like: Tensor) -> LayerState:
+        """A causal layer's state before a stream's first frame."""
+        return (self.mamba.initial_state(batch, like.device),
+                self.convolution_module.initial_state(batch, like))
+
+    def forward_chunk(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """The next frames of a stream (causal layers only): (B, L, D), state -> (B, L, D),
+        the new state; equals :meth:`forward` on the whole sequence at those frames."""
+        mamba_state, conv_state = state
+        x = x + 0.5 * self.ffn_module1(x)
+        out, mamba_state = self.mamba.forward_chunk(self.norm1(x), mamba_state)
+        x = x + out
+        out, conv_state = self.convolution_module.forward_chunk(x, conv_state)
+        x = x + out
+        return self.norm2(x + 0.5 * self.ffn_module2(x)), (mamba_state, conv_state)
+
 
 class ConmambaEncoder(nn.Module):
     """Stack of :class:`ConmambaEncoderLayer` and a final LayerNorm: (B, L, D) -> (B, L, D)."""
@@ -202,6 +243,35 @@ class ConmambaEncoder(nn.Module):
         if self.output_hidden_states:
             return output, None, hidden
         return output, None
+
+    @property
+    def causal(self) -> bool:
+        """Whether every layer sees past frames only (then it can stream)."""
+        return all(
+            layer.mamba.bimamba_type == "none" and layer.convolution_module.causal
+            for layer in self.layers
+        )
+
+    def initial_state(self, batch: int, like: Tensor) -> EncoderState:
+        """Every layer's state before a stream's first frame (causal encoders only)."""
+        if not self.causal:
+            raise ValueError("only a causal ConMamba encoder streams (unidirectional Mamba, "
+                             "causal convolution module)")
+        return [layer.initial_state(batch, like) for layer in self.layers]
+
+    @torch.no_grad()
+    def forward_chunk(self, src: Tensor, state: EncoderState) -> tuple[Tensor, EncoderState]:
+        """The next frames of a stream: src (B, L, D), state -> (B, L, D), the new state.
+
+        Equals :meth:`forward` on the whole sequence at those frames, at a cost that does not
+        grow with the frames before: each layer carries its Mamba state (last convolution
+        inputs, SSM state) and its convolution module's last ``kernel_size - 1`` inputs.
+        """
+        new_state = []
+        for layer, layer_state in zip(self.layers, state, strict=True):
+            src, layer_state = layer.forward_chunk(src, layer_state)
+            new_state.append(layer_state)
+        return self.norm(src), new_state
 
 
 def pack_memory_target(

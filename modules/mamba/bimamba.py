@@ -280,6 +280,51 @@ class Mamba(nn.Module):
             out = out * valid.unsqueeze(-1).to(out.dtype)
         return (out, state) if return_state else out
 
+    # ------------------------------------------------------------------ streaming
+
+    def forward_chunk(
+        self, hidden_states: Tensor, state: MambaState
+    ) -> tuple[Tensor, MambaState]:
+        """The next frames of a stream: (B, L, D), state -> (B, L, D), the state after them
+        (unidirectional only).
+
+        Equals :meth:`forward` on the whole sequence at those frames: the convolution sees the
+        state's last inputs, and the scan from a zero state is corrected by the carried state,
+        which decays as ``exp(A * cumsum(delta))`` (the scan is linear in its state).
+        """
+        if self.bimamba_type != "none":
+            raise ValueError("forward_chunk needs a unidirectional Mamba (bimamba_type='none')")
+        length = hidden_states.shape[1]
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2Di, L)
+        x, z = xz.chunk(2, dim=1)  # (B, Di, L) each
+        history = torch.cat([state.conv.to(x.dtype), x], dim=-1)  # (B, Di, d_conv + L)
+        x = causal_conv1d_fn(
+            history[..., 1:], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
+        )[..., self.d_conv - 1:]  # (B, Di, L): each output sees d_conv real inputs
+        x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight)  # (B, L, r + 2N)
+        dt, b, c = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        f = state.ssm.dtype
+        delta = F.softplus(
+            F.linear(dt, self.dt_proj.weight).transpose(1, 2).to(f)
+            + self.dt_proj.bias.to(f).unsqueeze(-1)
+        )  # (B, Di, L)
+        b = b.transpose(1, 2).contiguous()  # (B, N, L)
+        c = c.transpose(1, 2).contiguous()  # (B, N, L)
+        a = -torch.exp(self.A_log.to(f))  # (Di, N)
+        y, ssm = selective_scan_fn(
+            x, delta.to(x.dtype), a, b, c, self.D.to(f), z=z, return_last_state=True
+        )
+        # The carried state's part: h0 decayed to each frame, read out by C, gated by z.
+        decay = torch.exp(delta.cumsum(-1).unsqueeze(2) * a.unsqueeze(-1))  # (B, Di, N, L)
+        carried = decay * state.ssm.unsqueeze(-1)
+        y = y + (torch.einsum("bdnl,bnl->bdl", carried, c.to(f)) * F.silu(z.to(f))).to(y.dtype)
+        ssm = ssm.to(f) + carried[..., -1]
+        out = self.out_proj(y.transpose(1, 2))  # (B, L, D)
+        if self.init_layer_scale is not None:
+            out = out * self.gamma
+        conv = history[..., -self.d_conv:] if length else state.conv
+        return out, MambaState(conv, ssm)
+
     # ------------------------------------------------------------------ recurrent steps
 
     def initial_state(self, batch: int, device: torch.device | None = None) -> MambaState:
