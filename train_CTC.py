@@ -7,6 +7,7 @@ Usage:
     torchrun --nproc_per_node=2 train_CTC.py hparams/CTC/conformer_large.yaml --data_folder ...
     python -m mamba_asr.ddp_run --nproc_per_node=2 train_CTC.py hparams/CTC/conformer_large.yaml \
         --data_folder ...                                       # the same, as guides write it
+    python train_CTC.py hparams/CTC/conformer_streaming_demo.yaml --data_folder data/demo  # DCT
     python train_CTC.py hparams/CTC/demo.yaml --data_folder data/demo --resume_from <CKPT dir>
     python train_CTC.py hparams/CTC/demo.yaml --data_folder data/demo --output_folder more \
         --resume 'results/demo/demo_CTC/3402/save/CKPT+*'      # the newest complete one
@@ -16,6 +17,10 @@ command). After training, the best ``avg_checkpoints`` checkpoints by valid WER 
 and every ``test_csv`` is evaluated (``<output_folder>/wer_<test-set>.txt`` with every
 utterance aligned, ``wer_<test-set>.json`` with its WER/CER scores for the report tools, and a
 summary line in ``train_log.txt``).
+
+A configuration with ``dynchunktrain_config_sampler`` (SpeechBrain's
+``DynChunkTrainConfigRandomSampler``) trains a Conformer with Dynamic Chunk Training and
+validates/tests it with the sampler's ``valid_config``/``test_config`` (its streaming WER).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import speechbrain as sb
 import torch
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.decoders.ctc import CTCPrefixBeamSearcher
+from speechbrain.utils.dynamic_chunk_training import DynChunkTrainConfig
 
 from mamba_asr import data
 from mamba_asr.brain import RECIPE_KEYS, RecipeBrain
@@ -60,7 +66,9 @@ class ASR(RecipeBrain):
             feats, wav_lens = self.hparams.fea_augment(feats, wav_lens)
         src = self.modules.CNN(feats)  # (B, T/4, channels, n_mels/4)
         # forward (not .encode) so that a DDP wrapper sees the call; tgt=None: encoder only
-        enc_out, _ = self.modules.Transformer(src, None, wav_lens)  # (B, T/4, d_model)
+        enc_out = self.modules.Transformer(
+            src, None, wav_lens, dynchunktrain_config=self.dynchunktrain_config(stage)
+        )[0]  # (B, T/4, d_model)
         logits = self.modules.ctc_lin(enc_out)
         p_ctc = self.hparams.log_softmax(logits.float())
         hyps = None
@@ -69,6 +77,13 @@ class ASR(RecipeBrain):
             search = self.hparams.valid_search if valid else self.hparams.test_search
             hyps = self._decode(p_ctc, wav_lens, search)
         return p_ctc, wav_lens, hyps
+
+    def dynchunktrain_config(self, stage: sb.Stage) -> DynChunkTrainConfig | None:
+        """Dynamic Chunk Training (optional key ``dynchunktrain_config_sampler``): a random
+        chunk configuration per training batch, the sampler's fixed ``valid_config`` /
+        ``test_config`` for evaluation (None: full context)."""
+        sampler = getattr(self.hparams, "dynchunktrain_config_sampler", None)
+        return None if sampler is None else sampler(stage)
 
     def _decode(self, p_ctc: torch.Tensor, wav_lens: torch.Tensor, search: str) -> list[list[str]]:
         """Word sequences by greedy CTC decoding or CTC prefix beam search."""

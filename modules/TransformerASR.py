@@ -10,6 +10,13 @@ constructor, ``forward``, ``encode(src, wav_len)`` with relative lengths and
 * ``decoder_module``: "transformer" (SpeechBrain's) | "mamba"
   (:class:`modules.Conmamba.MambaDecoder`);
 * ``mamba_config``: ``{d_state, expand, d_conv, bidirectional}`` and other ``Mamba`` arguments;
+* ``forward(src, tgt, wav_len, pad_idx, dynchunktrain_config=None)``: SpeechBrain's Dynamic
+  Chunk Training configuration (chunked attention masks and Dynamic Chunk Convolution) reaches
+  the encoder through ``forward`` too (SpeechBrain's passes it through ``encode`` only);
+* ``stream_chunk_size`` / ``stream_left_context``: the model's streaming configuration
+  (:attr:`TransformerASR.streaming_config`, a ``DynChunkTrainConfig`` of chunk size in encoder
+  frames and left context in chunks) for streaming inference of a DCT-trained Conformer. It is
+  metadata: ``encode`` without a ``dynchunktrain_config`` attends to the full context;
 * ``mamba_init``: "xavier" (default) re-initialises every parameter with more than one dimension
   Xavier-normal, Mamba's ``A_log`` and projections included, as xi-j/Mamba-ASR does (the paper's
   models were trained that way); "mamba" keeps mamba-ssm's own initialisation inside the Mamba
@@ -36,6 +43,7 @@ from speechbrain.lobes.models.transformer.TransformerASR import (
 )
 from speechbrain.nnet.activations import Swish
 from speechbrain.nnet.containers import ModuleList
+from speechbrain.utils.dynamic_chunk_training import DynChunkTrainConfig
 from torch import Tensor, nn
 
 from modules.Conmamba import ConmambaEncoder, DecoderState, MambaDecoder
@@ -52,8 +60,8 @@ class TransformerASR(SBTransformerASR):
     """Encoder-decoder (or encoder-only, ``num_decoder_layers=0``) ASR model.
 
     src (B, L, input_size) -> encoder_out (B, L, d_model); tgt (B, T) tokens -> (B, T, d_model).
-    Arguments as SpeechBrain's TransformerASR plus ``decoder_module``, ``mamba_config`` and
-    ``mamba_init`` (see the module docstring).
+    Arguments as SpeechBrain's TransformerASR plus ``decoder_module``, ``mamba_config``,
+    ``mamba_init``, ``stream_chunk_size`` and ``stream_left_context`` (see the module docstring).
     """
 
     def __init__(
@@ -85,6 +93,8 @@ class TransformerASR(SBTransformerASR):
         layerdrop_prob: float = 0.0,
         mamba_config: dict[str, Any] | None = None,
         mamba_init: str = "xavier",
+        stream_chunk_size: int | None = None,
+        stream_left_context: int | None = None,
     ) -> None:
         _check_choice("encoder_module", encoder_module, ENCODERS)
         _check_choice("decoder_module", decoder_module, DECODERS)
@@ -100,6 +110,12 @@ class TransformerASR(SBTransformerASR):
             raise ValueError("normalize_before must be True for the ConMamba encoder")
         if mamba_decoder and num_encoder_layers == 0:
             raise ValueError("the Mamba decoder needs an encoder (num_encoder_layers > 0)")
+        if stream_chunk_size is not None and stream_chunk_size < 1:
+            raise ValueError(f"stream_chunk_size must be at least 1; got {stream_chunk_size}")
+        if stream_chunk_size is None and stream_left_context is not None:
+            raise ValueError("stream_left_context needs stream_chunk_size")
+        if stream_left_context is not None and stream_left_context < 0:
+            raise ValueError(f"stream_left_context must be >= 0; got {stream_left_context}")
         self.mamba_init = mamba_init
         # SpeechBrain builds its own encoders and the Transformer decoder; for ConMamba it
         # builds no encoder, and for the Mamba decoder it is told there is none.
@@ -133,9 +149,39 @@ class TransformerASR(SBTransformerASR):
                 activation=activation, dropout=dropout, normalize_before=normalize_before,
                 mamba_config=mamba_config,
             )
+        self.stream_chunk_size = stream_chunk_size
+        self.stream_left_context = stream_left_context
         self._init_params()
         self.register_load_state_dict_pre_hook(_fill_constant_buffers)
 
+    @property
+    def streaming_config(self) -> DynChunkTrainConfig | None:
+        """The streaming chunk configuration (chunk size in encoder frames, left context in
+        chunks; None: unlimited), or None when the model has none."""
+        if self.stream_chunk_size is None:
+            return None
+        return DynChunkTrainConfig(self.stream_chunk_size, self.stream_left_context)
+
+    def forward(
+        self,
+        src: Tensor,
+        tgt: Tensor | None,
+        wav_len: Tensor | None = None,
+        pad_idx: int = 0,
+        dynchunktrain_config: DynChunkTrainConfig | None = None,
+    ) -> Any:
+        """SpeechBrain's ``forward``; with ``dynchunktrain_config`` (encoder only: ``tgt`` None)
+        src (B, L, F) -> (encoder_out (B, L, d_model), None) encoded with chunked attention
+        and Dynamic Chunk Convolution, as ``encode(..., dynchunktrain_config=...)``."""
+        if dynchunktrain_config is None:
+            return super().forward(src, tgt, wav_len, pad_idx)
+        if tgt is not None:
+            raise ValueError("dynchunktrain_config is supported by the encoder-only forward "
+                             "(tgt=None)")
+        if self.output_hidden_states:
+            encoder_out, hidden_states = self.encode(src, wav_len, pad_idx, dynchunktrain_config)
+            return encoder_out, None, hidden_states
+        return self.encode(src, wav_len, pad_idx, dynchunktrain_config), None
 
     def _init_params(self) -> None:
         """Xavier-normal for every parameter with more than one dimension (see ``mamba_init``)."""

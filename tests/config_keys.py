@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from speechbrain.utils.run_opts import RunOptions
@@ -62,14 +62,27 @@ def _is_hparams(node: ast.expr) -> bool:
     )
 
 
-def assert_family_shares_keys(folder: Path, names: list[str], model_keys: list[str]) -> None:
+def is_dct(path: Path) -> bool:
+    """Whether the configuration trains with SpeechBrain's Dynamic Chunk Training."""
+    return "\ndynchunktrain_config_sampler:" in path.read_text(encoding="utf-8")
+
+
+def assert_family_shares_keys(
+    folder: Path, names: list[str], model_keys: list[str],
+    optional: dict[str, tuple[list[str], Callable[[Path], bool]]] | None = None,
+) -> None:
     """Every configuration has conformer_large's keys in its order, plus ``model_keys``
-    exactly when it builds a ConMamba encoder."""
+    exactly when it builds a ConMamba encoder, and each ``optional`` group's keys exactly when
+    its test says the configuration has that feature."""
+    groups = {"model": (model_keys, is_conmamba), **(optional or {})}
+    extra = {k for keys, _ in groups.values() for k in keys}
     reference = top_keys(folder / "conformer_large.yaml")
     for name in names:
-        keys = top_keys(folder / f"{name}.yaml")
-        assert [k for k in keys if k not in model_keys] == reference, name
-        assert is_conmamba(folder / f"{name}.yaml") == all(k in keys for k in model_keys), name
+        path = folder / f"{name}.yaml"
+        keys = top_keys(path)
+        assert [k for k in keys if k not in extra] == reference, name
+        for group, (group_keys, has) in groups.items():
+            assert has(path) == all(k in keys for k in group_keys), (name, group)
 
 
 def assert_every_key_used(folder: Path, names: list[str], scripts: Iterable[Path]) -> None:
@@ -140,6 +153,8 @@ def assert_finetunes_demo(finetune: dict, demo: dict) -> None:
 
 # The Mamba keys only the ConMamba configurations of a family have.
 MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_init", "mamba_config"]
+# The keys only the Dynamic Chunk Training (streaming Conformer) configurations have.
+DCT_KEYS = ["stream_chunk_size", "stream_left_context", "dynchunktrain_config_sampler"]
 
 
 def assert_asr_family(
@@ -155,7 +170,7 @@ def assert_asr_family(
 
     scripts, declared = list(scripts), set(declared)
     names = sorted(p.stem for p in folder.glob("*.yaml"))
-    assert_family_shares_keys(folder, names, MAMBA_KEYS)
+    assert_family_shares_keys(folder, names, MAMBA_KEYS, {"dct": (DCT_KEYS, is_dct)})
     for name in names:
         conmamba = "conmamba" in name or name in DEMO_CONFIGS
         assert is_conmamba(folder / f"{name}.yaml") == conmamba, name
