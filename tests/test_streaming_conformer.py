@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -214,3 +215,62 @@ def test_recipe_passes_the_stage_config(name: str, tmp_path: Path, monkeypatch) 
                     (sb.Stage.TEST, streaming)]
     assert given == [draw, streaming, streaming]
     assert isinstance(encoder, ConformerEncoder)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_run_evaluates_exports_and_streams(demo_corpus: Path, tmp_path: Path) -> None:
+    """A random-weight run of the demo configuration (zero learning rate): evaluate.py decodes
+    its test set as its test stage did (the same hypotheses and loss: the streaming
+    configuration); the exported folder keeps the model's streaming configuration,
+    and ``Transcriber.stream()`` fed 10-ms to 2-s pieces gives the log-probabilities of the
+    exported model's offline chunked pass (to 1e-4)."""
+    import evaluate
+    import export
+    from mamba_asr.reports.curves import read_test_lines
+    from mamba_asr.transcriber import Transcriber
+
+    run = tmp_path / "run"
+    train_CTC.main([
+        str(CTC / "conformer_streaming_demo.yaml"), "--data_folder", str(demo_corpus),
+        "--output_folder", str(run), "--select_n_sentences", "[8, 4, 8, 4]",
+        "--number_of_epochs", "1", "--lr_model", "0.0", "--noprogressbar",
+        "--test_dataloader_opts", "{batch_size: 1}",
+    ])
+    stats = evaluate.main([
+        str(CTC / "conformer_streaming_demo.yaml"), "--ckpt", str(run / "save"), "--test_csv",
+        str(run / "prepared" / "test-clean.csv"), "--out_dir", str(tmp_path / "eval"),
+        "--test_dataloader_opts", "{batch_size: 1}", "--noprogressbar",
+    ])
+    assert stats["test-clean"]["utterances"] == 8
+    run_hyps, eval_hyps = (
+        {u["key"]: u["hyp_tokens"] for u in json.loads(
+            (out / "wer_test-clean.json").read_text())["WER"]["utterances"]}
+        for out in (run, tmp_path / "eval")
+    )
+    assert eval_hyps == run_hyps and len(run_hyps) == 8
+    logged = read_test_lines(run / "train_log.txt").set_index("test set")
+    assert stats["test-clean"]["loss"] == pytest.approx(logged.loc["test-clean", "test loss"],
+                                                        rel=6e-3)  # logged to 3 digits
+    folder = tmp_path / "export"
+    export.main([str(run), "--out", str(folder)])
+    assert "stream_chunk_size: 8" in (folder / "hyperparams.yaml").read_text()
+    transcriber = Transcriber.from_folder(folder)
+    h = transcriber.hparams
+    assert h.Transformer.streaming_config == DynChunkTrainConfig(8, 4)
+    wav = torch.randn(40000) * 0.05
+    with torch.no_grad():
+        feats = h.normalize(h.compute_features(wav[None]), torch.ones(1))
+        enc = h.Transformer.encode(h.CNN(feats), torch.ones(1),
+                                   dynchunktrain_config=h.Transformer.streaming_config)
+        offline = h.log_softmax(h.ctc_lin(enc))[0]
+    for piece in (160, 32000, 4410):
+        stream = transcriber.stream()
+        for lo in range(0, wav.numel(), piece):
+            stream.feed(wav[lo : lo + piece])
+        stream.finish()
+        streamed = stream.log_probs()
+        assert streamed.shape == offline.shape
+        assert (streamed - offline).abs().max().item() <= 1e-4, piece
