@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CTC_DEMO = REPO / "hparams" / "CTC" / "demo.yaml"
+STREAMING_DEMO = REPO / "hparams" / "CTC" / "conmamba_streaming_demo.yaml"
 START_TIMEOUT_S = 60.0
 
 
@@ -87,6 +88,17 @@ def metric(text: str, name: str, **labels: str) -> float:
 def random_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight CTC demo export folder named demo-ctc (the service tests' model)."""
     return export_random(tmp_path_factory.mktemp("serve") / "demo-ctc", name="demo-ctc")
+
+
+@pytest.fixture(scope="session")
+def stream_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight export of the causal ConMamba demo configuration
+    (hparams/CTC/conmamba_streaming_demo.yaml), named demo-stream: a model that streams."""
+    from mamba_asr.export import export_untrained
+
+    out = tmp_path_factory.mktemp("stream") / "demo-stream"
+    export_untrained(str(STREAMING_DEMO), out, name="demo-stream")
+    return out
 
 
 @pytest.fixture(scope="session")

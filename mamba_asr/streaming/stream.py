@@ -128,6 +128,11 @@ class Stream:
         return self._frontend.received / self.sample_rate
 
     @property
+    def final_words(self) -> list[Word]:
+        """The words made final so far (greedy decoding, frame times), in order."""
+        return list(self._final)
+
+    @property
     def partial(self) -> str:
         """The unfinished tail of the hypothesis."""
         return self._word
