@@ -131,3 +131,25 @@ def test_a_bidirectional_model_cannot_stream(random_export: Path) -> None:
     h.normalize.norm_type = "global"
     with pytest.raises(ValueError, match="cannot stream: .*bidirectional"):
         asr.stream()
+
+
+@pytest.mark.parametrize("samples", [0, 1, 160, 400, 1000, 2000])
+def test_short_streams_end_as_offline_transcription_does(
+    streaming_asr: Transcriber, signal: torch.Tensor, samples: int
+) -> None:
+    """Shorter than the offline transcriber's 0.1-s padding, a stream is padded alike: its
+    final transcript and frame count are the offline ones (also for no audio at all)."""
+    wav = signal[round(0.3 * SAMPLE_RATE):][:samples]
+    stream = streaming_asr.stream()
+    if samples:
+        stream.feed(wav)
+    final = stream.finish()
+    frames = samples // 160 + 1  # feature frames, then as the offline transcriber counts
+    expected = -(-frames // 4) if samples >= 1600 else round(frames / 11 * 3)
+    assert stream.log_probs().shape[0] == expected
+    if samples:
+        offline = next(iter(streaming_asr.transcribe([(wav, SAMPLE_RATE)])))
+        assert final.text == offline.text
+        assert final.duration == pytest.approx(samples / SAMPLE_RATE)
+    else:
+        assert final.text == "" or final.duration == 0.0
