@@ -51,7 +51,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean-demo:
-	rm -rf $(DEMO_DATA) $(DEMO_OUT) $(DEMO_MODEL)
+	rm -rf $(DEMO_DATA) $(DEMO_OUT) $(DEMO_MODEL) $(DEMO_STREAM_MODEL)
 
 # Fine-tuning demo (docs/demo.md): trains the CTC demo model (or reuses it: a finished run is
 # only re-evaluated), fine-tunes it on the demo corpus's adapt splits (voices it has not
@@ -68,6 +68,20 @@ demo-finetune: corpus
 	@echo "WER before (the demo model) and after fine-tuning on adapt-train:"
 	@$(PY) -m mamba_asr.reports.wer_table $(DEMO_FT)/before $(DEMO_FT) \
 		--names before after --wide
+
+# Streaming demo (docs/streaming.md): trains the causal ConMamba demo configuration
+# (hparams/CTC/conmamba_streaming_demo.yaml; rerunning resumes or re-evaluates), exports it to
+# models/demo-stream and streams a test-clean recording through it in 160-ms chunks at real-time
+# pace, printing the partial results with their stream times, then the final transcript.
+DEMO_STREAM := $(DEMO_OUT)/demo_CTC_streaming/3402
+DEMO_STREAM_MODEL := models/demo-stream
+.PHONY: demo-stream
+demo-stream: corpus
+	$(PY) train_CTC.py hparams/CTC/conmamba_streaming_demo.yaml --data_folder $(DEMO_DATA) \
+		--noprogressbar
+	$(PY) -m mamba_asr.reports.wer_table $(DEMO_STREAM)
+	$(PY) export.py $(DEMO_STREAM) --out $(DEMO_STREAM_MODEL) --overwrite
+	$(PY) transcribe.py $(DEMO_STREAM_MODEL) --stream $(lastword $(DEMO_AUDIO))
 
 # Serves the model `make demo` exported: adds it to the registry models/registry as demo-ctc
 # with the alias production (adding it again changes nothing) and starts serve.py on it.

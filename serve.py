@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Serve a model over HTTP: OpenAI's audio transcription API, metrics, health and readiness.
+"""Serve a model over HTTP: OpenAI's audio transcription API, live transcription over a
+WebSocket (/v1/stream), metrics, health and readiness.
 
 Usage:
     python serve.py --models models/registry --model demo-ctc@production --port 8000
@@ -13,10 +14,13 @@ Usage:
 ``--model`` is an export folder (``export.py``) or a registry reference (``name@alias``,
 ``name@version``, ``name``; ``python -m mamba_asr.registry``). The server listens at once;
 ``GET /ready`` answers 200 once the model is loaded and warmed up. Concurrent requests are
-batched into one forward pass. SIGTERM drains (``/ready`` 503, requests in flight finish,
-exit 0); SIGHUP (or ``POST /admin/reload``) loads the version the alias now names and
-switches without failing requests. Every option also reads ``MAMBA_ASR_<OPTION>`` from the
-environment (e.g. ``MAMBA_ASR_API_KEY``, ``MAMBA_ASR_MODELS``); the command line wins.
+batched into one forward pass. A streaming model (``hparams/CTC/conmamba_streaming_*.yaml``)
+also transcribes live audio on the WebSocket ``/v1/stream`` (16-kHz 16-bit PCM in, JSON
+partial and final results out; docs/serving.md). SIGTERM drains (``/ready`` 503, requests
+and streams in flight finish, exit 0); SIGHUP (or ``POST /admin/reload``) loads the version
+the alias now names and switches without failing requests. Every option also reads
+``MAMBA_ASR_<OPTION>`` from the environment (e.g. ``MAMBA_ASR_API_KEY``,
+``MAMBA_ASR_MODELS``); the command line wins.
 """
 
 from __future__ import annotations
@@ -44,9 +48,14 @@ DEFAULTS = {  # option: (type, default, help)
     "max_wait_ms": (float, 20.0, "longest a request waits for others to share its pass"),
     "max_queue": (int, 64, "requests waiting for a pass; beyond: 503 with Retry-After"),
     "max_upload_mb": (float, 25.0, "largest upload (413 beyond, refused while streaming)"),
-    "max_audio_seconds": (float, 3600.0, "longest audio (413 beyond)"),
+    "max_audio_seconds": (float, 3600.0, "longest audio (413 beyond; a stream: closed "
+                          "with 1008)"),
     "request_timeout": (float, 120.0, "seconds before a transcription answers 504"),
     "drain_seconds": (float, 30.0, "on SIGTERM: longest wait for requests in flight"),
+    "max_streams": (int, 4, "WebSocket streams (/v1/stream) open at once; beyond: closed "
+                    "with 1013 (try again later)"),
+    "stream_idle_timeout": (float, 30.0, "seconds a stream may send nothing before it is "
+                            "closed (1008)"),
     "log_level": (str, "info", "debug (with an access log), info, warning, error"),
 }
 
@@ -82,7 +91,8 @@ def main(argv: list[str]) -> int:
             max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
             max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
             max_audio_seconds=args.max_audio_seconds, request_timeout=args.request_timeout,
-            drain_seconds=args.drain_seconds,
+            drain_seconds=args.drain_seconds, max_streams=args.max_streams,
+            stream_idle_timeout=args.stream_idle_timeout,
         )
         service = Service(settings)  # resolves --model now: a wrong one fails before listening
     except ValueError as exc:  # settings, a registry or card error

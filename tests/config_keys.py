@@ -153,6 +153,8 @@ def assert_finetunes_demo(finetune: dict, demo: dict) -> None:
 
 # The Mamba keys only the ConMamba configurations of a family have.
 MAMBA_KEYS = ["d_state", "expand", "d_conv", "bidirectional", "mamba_init", "mamba_config"]
+# Keys of the streaming configurations (``*streaming*.yaml``) only.
+STREAMING_KEYS = ["causal"]
 # The keys only the Dynamic Chunk Training (streaming Conformer) configurations have.
 DCT_KEYS = ["stream_chunk_size", "stream_left_context", "dynchunktrain_config_sampler"]
 
@@ -170,7 +172,10 @@ def assert_asr_family(
 
     scripts, declared = list(scripts), set(declared)
     names = sorted(p.stem for p in folder.glob("*.yaml"))
-    assert_family_shares_keys(folder, names, MAMBA_KEYS, {"dct": (DCT_KEYS, is_dct)})
+    assert_family_shares_keys(folder, names, MAMBA_KEYS, {
+        "streaming": (STREAMING_KEYS, lambda path: "streaming" in path.stem),
+        "dct": (DCT_KEYS, is_dct),
+    })
     for name in names:
         conmamba = "conmamba" in name or name in DEMO_CONFIGS
         assert is_conmamba(folder / f"{name}.yaml") == conmamba, name

@@ -22,7 +22,12 @@ from runs import (  # noqa: F401  (session fixtures)
     s2s_manifests,
     s2s_run,
 )
-from serving import clips, random_export  # noqa: F401  (session fixtures)
+from serving import (  # noqa: F401  (session fixtures)
+    clips,
+    random_export,
+    stream_export,
+    stream_export_words,
+)
 
 if TYPE_CHECKING:
     from torch import nn

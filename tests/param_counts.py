@@ -39,9 +39,13 @@ def conformer_layer_params(d: int, f: int) -> int:
 def encoder_params(
     encoder: str, d: int, f: int, layers: int, n_mels: int, channels: tuple[int, ...]
 ) -> int:
-    """Front-end, input Linear (channels[-1] x n_mels/4 -> d), ``layers`` Conformer or ConMamba
-    layers and the final LayerNorm."""
-    layer = conformer_layer_params(d, f) if encoder == "conformer" else conmamba_layer_params(d, f)
+    """Front-end, input Linear (channels[-1] x n_mels/4 -> d), ``layers`` Conformer, ConMamba
+    or causal ConMamba ("conmamba_causal": unidirectional Mamba) layers and the final
+    LayerNorm."""
+    if encoder == "conformer":
+        layer = conformer_layer_params(d, f)
+    else:
+        layer = conmamba_layer_params(d, f, bi=encoder != "conmamba_causal")
     features = channels[-1] * (n_mels // 4)
     return frontend_params(n_mels, channels) + (features * d + d) + layers * layer + 2 * d
 

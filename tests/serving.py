@@ -14,14 +14,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CTC_DEMO = REPO / "hparams" / "CTC" / "demo.yaml"
+STREAMING_DEMO = REPO / "hparams" / "CTC" / "conmamba_streaming_demo.yaml"
 START_TIMEOUT_S = 60.0
 
 
-def export_random(out: Path, seed: int = 3402, name: str | None = None) -> Path:
-    """A CTC demo-configuration export folder with the random weights of ``seed``."""
+def export_random(out: Path, seed: int = 3402, name: str | None = None,
+                  config: Path = CTC_DEMO) -> Path:
+    """An export folder of a CTC configuration (the bidirectional demo's by default) with the
+    random weights of ``seed``."""
     from mamba_asr.export import export_untrained
 
-    export_untrained(str(CTC_DEMO), out, overrides=["--seed", str(seed)], name=name)
+    export_untrained(str(config), out, overrides=["--seed", str(seed)], name=name)
     return out
 
 
@@ -87,6 +90,34 @@ def metric(text: str, name: str, **labels: str) -> float:
 def random_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight CTC demo export folder named demo-ctc (the service tests' model)."""
     return export_random(tmp_path_factory.mktemp("serve") / "demo-ctc", name="demo-ctc")
+
+
+@pytest.fixture(scope="session")
+def stream_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight export of the causal ConMamba demo configuration
+    (hparams/CTC/conmamba_streaming_demo.yaml), named demo-stream: a model that streams."""
+    from mamba_asr.export import export_untrained
+
+    out = tmp_path_factory.mktemp("stream") / "demo-stream"
+    export_untrained(str(STREAMING_DEMO), out, name="demo-stream")
+    return out
+
+
+@pytest.fixture(scope="session")
+def stream_export_words(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As ``stream_export`` with the random weights of seed 11, named stream-ctc: on low-level
+    noise (:func:`noise_pcm`) its hypotheses hold spaces (several words, some final long
+    before the end), where the configuration's seed writes one long word."""
+    return export_random(tmp_path_factory.mktemp("stream") / "stream-ctc", seed=11,
+                         name="stream-ctc", config=STREAMING_DEMO)
+
+
+def noise_pcm(seconds: float, seed: int = 0, rate: int = 16000) -> bytes:
+    """Low-level Gaussian noise (0.01 RMS) as 16-bit little-endian PCM."""
+    import numpy as np
+
+    noise = 0.01 * np.random.default_rng(seed).standard_normal(round(seconds * rate))
+    return np.round(noise * 32768).clip(-32768, 32767).astype("<i2").tobytes()
 
 
 @pytest.fixture(scope="session")

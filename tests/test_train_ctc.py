@@ -57,6 +57,8 @@ ARCHITECTURES = {
     "conmamba_small": ("conmamba", 144, 1024, 12, 80, (64, 32)),
     "demo": ("conmamba", 144, 576, 2, 40, (32, 16)),
     "finetune_demo": ("conmamba", 144, 576, 2, 40, (32, 16)),  # the demo model, adapted
+    "conmamba_streaming_small": ("conmamba_causal", 144, 1024, 12, 80, (64, 32)),
+    "conmamba_streaming_demo": ("conmamba_causal", 144, 576, 2, 40, (32, 16)),
     "conformer_streaming_demo": ("conformer", 144, 576, 4, 40, (32, 16)),  # DCT
     "conformer_streaming_small": ("conformer", 144, 1024, 12, 80, (64, 32)),  # DCT
 }

@@ -1,5 +1,6 @@
 """The HTTP API (FastAPI): OpenAI's audio transcription endpoint, models, health, readiness,
-metrics and reload.
+metrics and reload; and the WebSocket route ``/v1/stream`` (live transcription of raw PCM,
+:mod:`mamba_asr.serving.stream_route`; not in the OpenAPI schema).
 
 ``create_app(service)`` builds the app around a :class:`~mamba_asr.serving.service.Service`.
 Errors are OpenAI's error object, ``{"error": {"message", "type", "param", "code"}}``, with
@@ -17,7 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -28,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mamba_asr import audio_io
 from mamba_asr.serving.batcher import QueueFull
 from mamba_asr.serving.service import Result, Service, private_file
+from mamba_asr.serving.stream_route import STREAM_ROUTE, serve_stream
 from mamba_asr.transcript import render, segments, verbose_json
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
@@ -273,11 +275,16 @@ def create_app(service: Service) -> FastAPI:
                            "(the service's --request_timeout)", code="timeout") from exc
         return _response(result, response_format, timestamp_granularities or ["segment"])
 
+    @app.websocket(STREAM_ROUTE)
+    async def stream(websocket: WebSocket) -> None:
+        """Live transcription: binary PCM frames in, JSON partial/final results out."""
+        await serve_stream(websocket, service)
+
     @app.get("/", include_in_schema=False)
     async def root() -> dict[str, Any]:
         return {"service": app.title, "model": service.where.ref,
-                "routes": ["/v1/audio/transcriptions", "/v1/models", "/health", "/ready",
-                           "/metrics", "/docs"]}
+                "routes": ["/v1/audio/transcriptions", "/v1/stream", "/v1/models", "/health",
+                           "/ready", "/metrics", "/docs"]}
 
     return app
 

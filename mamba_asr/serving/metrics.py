@@ -10,6 +10,10 @@ Exposed at ``GET /metrics`` in Prometheus' text format:
 - ``mamba_asr_real_time_factor``: per transcription, seconds in the model / seconds of audio;
 - ``mamba_asr_queue_depth`` (requests waiting for a forward pass), ``mamba_asr_batch_size``
   (requests per forward pass) and ``mamba_asr_batch_audio_seconds``;
+- ``mamba_asr_streams_active`` (WebSocket streams open on ``/v1/stream``),
+  ``mamba_asr_streams_total{end}`` (streams ended: ``final``, ``error``, ``disconnected``),
+  ``mamba_asr_stream_audio_seconds_total`` (audio received by streams) and
+  ``mamba_asr_stream_errors_total{code}`` (streams ended by an error frame, by its code);
 - ``mamba_asr_model_info{name,version,ref,family,architecture}``: the model being served;
   ``mamba_asr_model_reloads_total{result}``;
 - ``mamba_asr_peak_resident_memory_bytes`` (the process' peak RSS, any OS) and ``process_*``
@@ -73,6 +77,15 @@ class ServiceMetrics:
         peak = Gauge("mamba_asr_peak_resident_memory_bytes",
                      "Peak resident memory of the process (getrusage)", registry=r)
         peak.set_function(peak_rss_bytes)
+        self.streams_active = Gauge("mamba_asr_streams_active",
+                                    "WebSocket streams open (/v1/stream)", registry=r)
+        self.streams = Counter("mamba_asr_streams", "WebSocket streams ended, by how",
+                               ["end"], registry=r)
+        self.stream_audio_seconds = Counter("mamba_asr_stream_audio_seconds",
+                                            "Seconds of audio received by streams", registry=r)
+        self.stream_errors = Counter("mamba_asr_stream_errors",
+                                     "Streams ended by an error frame, by its code", ["code"],
+                                     registry=r)
         self.reloads = Counter("mamba_asr_model_reloads", "Model reloads, by result",
                                ["result"], registry=r)
 

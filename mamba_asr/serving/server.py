@@ -24,6 +24,7 @@ import uvicorn
 
 from mamba_asr.serving.app import create_app
 from mamba_asr.serving.service import Service
+from mamba_asr.serving.stream_route import MAX_FRAME_BYTES
 
 logger = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 5.0  # after draining: connections still open get this long to finish
@@ -105,6 +106,9 @@ def serve(service: Service, host: str, port: int, log_level: str = "info") -> in
     config = uvicorn.Config(
         create_app(service), host=host, port=port, log_level=log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=log_level == "debug",
+        # /v1/stream answers frames over its limit with an error message; far larger ones
+        # are refused by the protocol (1009) before they are read whole
+        ws_max_size=4 * MAX_FRAME_BYTES,
     )
     server = Server(config, service)
     server.exit_code = 0

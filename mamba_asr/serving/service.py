@@ -4,22 +4,26 @@ the server starts listening, switched on reload), the batcher, readiness and dra
 Lifecycle: :meth:`Service.start` (in the app's lifespan) creates the private upload folder and
 starts loading the model in a thread; ``ready`` turns true once it is loaded and warmed up.
 :meth:`Service.drain` (SIGTERM) marks the service not ready and waits for the requests in
-flight; :meth:`Service.stop` ends the worker and removes the upload folder.
+flight (HTTP requests and ``/v1/stream`` streams); :meth:`Service.stop` ends the worker and
+removes the upload folder. Streams run their model calls in one worker thread of their own
+(:meth:`Service.in_stream_thread`), beside the batcher's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mamba_asr.serving import models
 from mamba_asr.serving.batcher import Batcher, Job
@@ -29,6 +33,7 @@ from mamba_asr.transcript import Transcript
 logger = logging.getLogger(__name__)
 
 MB = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,10 +52,12 @@ class Settings:
     max_audio_seconds: float = 3600.0
     request_timeout: float = 120.0
     drain_seconds: float = 30.0
+    max_streams: int = 4
+    stream_idle_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         positive = ("max_batch_seconds", "max_upload_mb", "max_audio_seconds",
-                    "request_timeout")
+                    "request_timeout", "stream_idle_timeout")
         for key in positive:
             if not getattr(self, key) > 0:
                 raise ValueError(f"--{key} must be positive, got {getattr(self, key)}")
@@ -59,6 +66,8 @@ class Settings:
                 raise ValueError(f"--{key} must be 0 or more, got {getattr(self, key)}")
         if self.max_queue < 1:
             raise ValueError(f"--max_queue must be at least 1, got {self.max_queue}")
+        if self.max_streams < 1:
+            raise ValueError(f"--max_streams must be at least 1, got {self.max_streams}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api_key is empty: give a key, or leave it out for no auth")
 
@@ -86,7 +95,11 @@ class Service:
         self.model: models.ServedModel | None = None
         self.state = "starting"  # starting, loading, ready, failed, draining, stopped
         self.error: str | None = None
-        self.in_flight = 0  # HTTP requests being answered (the metrics middleware counts)
+        self.in_flight = 0  # HTTP requests and streams being answered (draining waits)
+        self.streams = 0  # WebSocket streams open (at most settings.max_streams)
+        # every stream's model calls, one at a time, off the event loop (the batcher has its
+        # own worker thread: both read the shared model under no_grad); made by start()
+        self._stream_executor: ThreadPoolExecutor | None = None
         self.upload_dir: Path | None = None
         self._previous_tempdir: str | None = None
         self._reload_lock = asyncio.Lock()
@@ -109,6 +122,7 @@ class Service:
         self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.upload_dir)
         self.batcher.start()
+        self._stream_executor = ThreadPoolExecutor(1, thread_name_prefix="mamba-asr-stream")
         self.state = "loading"
         self._load_task = asyncio.create_task(self._load_first())
 
@@ -152,6 +166,8 @@ class Service:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         await asyncio.to_thread(self.batcher.stop, 30.0)
+        if self._stream_executor is not None:
+            self._stream_executor.shutdown(wait=False, cancel_futures=True)
         if self.upload_dir is not None:
             if tempfile.tempdir == str(self.upload_dir):
                 tempfile.tempdir = self._previous_tempdir
@@ -193,6 +209,14 @@ class Service:
             if not job.future.done():  # timed out or the client went away
                 self.batcher.cancel(job)
                 job.future.cancel()
+
+    async def in_stream_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the streams' worker thread (model compute of ``/v1/stream``: a
+        stream's ``feed`` and ``finish``), awaited without blocking the event loop."""
+        if self._stream_executor is None:
+            raise RuntimeError("the service is not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._stream_executor, functools.partial(fn, *args))
 
     def _run_batch(self, jobs: list[Job]) -> list[Result]:
         """One forward pass over ``jobs`` on the current model (worker thread)."""

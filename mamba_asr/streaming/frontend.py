@@ -108,15 +108,29 @@ class FrontendStreamer:
         return self._cnn_frames(ready_out)
 
     @torch.no_grad()
-    def finish(self) -> Tensor:
-        """The CNN frames of the end of the stream (the centred STFT's zero padding added)."""
+    def finish(self, min_samples: int = 0) -> Tensor:
+        """The CNN frames of the end of the stream (the centred STFT's zero padding added).
+
+        A stream shorter than ``min_samples`` is first padded with zeros to that length, as
+        the offline transcriber pads a short clip (the CNN's padding needs a few frames), and
+        only the frames of the real samples are returned.
+        """
         if self.finished:
             raise ValueError("the stream is finished: start a new one")
         self.finished = True
-        self._samples = torch.cat([self._samples, self._samples.new_zeros(self._pad)])
-        total = 1 + (self.received + 2 * self._pad - self.n_fft) // self.hop
+        padded = max(self.received, min_samples)
+        zeros = padded - self.received + self._pad
+        self._samples = torch.cat([self._samples, self._samples.new_zeros(zeros)])
+        total = 1 + (padded + 2 * self._pad - self.n_fft) // self.hop
         self._add_features(max(total, 0))
-        return self._cnn_frames(-(-self._frames // self.stride), end=True)
+        out = self._cnn_frames(-(-self._frames // self.stride), end=True)
+        real = 1 + (self.received + 2 * self._pad - self.n_fft) // self.hop  # feature frames
+        if padded > self.received:  # the offline transcriber's count for a padded clip
+            ratio = torch.tensor(real, dtype=torch.float32) / self._frames
+            outputs = int(torch.round(ratio * self._outputs))
+        else:
+            outputs = -(-real // self.stride)
+        return out[:, : max(0, outputs - (self._outputs - out.shape[1]))]
 
     def _add_features(self, ready: int) -> None:
         """Compute feature frames up to ``ready`` (exclusive) and drop the samples before the

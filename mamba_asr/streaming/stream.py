@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mamba_asr.streaming.conmamba import ConmambaStreamer, conmamba_problem
 from mamba_asr.streaming.frontend import FrontendStreamer, frontend_problem
-from mamba_asr.transcribing import PAUSE_SECONDS, in_order
+from mamba_asr.transcribing import MIN_BATCH_SECONDS, PAUSE_SECONDS, in_order
 from mamba_asr.transcript import Transcript, Word
 
 if TYPE_CHECKING:
@@ -128,6 +128,11 @@ class Stream:
         return self._frontend.received / self.sample_rate
 
     @property
+    def final_words(self) -> list[Word]:
+        """The words made final so far (greedy decoding, frame times), in order."""
+        return list(self._final)
+
+    @property
     def partial(self) -> str:
         """The unfinished tail of the hypothesis."""
         return self._word
@@ -165,7 +170,8 @@ class Stream:
         if self.finished:
             raise ValueError("the stream is finished: start a new one with .stream()")
         start = time.perf_counter()
-        self._run(self._frontend.finish(), flush=True)
+        min_samples = round(MIN_BATCH_SECONDS * self.sample_rate)  # as offline: a few frames
+        self._run(self._frontend.finish(min_samples), flush=True)
         self.finished = True
         duration = self.seconds
         log_probs = (torch.cat(self._log_probs) if self._log_probs
