@@ -10,7 +10,7 @@ Usage:
 
 ``cost``: a stream of demo test-clean speech (utterances end to end, tiled to ``--minutes``) fed
 in 160-ms chunks to random-weight models of each configuration (``--configs``, hparams/CTC
-names); the mean compute per chunk in the 8 s before 10 s, 1 min and 10 min of audio, its
+names, ``name:key=value,...`` with overrides); the mean compute per chunk in the 8 s before 10 s, 1 min and 10 min of audio, its
 real-time factor (compute / 160 ms), and the last mark's cost over the first's (flat: ~1.00).
 One process, one thread (``--threads``), the models taking turns chunk by chunk so that the
 machine's load affects them alike. Compute = ``Stream.feed``: features, front-end, encoder,
@@ -54,8 +54,11 @@ SAMPLE_RATE = 16000
 CHUNK_SECONDS = 0.16
 MARKS = (10.0, 60.0, 600.0)
 WINDOW_SECONDS = 8.0
+# The streaming Conformer's cost follows its left context: 4 chunks (1.28 s, its
+# configuration) and 2000 chunks (640 s: all of a 10-minute stream).
 DEFAULT_CONFIGS = ["conmamba_streaming_demo", "conformer_streaming_demo",
-                   "conmamba_streaming_small", "conformer_streaming_small"]
+                   "conmamba_streaming_small", "conformer_streaming_small",
+                   "conformer_streaming_small:stream_left_context=2000"]
 
 
 def utterances(split: str) -> list[Path]:
@@ -101,8 +104,13 @@ def cost(configs: Sequence[str], minutes: float) -> None:
     streams, lookahead = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in configs:
-            export_untrained(str(REPO / "hparams" / "CTC" / f"{name}.yaml"), Path(tmp) / name)
-            asr = Transcriber.from_folder(Path(tmp) / name)
+            config, _, settings = name.partition(":")  # name:key=value,... overrides
+            overrides = [f"--{s}".replace("=", " ", 1).split(" ", 1) for s in
+                         settings.split(",") if s]
+            export_untrained(str(REPO / "hparams" / "CTC" / f"{config}.yaml"),
+                             Path(tmp) / name.replace(":", "-"),
+                             overrides=[a for pair in overrides for a in pair])
+            asr = Transcriber.from_folder(Path(tmp) / name.replace(":", "-"))
             streams[name] = asr.stream()
             lookahead[name] = streams[name].lookahead_seconds
             params = sum(p.numel() for p in asr.asr.mods.parameters())
