@@ -10,8 +10,9 @@ Usage:
 
 ``cost``: a stream of demo test-clean speech (utterances end to end, tiled to ``--minutes``) fed
 in 160-ms chunks to random-weight models of each configuration (``--configs``, hparams/CTC
-names, ``name:key=value,...`` with overrides); the mean compute per chunk in the 8 s before 10 s, 1 min and 10 min of audio, its
-real-time factor (compute / 160 ms), and the last mark's cost over the first's (flat: ~1.00).
+names, ``name:key=value,...`` with overrides); the mean compute per chunk in the 8 s before
+10 s, 1 min and 10 min of audio, its real-time factor (compute / 160 ms), and the last mark's
+cost over the first's (flat: ~1.00).
 One process, one thread (``--threads``), the models taking turns chunk by chunk so that the
 machine's load affects them alike. Compute = ``Stream.feed``: features, front-end, encoder,
 CTC head, greedy decoding.
