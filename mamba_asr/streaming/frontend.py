@@ -93,7 +93,7 @@ class FrontendStreamer:
         half a 512-sample window)."""
         return self.reach * self.hop + self.n_fft - self._pad
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def feed(self, samples: Tensor) -> Tensor:
         """samples (n,) at the features' sample rate -> the newly computable CNN frames."""
         if self.finished:
@@ -107,7 +107,7 @@ class FrontendStreamer:
         ready_out = max(0, (self._frames - 1 - self.reach) // self.stride + 1)
         return self._cnn_frames(ready_out)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def finish(self, min_samples: int = 0) -> Tensor:
         """The CNN frames of the end of the stream (the centred STFT's zero padding added).
 

@@ -192,7 +192,7 @@ class Stream:
 
     # ------------------------------------------------------------------ model and decoding
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _run(self, frames: Tensor, flush: bool = False) -> list[Word]:
         """Front-end frames (1, L, F', C) -> encoder -> CTC log-probs -> newly final words."""
         src = frames.flatten(2)  # (1, L, F' * C), as TransformerASR.encode flattens

@@ -43,6 +43,9 @@ from modules.mamba.selective_scan_interface import causal_conv1d_fn, selective_s
 
 __all__ = ["Mamba", "MambaState", "flip_valid", "length_mask"]
 
+# A stream's chunks of at most this many frames are scanned in closed form (Mamba.forward_chunk).
+SHORT_CHUNK = 8
+
 
 class MambaState(NamedTuple):
     """Recurrent state of one Mamba direction after some frames.
@@ -298,9 +301,9 @@ class Mamba(nn.Module):
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2Di, L)
         x, z = xz.chunk(2, dim=1)  # (B, Di, L) each
         history = torch.cat([state.conv.to(x.dtype), x], dim=-1)  # (B, Di, d_conv + L)
-        x = causal_conv1d_fn(
-            history[..., 1:], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
-        )[..., self.d_conv - 1:]  # (B, Di, L): each output sees d_conv real inputs
+        # (B, Di, L): each output sees its d_conv real inputs, so no padding
+        x = F.silu(F.conv1d(history[..., 1:], self.conv1d.weight, self.conv1d.bias,
+                            groups=self.d_inner))
         x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight)  # (B, L, r + 2N)
         dt, b, c = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         f = state.ssm.dtype
@@ -311,19 +314,42 @@ class Mamba(nn.Module):
         b = b.transpose(1, 2).contiguous()  # (B, N, L)
         c = c.transpose(1, 2).contiguous()  # (B, N, L)
         a = -torch.exp(self.A_log.to(f))  # (Di, N)
-        y, ssm = selective_scan_fn(
-            x, delta.to(x.dtype), a, b, c, self.D.to(f), z=z, return_last_state=True
-        )
-        # The carried state's part: h0 decayed to each frame, read out by C, gated by z.
-        decay = torch.exp(delta.cumsum(-1).unsqueeze(2) * a.unsqueeze(-1))  # (B, Di, N, L)
-        carried = decay * state.ssm.unsqueeze(-1)
-        y = y + (torch.einsum("bdnl,bnl->bdl", carried, c.to(f)) * F.silu(z.to(f))).to(y.dtype)
-        ssm = ssm.to(f) + carried[..., -1]
-        out = self.out_proj(y.transpose(1, 2))  # (B, L, D)
+        if length <= SHORT_CHUNK:
+            y, ssm = self._short_scan(x.to(f), delta, a, b.to(f), c.to(f), z, state.ssm)
+        else:
+            y, ssm = selective_scan_fn(
+                x, delta.to(x.dtype), a, b, c, self.D.to(f), z=z, return_last_state=True
+            )
+            # The carried state's part: h0 decayed to each frame, read out by C, gated by z.
+            decay = torch.exp(delta.cumsum(-1).unsqueeze(2) * a.unsqueeze(-1))  # (B, Di, N, L)
+            carried = decay * state.ssm.unsqueeze(-1)
+            y = y + (torch.einsum("bdnl,bnl->bdl", carried, c.to(f))
+                     * F.silu(z.to(f))).to(y.dtype)
+            ssm = ssm.to(f) + carried[..., -1]
+        out = self.out_proj(y.to(hidden_states.dtype).transpose(1, 2))  # (B, L, D)
         if self.init_layer_scale is not None:
             out = out * self.gamma
         conv = history[..., -self.d_conv:] if length else state.conv
         return out, MambaState(conv, ssm)
+
+    def _short_scan(
+        self, u: Tensor, delta: Tensor, a: Tensor, b: Tensor, c: Tensor, z: Tensor, h0: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The scan of a few frames from state ``h0`` in closed form (a handful of tensor
+        operations instead of a scan's dozens, which dominate at a stream's chunk sizes).
+
+        u, delta, z (B, Di, L), a (Di, N), b, c (B, N, L), h0 (B, Di, N) -> y (B, Di, L), the
+        last state: ``h_t = exp(A S_t) h0 + sum_{s<=t} exp(A (S_t - S_s)) delta_s B_s u_s``,
+        ``S`` the running sum of delta (each factor <= 1: no overflow).
+        """
+        length = u.shape[-1]
+        cum = (delta.unsqueeze(2) * a.unsqueeze(-1)).cumsum(-1)  # (B, Di, N, L): A S_t
+        future = torch.ones(length, length, dtype=torch.bool, device=u.device).triu(1)
+        weights = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(future, -math.inf).exp()
+        drive = (delta * u).unsqueeze(2) * b.unsqueeze(1)  # (B, Di, N, L)
+        h = (weights @ drive.unsqueeze(-1)).squeeze(-1) + cum.exp() * h0.unsqueeze(-1)
+        y = (h * c.unsqueeze(1)).sum(2) + self.D.to(u.dtype).unsqueeze(-1) * u
+        return y * F.silu(z.to(u.dtype)), h[..., -1]
 
     # ------------------------------------------------------------------ recurrent steps
 
