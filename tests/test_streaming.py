@@ -15,7 +15,7 @@ from mamba_asr.transcriber import Transcriber
 
 SAMPLE_RATE = 16000
 # Chunk sizes from 10 ms to 2 s, in samples; None: random boundaries (1 sample to 1.5 s)
-CHUNKS = [160, 320, 800, 1600, 2560, 4000, 8000, 16000, 32000, None]
+CHUNKS = [160, 800, 1600, 4000, 16000, 32000, None]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_a_bidirectional_model_cannot_stream(random_export: Path) -> None:
         asr.stream()
 
 
-@pytest.mark.parametrize("samples", [0, 1, 160, 400, 1000, 2000])
+@pytest.mark.parametrize("samples", [0, 160, 1000, 2000])
 def test_short_streams_end_as_offline_transcription_does(
     streaming_asr: Transcriber, signal: torch.Tensor, samples: int
 ) -> None:
