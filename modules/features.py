@@ -20,7 +20,8 @@ class Fbank(SBFbank):
     the state are SpeechBrain's.
     """
 
-    def __init__(self, *args: Any, top_db: float | None = 80.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        top_db = kwargs.pop("top_db", 80.0)  # ours; the rest are SpeechBrain's
         super().__init__(*args, **kwargs)
         self.compute_fbanks.top_db = math.inf if top_db is None else float(top_db)
 

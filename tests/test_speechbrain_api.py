@@ -94,11 +94,14 @@ def overrides() -> list[Override]:
 
 
 def _compatible(ours: Callable, theirs: Callable, constructor: bool) -> bool:
-    """Same parameters; a constructor may forward ``*args, **kwargs`` or add parameters with
-    defaults around SpeechBrain's (in their order)."""
+    """SpeechBrain's parameters; a method may add parameters with defaults after them, a
+    constructor may forward ``*args, **kwargs`` or add parameters with defaults around
+    SpeechBrain's (in their order)."""
     mine, speechbrains = _params(ours), _params(theirs)
-    if not constructor:
-        return mine == speechbrains
+    if not constructor:  # SpeechBrain's, then only parameters SpeechBrain need not pass
+        added = list(inspect.signature(ours).parameters.values())[len(speechbrains):]
+        return mine[:len(speechbrains)] == speechbrains and all(
+            p.default is not p.empty for p in added)
     var = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
     if [kind for _, kind in mine[1:]] == sorted(var):
         return True
