@@ -174,8 +174,7 @@ class Stream:
         self._run(self._frontend.finish(min_samples), flush=True)
         self.finished = True
         duration = self.seconds
-        log_probs = (torch.cat(self._log_probs) if self._log_probs
-                     else torch.zeros(0, len(self._labels)))
+        log_probs = self.log_probs()
         words: list[Word] = []
         if log_probs.shape[0]:
             words = self.transcriber._ctc_words(log_probs, 0.0)
