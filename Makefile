@@ -44,8 +44,12 @@ demo: corpus
 	$(PY) transcribe.py $(DEMO_MODEL) $(DEMO_AUDIO) --backend onnxruntime \
 		--output_dir $(DEMO_OUT)/transcripts-onnxruntime --verbose --quiet
 
+# The suite runs in one pytest-xdist worker per core (TEST_WORKERS), a test file to a worker
+# at a time; every process single-threaded (OMP_NUM_THREADS=1): its work is many small
+# processes, and torch threads of two workers on the same cores only wait on each other.
+TEST_WORKERS ?= auto
 test: corpus
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from runs import (  # noqa: F401  (session fixtures)
+    built_once,
     ctc_export,
     ctc_graph_export,
     ctc_random_run,
@@ -100,14 +101,15 @@ def small_tree(tmp_path: Path) -> tuple[Path, dict[str, dict[str, tuple[int, str
 
 
 @pytest.fixture(scope="session")
-def demo_corpus() -> Path:
+def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled demo corpus (synthesised on first use; idempotent afterwards)."""
-    subprocess.run(
-        [sys.executable, "-m", "mamba_asr.demo_corpus", "--out", str(DEMO_DATA)],
-        check=True,
-        cwd=REPO,
-    )
-    return DEMO_DATA
+
+    def build(_: Path) -> Path:
+        subprocess.run([sys.executable, "-m", "mamba_asr.demo_corpus", "--out", str(DEMO_DATA)],
+                       check=True, cwd=REPO)
+        return DEMO_DATA
+
+    return built_once(tmp_path_factory, "demo_corpus", build)
 
 
 def n_params(module: nn.Module) -> int:
