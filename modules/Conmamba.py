@@ -93,7 +93,6 @@ class ConvolutionModule(ConformerConvolutionModule):
             out = out.masked_fill(mask, 0.0)
         return out
 
-
     def initial_state(self, batch: int, like: Tensor) -> Tensor:
         """The zero history before a stream's first frame: (B, D, kernel_size - 1)."""
         width = self.conv.dilation[0] * (self.conv.kernel_size[0] - 1)
@@ -110,6 +109,7 @@ class ConvolutionModule(ConformerConvolutionModule):
         conv = self.conv
         out = F.conv1d(full, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
         return self.after_conv(out.transpose(1, 2)), full[..., full.shape[-1] - history.shape[-1]:]
+
 
 def _feed_forward(d_model: int, d_ffn: int, dropout: float, activation: type) -> nn.Sequential:
     """Pre-norm position-wise feed-forward: LayerNorm -> FFN -> Dropout."""
