@@ -85,7 +85,7 @@ demo-stream: corpus
 		--noprogressbar
 	$(PY) -m mamba_asr.reports.wer_table $(DEMO_STREAM)
 	$(PY) export.py $(DEMO_STREAM) --out $(DEMO_STREAM_MODEL) --overwrite
-	$(PY) transcribe.py $(DEMO_STREAM_MODEL) --stream $(lastword $(DEMO_AUDIO))
+	$(PY) transcribe.py $(DEMO_STREAM_MODEL) --stream $(lastword $(DEMO_AUDIO)) --output_format txt
 
 # Serves the model `make demo` exported: adds it to the registry models/registry as demo-ctc
 # with the alias production (adding it again changes nothing) and starts serve.py on it.
