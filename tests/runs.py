@@ -73,23 +73,21 @@ def ckpt_metas(out: Path) -> list[dict]:
     return [yaml.safe_load((d / "CKPT.yaml").read_text()) for d in (out / "save").glob("CKPT+*")]
 
 
+def _train_ctc(corpus: Path, out: Path, *options: str) -> Path:
+    """``train_CTC.py`` on the CTC demo configuration into ``out`` with ``options``."""
+    cmd = [sys.executable, "train_CTC.py", str(CTC_DEMO), "--data_folder", str(corpus),
+           "--output_folder", str(out), "--noprogressbar", *options]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="session")
 def ctc_run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two epochs of the CTC demo configuration on a slice of the demo corpus."""
-
-    def build(folder: Path) -> Path:
-        out = folder / "run"
-        cmd = [
-            sys.executable, "train_CTC.py", str(CTC_DEMO), "--data_folder", str(demo_corpus),
-            "--output_folder", str(out), "--select_n_sentences", CTC_SELECT,
-            "--number_of_epochs", "2", "--noprogressbar",
-        ]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return out
-
-    return built_once(tmp_path_factory, "ctc", build)
-
+    return built_once(tmp_path_factory, "ctc", lambda folder: _train_ctc(
+        demo_corpus, folder / "run", "--select_n_sentences", CTC_SELECT,
+        "--number_of_epochs", "2"))
 
 
 @pytest.fixture(scope="session")
@@ -174,20 +172,10 @@ def ctc_random_run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) 
     random initial weights, whose transcripts are long strings of characters (a trained short
     run only emits blanks), so comparing them tests every step of a pipeline; its test stage
     runs one utterance per batch (no padding)."""
-
-    def build(folder: Path) -> Path:
-        out = folder / "run"
-        cmd = [
-            sys.executable, "train_CTC.py", str(CTC_DEMO), "--data_folder", str(demo_corpus),
-            "--output_folder", str(out), "--select_n_sentences", "[16, 8, 16, 8]",
-            "--number_of_epochs", "1", "--lr_model", "0.0", "--noprogressbar",
-            "--test_dataloader_opts", "{batch_size: 1}",
-        ]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return out
-
-    return built_once(tmp_path_factory, "ctc_random", build)
+    return built_once(tmp_path_factory, "ctc_random", lambda folder: _train_ctc(
+        demo_corpus, folder / "run", "--select_n_sentences", "[16, 8, 16, 8]",
+        "--number_of_epochs", "1", "--lr_model", "0.0", "--test_dataloader_opts",
+        "{batch_size: 1}"))
 
 
 @pytest.fixture(scope="session")
