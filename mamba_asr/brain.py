@@ -60,11 +60,13 @@ logger = logging.getLogger(__name__)
 # Keys TrainingBrain and config.start_run read (a recipe's KEYS add its own).
 TRAINING_KEYS = (
     "output_folder", "resume_from", "max_consecutive_nonfinite", "epoch_counter",
-    "train_logger", "checkpointer", "cpu_threads",
+    "train_logger", "checkpointer", "cpu_threads", "log_interval_steps", "tensorboard",
+    "divergence_patience",
 )
 # Keys RecipeBrain reads (an ASR recipe's KEYS add data.DATA_KEYS and its own).
 RECIPE_KEYS = (
-    *TRAINING_KEYS, "avg_checkpoints", "model", "max_skipped_fraction", *finetune.FINETUNE_KEYS
+    *TRAINING_KEYS, "avg_checkpoints", "model", "max_skipped_fraction", "activation_checkpointing",
+    *finetune.FINETUNE_KEYS,
 )
 
 
@@ -170,17 +172,22 @@ class TrainingBrain(sb.Brain):
     def log_epoch(self, epoch: int, valid_stats: dict[str, float]) -> None:
         """One train-log line: ``epoch: N, lr: ..., steps: ..., skipped_steps: ...[,
         process_batches: B0 B1 ...] - train loss: ... - valid loss: ..., valid ...``."""
+        self.hparams.train_logger.log_stats(
+            stats_meta={"epoch": epoch, **self.epoch_meta()}, train_stats=self.train_stats,
+            valid_stats=valid_stats,
+        )
+
+    def epoch_meta(self) -> dict[str, Any]:
+        """The ``name: value`` fields of the epoch's train-log line after ``epoch``; subclasses
+        extend it (``super().epoch_meta()`` first)."""
         meta: dict[str, Any] = {
-            "epoch": epoch,
             "lr": self.optimizer.param_groups[0]["lr"],
             "steps": self.optimizer_step,
             "skipped_steps": self.skipped_steps,
         }
         if len(self.process_batches) > 1:
             meta["process_batches"] = " ".join(map(str, self.process_batches))
-        self.hparams.train_logger.log_stats(
-            stats_meta=meta, train_stats=self.train_stats, valid_stats=valid_stats
-        )
+        return meta
 
     def log_test(self, stats: dict[str, float]) -> None:
         """Keeps ``stats`` as ``test_stats`` and logs ``Epoch loaded: N, test set: <name> -

@@ -48,7 +48,7 @@ PREP_KEYS = (
     "select_n_sentences", "skip_prep",
 )
 DATA_KEYS = (
-    *PREP_KEYS, "train_csv", "valid_csv", "test_csv",
+    *PREP_KEYS, "train_csv", "train_shards", "valid_csv", "test_csv",
     "avoid_if_longer_than", "sorting", "dynamic_batching", "dynamic_batch_sampler_train",
     "dynamic_batch_sampler_val", "num_workers", "train_dataloader_opts", "valid_dataloader_opts",
     "speed_perturb", "sample_rate",
