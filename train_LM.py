@@ -73,6 +73,12 @@ class LM(TrainingBrain):
     """
 
     tokenizer: spm.SentencePieceProcessor
+    throughput_unit = "tokens"
+
+    def trained_amount(self, batch) -> float:
+        """Tokens in the batch (targets, ``eos`` included): the LM's throughput unit."""
+        tokens_eos, tokens_lens = batch.tokens_eos
+        return float(torch.round(tokens_lens * tokens_eos.shape[1]).sum())
 
     def compute_forward(self, batch, stage):
         """Batch -> log-probabilities (B, L, vocab)."""

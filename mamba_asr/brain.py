@@ -12,8 +12,13 @@
     (SpeechBrain calls ``set_epoch`` only under DDP);
   - resumes from the latest checkpoint, or from ``resume_from`` (a ``CKPT+...`` folder) once;
   - logs each epoch (:meth:`~TrainingBrain.log_epoch`): lr, optimizer steps, skipped steps
-    and, under DDP, the number of batches every process trained (``process_batches``), and
-    each test (:meth:`~TrainingBrain.log_test`);
+    and, under DDP, the number of batches every process trained (``process_batches``), then
+    the statistics of :mod:`mamba_asr.training_monitor` (gradient norm, clipped steps,
+    throughput, peak memory, ETA; every ``log_interval_steps`` steps in ``log.txt`` too;
+    TensorBoard with ``tensorboard: True``), and each test (:meth:`~TrainingBrain.log_test`);
+  - stops a diverging run (``divergence_patience`` rising valid losses, or the non-finite
+    limit) with :class:`~mamba_asr.training_monitor.TrainingDiverged`, naming the checkpoint
+    to resume from;
   - keeps the best checkpoints by :meth:`~TrainingBrain.best_key` (valid loss unless a
     recipe says otherwise).
 * :class:`RecipeBrain`: the ``TrainingBrain`` of the ASR recipes, which adds WER/CER: it
@@ -48,6 +53,7 @@ from mamba_asr.atomic import atomic_open
 from mamba_asr.command_line import ConfigError, raise_if_interrupted
 from mamba_asr.reports.scores import scores_path, write_scores
 from mamba_asr.resume import checkpoint_from_dir, pending_resume, resume_marker
+from mamba_asr.training_monitor import MonitorSettings, TrainingMonitor, gather
 from mamba_asr.unreadable_audio import (
     SkippedUtterances,
     UnreadableBatch,
@@ -76,11 +82,29 @@ class TrainingBrain(sb.Brain):
     Subclasses give their validation/test stats by overriding :meth:`eval_stats` (default: the
     loss), the checkpoint ranking by :meth:`best_key` and how many to keep by
     :meth:`checkpoints_to_keep`; overriding ``on_stage_start``/``on_stage_end`` they call
-    ``super()``.
+    ``super()``. Throughput counts :meth:`trained_amount` of every batch, in
+    ``throughput_unit`` (None: no throughput).
     """
+
+    throughput_unit: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        hp = self.hparams
+        output = getattr(hp, "output_folder", None)
+        self.monitor = TrainingMonitor(
+            MonitorSettings(
+                log_interval_steps=getattr(hp, "log_interval_steps", 0),
+                tensorboard=getattr(hp, "tensorboard", False),
+                divergence_patience=getattr(hp, "divergence_patience", None),
+            ),
+            self.throughput_unit,
+            Path(output) / "tensorboard" if output is not None else None,
+        )
+        if self.checkpointer is not None:  # older checkpoints lack it: optional
+            self.checkpointer.add_recoverable("training_monitor", self.monitor, optional_load=True)
+        self._train_loader: Any = None
+        self._nonfinite_valid = 0  # validation batches with a non-finite loss
         self.optimizer_stepped = False
         self.skipped_steps = 0
         self.nonfinite_losses = 0
@@ -99,7 +123,14 @@ class TrainingBrain(sb.Brain):
         sampler = loader_kwargs.get("batch_sampler")
         if stage == sb.Stage.TRAIN and callable(getattr(sampler, "set_epoch", None)):
             self._epoch_sampler = sampler
-        return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+        loader = super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+        if stage == sb.Stage.TRAIN:
+            self._train_loader = loader  # its length: the interval lines' progress and ETA
+        return loader
+
+    def trained_amount(self, batch: Any) -> float | None:
+        """The work in a training batch, in ``throughput_unit`` (None: not measured)."""
+        return None
 
     def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
         """Training: re-shuffles the batch sampler for ``epoch`` (deterministic from seed +
@@ -107,24 +138,32 @@ class TrainingBrain(sb.Brain):
         counters. Every stage: raises a Ctrl-C that a finaliser swallowed (the previous
         stage's loader iterator shuts its workers down in ``__del__``)."""
         raise_if_interrupted()
+        self._nonfinite_valid = 0
         if stage != sb.Stage.TRAIN:
             return
         self.skipped_steps = 0
         self.nonfinite_losses = 0
+        self.monitor.start_epoch(epoch, self.device, resumed_mid_epoch=self.step > 0)
         # Under DDP SpeechBrain wraps the sampler and calls set_epoch itself.
         if self._epoch_sampler is not None and self.train_sampler is None:
             self._epoch_sampler.set_epoch(epoch)
 
     def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
         """After training (on every process): keeps the train loss for :meth:`log_epoch` and
-        gathers how many batches each process trained this epoch. After validation: logs the
-        epoch and saves its checkpoint; after a test: logs the results (:meth:`log_test`),
-        both with the stats of :meth:`eval_stats`."""
+        gathers how many batches each process trained this epoch and the monitor's statistics.
+        After validation: logs the epoch, saves its checkpoint, then stops a diverging run
+        (:class:`~mamba_asr.training_monitor.TrainingDiverged`); after a test: logs the
+        results (:meth:`log_test`), both with the stats of :meth:`eval_stats`."""
         if stage != sb.Stage.TRAIN:
             stats = self.eval_stats(stage_loss)
             if stage == sb.Stage.VALID:
+                # A NaN batch loss is left out of SpeechBrain's mean: it makes the loss NaN here.
+                loss = math.nan if self._nonfinite_valid else float(stats["loss"])
+                loss = gather(loss)[0]  # every process decides as the first
+                self.monitor.end_epoch(epoch, self.hparams.epoch_counter.limit - epoch, loss)
                 self.log_epoch(epoch, stats)
                 self.save_epoch_checkpoint(epoch, stats)
+                self.monitor.check_divergence(epoch, self.checkpoint_of_epoch)
             else:
                 self.log_test(stats)
             return
@@ -134,6 +173,14 @@ class TrainingBrain(sb.Brain):
             batches = [0] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(batches, self.step)
         self.process_batches = batches
+        self.monitor.end_train()
+
+    def evaluate_batch(self, batch, stage):
+        """SpeechBrain's; counts the validation batches whose loss is not finite."""
+        loss = super().evaluate_batch(batch, stage)
+        if stage == sb.Stage.VALID and not torch.isfinite(loss):
+            self._nonfinite_valid += 1
+        return loss
 
     def eval_stats(self, stage_loss: float) -> dict[str, float]:
         """Validation/test stats, in train-log order (kept in the checkpoint's meta after
@@ -147,6 +194,16 @@ class TrainingBrain(sb.Brain):
         scheduler = getattr(self.hparams, "noam_annealing", None)
         if scheduler is not None and should_step and self.optimizer_stepped:
             scheduler(self.optimizer)
+        self.monitor.batch_done(self.trained_amount(batch))
+        if self.monitor.interval_due(self.optimizer_step, should_step and self.optimizer_stepped):
+            loader = self._train_loader
+            counter = self.hparams.epoch_counter
+            self.monitor.log_interval(
+                self.optimizer_step, self.step,
+                len(loader) if hasattr(loader, "__len__") else None,
+                counter.limit - counter.current, self.optimizer.param_groups[0]["lr"],
+                self.update_average(loss.detach().cpu(), self.avg_train_loss),
+            )
 
     def best_key(self) -> tuple[str, bool]:
         """(checkpoint meta key, whether higher is better) by which checkpoints are kept and
@@ -171,11 +228,19 @@ class TrainingBrain(sb.Brain):
 
     def log_epoch(self, epoch: int, valid_stats: dict[str, float]) -> None:
         """One train-log line: ``epoch: N, lr: ..., steps: ..., skipped_steps: ...[,
-        process_batches: B0 B1 ...] - train loss: ... - valid loss: ..., valid ...``."""
+        process_batches: B0 B1 ...], grad_norm_mean: ..., ..., eta: H:MM:SS - train loss: ...
+        - valid loss: ..., valid ...``; the same numbers to TensorBoard (``epoch/...`` at the
+        optimizer step)."""
+        meta = self.epoch_meta()
         self.hparams.train_logger.log_stats(
-            stats_meta={"epoch": epoch, **self.epoch_meta()}, train_stats=self.train_stats,
+            stats_meta={"epoch": epoch, **meta}, train_stats=self.train_stats,
             valid_stats=valid_stats,
         )
+        self.monitor.write_epoch(epoch, self.optimizer_step, {
+            **meta,
+            **{f"train_{k}": v for k, v in self.train_stats.items()},
+            **{f"valid_{k}": v for k, v in valid_stats.items()},
+        })
 
     def epoch_meta(self) -> dict[str, Any]:
         """The ``name: value`` fields of the epoch's train-log line after ``epoch``; subclasses
@@ -187,7 +252,16 @@ class TrainingBrain(sb.Brain):
         }
         if len(self.process_batches) > 1:
             meta["process_batches"] = " ".join(map(str, self.process_batches))
-        return meta
+        return {**meta, **self.monitor.epoch_stats}
+
+    def checkpoint_of_epoch(self, epoch: int) -> Checkpoint | None:
+        """The newest end-of-epoch checkpoint left of epoch ``epoch`` or earlier."""
+        if self.checkpointer is None:
+            return None
+        return self.checkpointer.find_checkpoint(
+            ckpt_predicate=lambda c: bool(c.meta.get("end-of-epoch"))
+            and c.meta.get("epoch", math.inf) <= epoch
+        )
 
     def log_test(self, stats: dict[str, float]) -> None:
         """Keeps ``stats`` as ``test_stats`` and logs ``Epoch loaded: N, test set: <name> -
@@ -203,18 +277,29 @@ class TrainingBrain(sb.Brain):
 
     # ------------------------------------------------------------------ resuming
 
+    def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None,
+            train_loader_kwargs=None, valid_loader_kwargs=None):
+        """SpeechBrain's; the TensorBoard writer is closed at its end, however it ends."""
+        try:
+            super().fit(epoch_counter, train_set, valid_set, progressbar,
+                        train_loader_kwargs or {}, valid_loader_kwargs or {})
+        finally:
+            self.monitor.close()
+
     def on_fit_start(self) -> None:
         """Resumes from ``resume_from`` the first time it is given, else from the latest
-        checkpoint of this run (a rerun of the same command continues where it stopped)."""
+        checkpoint of this run (a rerun of the same command continues where it stopped);
+        then opens TensorBoard from the optimizer step resumed."""
         ckpt = self._explicit_resume()
         if ckpt is None:
             super().on_fit_start()
-            return
-        self._compile()
-        self._wrap_distributed()
-        self.init_optimizers()
-        logger.info("resuming from %s (resume_from)", ckpt.path)
-        self.checkpointer.load_checkpoint(ckpt)
+        else:
+            self._compile()
+            self._wrap_distributed()
+            self.init_optimizers()
+            logger.info("resuming from %s (resume_from)", ckpt.path)
+            self.checkpointer.load_checkpoint(ckpt)
+        self.monitor.open_tensorboard(self.optimizer_step)
 
     def _explicit_resume(self) -> Checkpoint | None:
         """The ``resume_from`` checkpoint unless this run already started from it and saved
@@ -255,6 +340,7 @@ class TrainingBrain(sb.Brain):
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         finite = bool(torch.isfinite(norm))
+        self.monitor.record_norm(float(norm), self.max_grad_norm)
         if finite or self.scaler.is_enabled():  # GradScaler skips non-finite steps itself
             for opt in opts:
                 self.scaler.step(opt)
@@ -274,11 +360,8 @@ class TrainingBrain(sb.Brain):
         )
         limit = self.hparams.max_consecutive_nonfinite
         if self._consecutive_skips >= limit:
-            raise RuntimeError(
-                f"{self._consecutive_skips} optimizer steps in a row had non-finite gradients "
-                f"(max_consecutive_nonfinite: {limit}): training has diverged; lower lr_model, "
-                "raise n_warmup_steps or use fp32, then resume with --resume_from <CKPT dir>"
-            )
+            newest = self.checkpointer.find_checkpoint() if self.checkpointer is not None else None
+            raise self.monitor.nonfinite_stop(self._consecutive_skips, limit, newest)
 
 
 class RecipeBrain(TrainingBrain):
@@ -287,6 +370,8 @@ class RecipeBrain(TrainingBrain):
     Subclasses fill ``wer_metric``/``cer_metric`` in ``compute_objectives`` outside training;
     other validation/test stats come from overriding :meth:`eval_stats`.
     """
+
+    throughput_unit = "audio_s"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -319,6 +404,15 @@ class RecipeBrain(TrainingBrain):
         if hasattr(dataset, "__len__"):
             self.unreadable.sizes[stage] = len(dataset)
         return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+
+    def trained_amount(self, batch: Any) -> float | None:
+        """Seconds of audio in the batch: ``sig``'s relative lengths x padded samples /
+        ``sample_rate`` (None: a batch without ``sig``)."""
+        sig = getattr(batch, "sig", None)
+        if sig is None:
+            return None
+        wavs, lens = sig  # (B, T), (B,)
+        return float(lens.sum()) * wavs.shape[1] / self.hparams.sample_rate
 
     def fit_batch(self, batch):
         """SpeechBrain's training step on the batch's readable utterances; a batch with none

@@ -46,6 +46,7 @@ from mamba_asr.data import check_data_folder, prepare_manifests
 from mamba_asr.librispeech import LibriSpeechPrepError
 from mamba_asr.model_card import CardError
 from mamba_asr.resume import checkpoint_from_dir, newest_checkpoint, pending_resume
+from mamba_asr.training_monitor import TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +171,9 @@ def start_run(
 
 
 def cli(main: Callable[[list[str]], Any]) -> None:
-    """Runs ``main(sys.argv[1:])``. A configuration or data-folder error, or a checkpoint
-    save that ran out of space, becomes one ``error: ...`` line on stderr and exit status 2;
+    """Runs ``main(sys.argv[1:])``. A configuration or data-folder error, a checkpoint save
+    that ran out of space, or a diverged run (``TrainingDiverged``, naming the checkpoint to
+    resume from) becomes one ``error: ...`` line on stderr and exit status 2;
     Ctrl-C (KeyboardInterrupt) one line on where the same command resumes from
     (:func:`interrupt_message`; the main process only, as under torchrun every process gets
     the signal) and exit status 130. Other exceptions keep their traceback. An ``int``
@@ -182,7 +184,8 @@ def cli(main: Callable[[list[str]], Any]) -> None:
 
     run_main(
         main,
-        (ConfigError, LibriSpeechPrepError, FileNotFoundError, CardError, CheckpointSpaceError),
+        (ConfigError, LibriSpeechPrepError, FileNotFoundError, CardError, CheckpointSpaceError,
+         TrainingDiverged),
         interrupted,
     )
 
