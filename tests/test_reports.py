@@ -160,6 +160,32 @@ def test_accuracy_is_best_highest_and_drawn_in_percent(tmp_path, capsys):
     assert "best valid ACC 80.00 at epoch 4" in capsys.readouterr().out
 
 
+def test_training_statistics_are_read_and_drawn(tmp_path, capsys):
+    """The recipes' epoch lines with the training monitor's fields (a 2-process epoch, then a
+    resumed one-process epoch): numbers read as numbers, ``--stats`` draws one panel each."""
+    log = tmp_path / "train_log.txt"
+    logger = FileTrainLogger(str(log))
+    for epoch, rate, eta in ((1, "41.3 40.9", "0:01:10"), (2, 80.5, "0:00:00")):
+        meta = {"epoch": epoch, "lr": 1e-3, "steps": 10 * epoch, "skipped_steps": 0,
+                "grad_norm_mean": 0.8 * epoch, "grad_norm_max": 2.5 * epoch,
+                "clipped_steps": epoch, "audio_s_per_s": rate, "audio_s_per_s_total": 82.2,
+                "peak_mem_gb": 0.85, "eta": eta}
+        logger.log_stats(meta, train_stats={"loss": 3.0 / epoch},
+                         valid_stats={"loss": 2.0 / epoch, "WER": 90.0}, verbose=False)
+    df = curves.read_train_log(log)
+    assert df["grad_norm_mean"].tolist() == [0.8, 1.6] and df["grad_norm_max"].tolist() == [2.5, 5]
+    assert df["clipped_steps"].tolist() == [1, 2] and df["eta"].tolist() == ["0:01:10", "0:00:00"]
+    assert df["audio_s_per_s"].tolist() == ["41.3 40.9", 80.5]
+    assert df["audio_s_per_s_total"].tolist() == [82.2, 82.2] and df["peak_mem_gb"].tolist() == [
+        0.85, 0.85]
+    png = tmp_path / "stats.png"
+    stats = ["grad_norm_max", "audio_s_per_s_total", "peak_mem_gb"]
+    assert curves.main([str(log), "--out", str(png), "--stats", *stats]) == 0
+    assert png_size(png) == (800, 700 + 3 * 220)
+    assert curves.main([str(log), "--out", str(png), "--stats", "tokens_per_s"]) == 1
+    assert "no 'tokens_per_s' in its epoch lines" in capsys.readouterr().err
+
+
 def test_curves_bad_input(tmp_path, capsys):
     empty = tmp_path / "train_log.txt"
     empty.write_text("Epoch loaded: 4 - test loss: 0.70, test WER: 3.42\nsome other text\n")

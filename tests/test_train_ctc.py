@@ -266,12 +266,34 @@ def demo_run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
+def assert_training_statistics(out: Path, log: pd.DataFrame) -> None:
+    """The monitor's fields of a one-process run's epoch lines: gradient norms, clipped steps
+    (all of the demo's: its norms exceed max_grad_norm 5 at the start), audio throughput
+    (the manifest's audio, within speed perturbation's 5 %, over at most the time from the
+    epoch's start to its line in log.txt), peak memory, ETA to 0 at the last epoch."""
+    audio = pd.read_csv(out / "prepared" / "train.csv")["duration"].sum()
+    stamps = re.findall(r"^(\S+ \S+) - \S+ - INFO - (Going into epoch|epoch: )(\d+)",
+                        (out / "log.txt").read_text(), flags=re.M)
+    start = {int(n): t for t, what, n in stamps if what.startswith("Going")}
+    end = {int(n): t for t, what, n in stamps if what.startswith("epoch")}
+    for epoch, row in log.iterrows():
+        assert row["grad_norm_max"] >= row["grad_norm_mean"] > 0
+        assert 0 <= row["clipped_steps"] <= row["steps"]
+        assert row["audio_s_per_s_total"] == row["audio_s_per_s"] > 0
+        span = (pd.Timestamp(end[epoch].replace(",", ".")) -
+                pd.Timestamp(start[epoch].replace(",", "."))).total_seconds()
+        assert 0.95 * audio / row["audio_s_per_s"] <= span + 0.01
+        assert row["peak_mem_gb"] > 0
+    assert log["eta"].iloc[-1] == "0:00:00"
+
+
 @pytest.mark.slow
 def test_demo_run_learns_and_reports(demo_run: Path) -> None:
     log = read_train_log(demo_run / "train_log.txt")
     assert list(log.index) == [1, 2]
     assert log.loc[2, "train loss"] < log.loc[1, "train loss"]
     assert (log["skipped_steps"] == 0).all()
+    assert_training_statistics(demo_run, log)
     tests = read_test_lines(demo_run / "train_log.txt")
     assert list(tests["test set"]) == ["test-clean", "test-other"]
     for _, row in tests.iterrows():
@@ -390,6 +412,12 @@ def test_two_process_ddp_then_single_process_resume(demo_corpus: Path, tmp_path:
 
     hparams = _load("demo", demo_corpus, output_folder=str(out))
     assert_two_process_epoch(out, hparams)
+    # throughput: each process's, and their sum; the peak memory of the larger
+    row = read_train_log(out / "train_log.txt").loc[1]
+    rates = [float(r) for r in row["audio_s_per_s"].split()]
+    assert len(rates) == 2 and min(rates) > 0
+    assert row["audio_s_per_s_total"] == pytest.approx(sum(rates), rel=0.01, abs=0.1)
+    assert row["peak_mem_gb"] > 0 and row["grad_norm_max"] >= row["grad_norm_mean"] > 0
     # Rank 0 alone wrote: one log line per stage, nothing logged by rank 1.
     assert len(read_test_lines(out / "train_log.txt")) == 2
     rank1 = [f for f in logs.rglob("*.log") if f.parent.name == "1"]
@@ -401,6 +429,7 @@ def test_two_process_ddp_then_single_process_resume(demo_corpus: Path, tmp_path:
     n_batches = train_batches(hparams)  # continued the step count, in one process
     assert log.loc[2, "steps"] == math.ceil(n_batches / 2) + n_batches
     assert pd.isna(log.loc[2, "process_batches"])
+    assert log.loc[2, "audio_s_per_s"] == log.loc[2, "audio_s_per_s_total"] > 0
 
 
 @pytest.mark.slow

@@ -331,6 +331,11 @@ def test_demo_lm_trains_resumes_and_exports(manifests: Path, tmp_path: Path) -> 
     assert logged_epochs(out / "train_log.txt") == [1, 2]  # no epoch trained twice
     assert list(log["skipped_steps"]) == [0, 0]
     assert log["steps"].loc[2] == 2 * log["steps"].loc[1]  # steps carry over the restart
+    # the LM's throughput is in tokens (no audio); the monitor's other fields as in ASR
+    assert (log["tokens_per_s"] > 0).all() and "audio_s_per_s" not in log
+    assert (log["tokens_per_s_total"] == log["tokens_per_s"]).all()
+    assert (log["grad_norm_max"] >= log["grad_norm_mean"]).all()
+    assert list(log["eta"])[-1] == "0:00:00"
     ppl = log["valid ppl"]
     first, second = ppl.loc[1], ppl.loc[2]
     assert first < 128  # half of a uniform distribution over the 256 pieces

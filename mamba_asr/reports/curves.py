@@ -11,6 +11,13 @@ Usage:
         --labels a b --out compare.png --logy
     python -m mamba_asr.reports.curves train_log.txt --losses "train loss" --rates "valid WER" \
         --out wer.png
+    python -m mamba_asr.reports.curves train_log.txt --out stats.png \
+        --stats grad_norm_max audio_s_per_s_total peak_mem_gb    # one more panel each
+
+The recipes' epoch lines also hold the training statistics of
+:mod:`mamba_asr.training_monitor` (``grad_norm_mean``, ``grad_norm_max``, ``clipped_steps``,
+``audio_s_per_s_total`` or ``tokens_per_s_total``, ``peak_mem_gb``, ``eta``): ``--stats``
+draws the numeric ones below the losses and rates.
 """
 
 from __future__ import annotations
@@ -134,9 +141,11 @@ def plot_curves(
     rates: Sequence[str] = RATES,
     logy: bool = False,
     title: str | None = None,
+    stats: Sequence[str] = (),
 ) -> Path:
-    """Write a two-panel PNG: ``losses`` (top) and ``rates`` in % (bottom) against epoch:
-    error rates, and accuracies (``valid ACC``, logged as fractions) times 100.
+    """Write a PNG of two panels: ``losses`` (top) and ``rates`` in % (bottom) against epoch:
+    error rates, and accuracies (``valid ACC``, logged as fractions) times 100; then one panel
+    per column of ``stats`` (a training statistic, e.g. ``grad_norm_max``), on its own scale.
 
     ``logs`` holds ``(label, read_train_log(...))`` pairs, overlaid in colours C0, C1, ...;
     columns a log lacks are skipped, NaN epochs (e.g. WER only every N epochs) dropped.
@@ -146,13 +155,15 @@ def plot_curves(
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(8, 7), layout="constrained")
+    fig = Figure(figsize=(8, 7 + 2.2 * len(stats)), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_loss, ax_rate = fig.subplots(2, 1, sharex=True)
+    ax_loss, ax_rate, *ax_stats = fig.subplots(2 + len(stats), 1, sharex=True)
     styles = ["-", "--", ":", "-."]
+    panels = [(ax_loss, losses), (ax_rate, rates), *((ax, [c]) for ax, c in zip(
+        ax_stats, stats, strict=True))]
     for i, (label, df) in enumerate(logs):
         drawn = 0
-        for ax, columns in ((ax_loss, losses), (ax_rate, rates)):
+        for ax, columns in panels:
             for j, column in enumerate(columns):
                 if column not in df.columns:
                     continue
@@ -177,7 +188,9 @@ def plot_curves(
             wanted = ", ".join([*losses, *rates])
             raise ValueError(f"{label}: none of the columns {wanted} has a value")
     rate_label = "rate (%)" if any(map(is_accuracy, rates)) else "error rate (%)"
-    for ax, ylabel, columns in ((ax_loss, "loss", losses), (ax_rate, rate_label, rates)):
+    labels = [(ax_loss, "loss", losses), (ax_rate, rate_label, rates)]
+    labels += [(ax, column, [column]) for ax, column in zip(ax_stats, stats, strict=True)]
+    for ax, ylabel, columns in labels:
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if ax.lines:
@@ -187,8 +200,9 @@ def plot_curves(
             ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
     if logy and ax_loss.lines:
         ax_loss.set_yscale("log")
-    ax_rate.set_xlabel("epoch")
-    ax_rate.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom = ax_stats[-1] if ax_stats else ax_rate
+    bottom.set_xlabel("epoch")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     out = Path(out)
@@ -231,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", nargs="+", help="one legend label per log (default: folders)")
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), help="top panel columns")
     parser.add_argument("--rates", nargs="+", default=list(RATES), help="bottom panel columns")
+    parser.add_argument("--stats", nargs="+", default=[],
+                        help="training statistics, one panel each (e.g. grad_norm_max "
+                             "audio_s_per_s_total peak_mem_gb clipped_steps)")
     parser.add_argument("--logy", action="store_true", help="logarithmic loss axis")
     parser.add_argument("--title", help="figure title")
     args = parser.parse_args(argv)
@@ -241,13 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for label, path in zip(labels, args.logs, strict=True):
             df = read_train_log(path)
+            missing = [c for c in args.stats if c not in df.columns]
+            if missing:
+                raise ReportError(f"{path}: no {', '.join(map(repr, missing))} in its epoch "
+                                  "lines (written by the recipes since their training "
+                                  "statistics)")
             if not set(df.columns) & {*args.losses, *args.rates}:
                 wanted = ", ".join(map(repr, [*args.losses, *args.rates]))
                 raise ReportError(f"{path}: no {wanted} values in its epoch lines")
             logs.append((label, df))
     except ReportError as e:
         return report_error(e)
-    out = plot_curves(logs, args.out, args.losses, args.rates, args.logy, args.title)
+    out = plot_curves(logs, args.out, args.losses, args.rates, args.logy, args.title, args.stats)
     for label, df in logs:
         print(summary(label, df, args.rates))
     print(f"wrote {out}")
