@@ -272,7 +272,7 @@ def assert_training_statistics(out: Path, log: pd.DataFrame) -> None:
     (the manifest's audio, within speed perturbation's 5 %, over at most the time from the
     epoch's start to its line in log.txt), peak memory, ETA to 0 at the last epoch."""
     audio = pd.read_csv(out / "prepared" / "train.csv")["duration"].sum()
-    stamps = re.findall(r"^(\S+ \S+) - \S+ - INFO - (Going into epoch|epoch: )(\d+)",
+    stamps = re.findall(r"^(\S+ \S+) - \S+ - INFO - (Going into epoch |epoch: )(\d+)",
                         (out / "log.txt").read_text(), flags=re.M)
     start = {int(n): t for t, what, n in stamps if what.startswith("Going")}
     end = {int(n): t for t, what, n in stamps if what.startswith("epoch")}
