@@ -405,6 +405,7 @@ def test_two_process_ddp_then_single_process_resume(demo_corpus: Path, tmp_path:
         "--log_dir", str(logs), "--tee", "3", "train_CTC.py", "hparams/CTC/demo.yaml",
         "--data_folder", str(demo_corpus), "--output_folder", str(out),
         "--select_n_sentences", select, "--number_of_epochs", "1", "--noprogressbar",
+        "--log_interval_steps", "2", "--tensorboard", "True",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
@@ -418,6 +419,14 @@ def test_two_process_ddp_then_single_process_resume(demo_corpus: Path, tmp_path:
     assert len(rates) == 2 and min(rates) > 0
     assert row["audio_s_per_s_total"] == pytest.approx(sum(rates), rel=0.01, abs=0.1)
     assert row["peak_mem_gb"] > 0 and row["grad_norm_max"] >= row["grad_norm_mean"] > 0
+    # every 2 steps both processes gather the interval; the first logs it, and alone writes
+    # TensorBoard
+    steps = re.findall(r"INFO - step: (\d+), .*audio_s_per_s: ([\d.]+) ([\d.]+), "
+                       r"audio_s_per_s_total: ([\d.e+]+)", (out / "log.txt").read_text())
+    assert [int(s) for s, *_ in steps] == list(range(2, row["steps"] + 1, 2))
+    for _, a, b, total in steps:
+        assert float(total) == pytest.approx(float(a) + float(b), rel=0.01, abs=0.1)
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
     # Rank 0 alone wrote: one log line per stage, nothing logged by rank 1.
     assert len(read_test_lines(out / "train_log.txt")) == 2
     rank1 = [f for f in logs.rglob("*.log") if f.parent.name == "1"]
