@@ -41,6 +41,8 @@ class _Toy(TrainingBrain):
 
     throughput_unit = "items"
     valid_losses: dict[int, float] = {}
+    crash_at: int | None = None  # the training batch (counted over the fit) that raises
+    batches = 0
 
     def trained_amount(self, batch):
         return float(batch[0].shape[0])
@@ -48,6 +50,9 @@ class _Toy(TrainingBrain):
     def compute_forward(self, batch, stage):
         if stage == sb.Stage.TRAIN:
             time.sleep(SLEEP)
+            self.batches += 1
+            if self.batches == self.crash_at:
+                raise RuntimeError("crash")
         return self.modules.lin(batch[0].to(self.device))
 
     def compute_objectives(self, predictions, batch, stage):
@@ -67,7 +72,8 @@ def _data() -> torch.utils.data.TensorDataset:
 
 
 def _fit(out: Path, epochs: int, resume_from: str | None = None, patience: int | None = None,
-         valid_losses: dict[int, float] | None = None) -> _Toy:
+         valid_losses: dict[int, float] | None = None, crash_at: int | None = None,
+         ckpt_interval_steps: int = 0) -> _Toy:
     """A fresh toy Brain on ``out`` (resuming from its latest checkpoint, or ``resume_from``)
     trained to ``epochs``; its monitor logs every 2 optimizer steps and to TensorBoard."""
     torch.manual_seed(0)
@@ -80,11 +86,27 @@ def _fit(out: Path, epochs: int, resume_from: str | None = None, patience: int |
     }
     ckpt = AtomicCheckpointer(out / "save", recoverables={"model": lin, "counter": counter})
     brain = _Toy({"lin": lin}, lambda p: torch.optim.SGD(p, lr=0.05), hparams,
-                 {"device": "cpu", "max_grad_norm": MAX_NORM, "noprogressbar": True}, ckpt)
+                 {"device": "cpu", "max_grad_norm": MAX_NORM, "noprogressbar": True,
+                  "ckpt_interval_steps": ckpt_interval_steps}, ckpt)
     brain.valid_losses = valid_losses or {}
+    brain.crash_at = crash_at
     brain.fit(counter, _data(), _data(), train_loader_kwargs={"batch_size": BATCH_SIZE},
               valid_loader_kwargs={"batch_size": BATCH_SIZE})
     return brain
+
+
+def _record_norms(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The list every gradient norm ``clip_grad_norm_`` returns from now on is appended to."""
+    norms: list[float] = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm):
+        norm = clip(params, max_norm)
+        norms.append(float(norm))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    return norms
 
 
 def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -124,15 +146,7 @@ def test_audio_seconds_of_a_batch() -> None:
 def test_epoch_and_interval_statistics_and_tensorboard_across_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    norms: list[float] = []
-    clip = torch.nn.utils.clip_grad_norm_
-
-    def recording_clip(params, max_norm):
-        norm = clip(params, max_norm)
-        norms.append(float(norm))
-        return norm
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    norms = _record_norms(monkeypatch)
     out = tmp_path / "run"
     caplog.set_level(logging.INFO, logger="mamba_asr.training_monitor")
     start = time.perf_counter()
@@ -198,6 +212,31 @@ def test_epoch_and_interval_statistics_and_tensorboard_across_resumes(
     assert [s for s, _ in tb["train/loss"]] == list(range(2, 17, 2))
     last = read_train_log(out / "train_log.txt").loc[2]  # the last line of epoch 2
     assert tb["epoch/grad_norm_mean"][-1][1] == pytest.approx(last["grad_norm_mean"], rel=1e-2)
+
+
+def test_resumed_mid_epoch_the_epoch_counts_both_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run that crashed in batch 7, after its checkpoint at batch 4, resumes there: the epoch
+    line counts batches 1-4 of the crashed run and 5-8 of the resumed one, TensorBoard's
+    reader keeps one curve (the crashed run's step 6 dropped)."""
+    norms = _record_norms(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="crash"):
+        _fit(out, 1, crash_at=7, ckpt_interval_steps=4)
+    assert len(norms) == 6
+    _fit(out, 1)
+    counted = norms[:4] + norms[6:]
+    assert len(counted) == BATCHES
+    row = read_train_log(out / "train_log.txt").loc[1]
+    assert row["steps"] == BATCHES
+    assert row["clipped_steps"] == sum(n > MAX_NORM for n in counted)
+    assert row["grad_norm_mean"] == pytest.approx(sum(counted) / BATCHES, rel=1e-2)
+    assert row["grad_norm_max"] == pytest.approx(max(counted), rel=1e-2)
+    tb = _scalars(out / "tensorboard")
+    assert [s for s, _ in tb["train/grad_norm_max"]] == [2, 4, 6, 8]
+    assert [v for _, v in tb["train/grad_norm_max"]] == pytest.approx(
+        [max(norms[i:i + 2]) for i in (0, 2, 6, 8)])  # step 6: the resumed run's
 
 
 def test_rising_valid_loss_stops_with_one_line(
