@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import sys
 import time
 from collections import deque
@@ -105,6 +104,8 @@ def _rss_peak_bytes() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    import resource  # POSIX only
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
