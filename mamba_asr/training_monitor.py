@@ -63,7 +63,7 @@ class TrainingDiverged(RuntimeError):
     """Training diverged: the message (one line) names the checkpoint to resume from."""
 
 
-# --------------------------------------------------------------------------- small helpers
+# --------------------------------------------------------------------------- small functions
 
 
 def rising_evaluations(losses: Sequence[float]) -> int:

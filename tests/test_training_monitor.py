@@ -1,7 +1,7 @@
 """Training statistics (gradient norm, clipped steps, throughput, memory, ETA) in the train
 log, log.txt and TensorBoard across resumes, and the divergence stop: an in-process toy Brain
 (a linear model on a fixed data set) trained by SpeechBrain's loop; ``mamba_asr.training_monitor``
-helpers on values."""
+functions on values."""
 
 from __future__ import annotations
 
