@@ -242,9 +242,10 @@ def dist_info() -> tuple[int, int]:
 
 @dataclass
 class EpochStats:
-    """This process's count of skipped shards and of batches/utterances left unread when
-    another process ran out first."""
+    """This process's count of utterances trained, of skipped shards and of batches/utterances
+    left unread when another process ran out first."""
 
+    utterances: int = 0
     skipped_shards: list[str] = field(default_factory=list)
     dropped_batches: int = 0
     dropped_utterances: int = 0
@@ -298,6 +299,7 @@ class ShardLoader:
                                 self.stats.dropped_batches, self.stats.dropped_utterances)
                 return
             self.progress.consume(batch.shard_counts)
+            self.stats.utterances += sum(batch.shard_counts.values())
             yield batch
 
     def _batches(self, loader: Iterable[Any]) -> Iterator[Any]:
@@ -310,15 +312,16 @@ class ShardLoader:
                 yield item
 
     def epoch_stats(self) -> dict[str, int]:
-        """``skipped_shards``, ``dropped_batches``, ``dropped_utterances`` of the last epoch,
+        """``shard_utterances`` (batched for training, unreadable ones included),
+        ``skipped_shards``, ``dropped_batches``, ``dropped_utterances`` of the last epoch,
         summed over the processes (every process calls this)."""
-        mine = (len(self.stats.skipped_shards), self.stats.dropped_batches,
-                self.stats.dropped_utterances)
+        mine = (self.stats.utterances, len(self.stats.skipped_shards),
+                self.stats.dropped_batches, self.stats.dropped_utterances)
         rank, world = dist_info()
         every = [mine]
         if world > 1:
             every = [None] * world
             torch.distributed.all_gather_object(every, mine)
         total = [sum(x) for x in zip(*every, strict=True)]
-        return {"skipped_shards": total[0], "dropped_batches": total[1],
-                "dropped_utterances": total[2]}
+        names = ("shard_utterances", "skipped_shards", "dropped_batches", "dropped_utterances")
+        return dict(zip(names, total, strict=True))
