@@ -51,7 +51,7 @@ PREP_KEYS = (
     "select_n_sentences", "skip_prep",
 )
 DATA_KEYS = (
-    *PREP_KEYS, "train_csv", "train_shards", "shard_cache", "shard_retries", "valid_csv",
+    *PREP_KEYS, "train_csv", "train_shards", "shard_cache", "shard_retries", "seed", "valid_csv",
     "test_csv",
     "avoid_if_longer_than", "sorting", "dynamic_batching", "dynamic_batch_sampler_train",
     "dynamic_batch_sampler_val", "num_workers", "train_dataloader_opts", "valid_dataloader_opts",

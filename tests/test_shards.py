@@ -146,6 +146,7 @@ def _loader(shards: Path, tmp_path: Path, workers: int, **batching) -> ShardLoad
     encoder = CTCTextEncoder()
     encoder.insert_blank(index=0)
     encoder.update_from_iterable("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ", sequence_input=False)
+    encoder.ignore_len()
     add_pipelines({"sample_rate": 16000, "speed_perturb": None}, encoder, dataset, [])
     return ShardLoader(dataset, workers, collate_readable, ShardProgress(index))
 

@@ -68,13 +68,16 @@ class ShardProgress:
         self.gathered = set().union(*map(set, every))
 
     @mark_as_saver
-    def _save(self, path: str) -> None:
+    def save_progress(self, path: str) -> None:
+        """Checkpoint saver: the epoch and the read shards of all processes (JSON)."""
         state = {"epoch": self.epoch, "done": sorted(self.gathered | self.done)}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(state, f)
 
     @mark_as_loader
-    def _recover(self, path: str, end_of_epoch: bool) -> None:
+    def load_progress(self, path: str, end_of_epoch: bool) -> None:
+        """Checkpoint loader: an intra-epoch checkpoint's read shards are left out when that
+        epoch runs again (:meth:`start`); an end-of-epoch one changes nothing."""
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
         if not end_of_epoch and state["epoch"] is not None:
@@ -83,8 +86,8 @@ class ShardProgress:
                         len(state["done"]))
 
 
-class ShardTraining:
-    """Mixin of a ``TrainingBrain`` subclass: training from a
+class ShardTraining(sb.Brain):
+    """Mixin of a ``TrainingBrain`` subclass (before it in the bases): training from a
     :class:`~mamba_asr.shards.dataset.ShardDataset` (see the module docstring)."""
 
     shard_loader: ShardLoader | None = None
