@@ -182,6 +182,36 @@ def test_loader_filters_long_utterances_and_counts_them_read(shards, rows, tmp_p
     assert loader.progress.done == {s.name for s in loader.dataset.index.shards}
 
 
+def test_other_schemes_are_downloaded_through_fsspec_and_verified(shards, tmp_path) -> None:
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    index = read_index(shards)
+    for s in [*index.shards[:-1], index]:  # the last shard missing
+        name = INDEX_NAME if s is index else s.name
+        memory.pipe(f"/shard-test/{name}", (shards.parent / name).read_bytes())
+    loader = ShardLoader(ShardDataset(read_index("memory://shard-test/shards.json"),
+                                      tmp_path / "cache", 0, seed=1, batch_size=4),
+                         0, collate_readable, ShardProgress(index))
+    loader.dataset.set_output_keys(["id"])
+    ids = [i for batch in loader for i in batch.id]
+    assert len(ids) == index.utterances - index.shards[-1].utterances
+    assert loader.epoch_stats()["skipped_shards"] == 1
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        f"{s.sha256}.tar" for s in index.shards[:-1])
+    memory.rm("/shard-test", recursive=True)
+
+
+def test_audio_bytes_decode_and_errors_name_shard_and_utterance(rows) -> None:
+    from mamba_asr.audio_io import AudioBytes, load_audio
+
+    wav = Path(rows[0]["wav"])
+    assert torch.equal(load_audio(AudioBytes(wav.read_bytes(), "s:u"), 16000),
+                       load_audio(wav, 16000))
+    marked = data.load_or_mark(AudioBytes(b"not audio at all", "shard-000003.tar:u-1"), 16000)
+    assert marked.file == "shard-000003.tar:u-1" and "libsndfile" in marked.reason
+
+
 def test_two_processes_read_disjoint_shards_and_as_many_batches(shards, rows, tmp_path) -> None:
     import shard_ddp
 
