@@ -53,7 +53,9 @@ class ShardIndex:
         """Where ``shard`` is: a path beside a local index, else a URL beside the index's."""
         if is_local(self.location):
             return str(Path(local_path(self.location)).parent / shard.name)
-        return urljoin(self.location, shard.name)
+        if urlparse(self.location).scheme in ("http", "https"):
+            return urljoin(self.location, shard.name)
+        return f"{self.location.rsplit('/', 1)[0]}/{shard.name}"  # urljoin ignores s3:// ...
 
     def to_json(self) -> dict[str, Any]:
         """The content of ``shards.json``."""
