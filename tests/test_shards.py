@@ -115,6 +115,19 @@ def test_make_shards_refuses_an_index_and_names_a_missing_file(shards, manifest,
     assert not list(out.glob("*")) if out.exists() else True
 
 
+def test_make_shards_command(shards, manifest, demo_corpus, capsys) -> None:
+    import make_shards as script
+
+    args = [str(manifest), "--out", str(shards.parent), "--shard_size_mb", str(SHARD_MB),
+            "--data_folder", str(demo_corpus)]
+    with pytest.raises(SystemExit, match=r"make_shards\.py: .*shards\.json exists"):
+        script.main(args)
+    before = shards.read_bytes()
+    script.main([*args, "--overwrite"])
+    assert shards.read_bytes() == before  # the same shards again
+    assert f"{N_UTTS} utterances" in capsys.readouterr().out
+
+
 def _infos(seconds: list[float]) -> list[ShardInfo]:
     return [ShardInfo(f"s{i}", 1, s, 1, "") for i, s in enumerate(seconds)]
 
