@@ -142,8 +142,8 @@ def test_plan_gives_every_shard_to_one_reader_balanced_by_hours() -> None:
     per_process = process_shards(shards, 5, 1, 2)
     totals = [sum(s.seconds for s in p) for p in per_process]
     assert abs(totals[0] - totals[1]) <= max(s.seconds for s in shards)
-    assert [s.name for s in process_shards(shards, 5, 2, 2)[0]] != [
-        s.name for s in per_process[0]]  # reshuffled every epoch
+    assert {s.name for s in process_shards(shards, 5, 2, 2)[0]} != {
+        s.name for s in per_process[0]}  # other shards per process every epoch
     assert process_shards(shards, 5, 1, 2) == per_process  # deterministic
     left = process_shards(shards, 5, 1, 2, exclude=frozenset({"s0", "s3"}))
     assert sorted(s.name for p in left for s in p) == sorted(names - {"s0", "s3"})

@@ -1,8 +1,10 @@
 """Which process and loader worker reads which shard in an epoch, deterministic from (seed,
-epoch): the shard order is shuffled, then shards are dealt to the processes balanced by hours
-(largest first, each to the process with the fewest hours so far), and a process's shards to
-its loader workers the same way. Every shard goes to exactly one reader; a reader may get
-none (more readers than shards)."""
+epoch): the shard order is shuffled, then the shards are dealt in that order to the processes,
+each to the process with the fewest hours so far, and a process's shards to its loader workers
+the same way. The hours of any two readers differ by at most one shard's, and which reader
+reads which shard changes every epoch (dealing the largest first would balance a little
+better but give every process the same shards every epoch). Every shard goes to exactly one
+reader; a reader may get none (more readers than shards)."""
 
 from __future__ import annotations
 
@@ -20,18 +22,18 @@ def epoch_order(shards: Sequence[ShardInfo], seed: int, epoch: int) -> list[Shar
 
 
 def balance(shards: Sequence[ShardInfo], parts: int) -> list[list[ShardInfo]]:
-    """``shards`` dealt into ``parts`` groups balanced by seconds (greedy, largest first;
-    ties to the lowest part); each group keeps the order of ``shards``."""
+    """``shards`` dealt in order into ``parts`` groups, each to the group with the fewest
+    seconds so far (ties to the lowest part): the groups' seconds differ by at most the
+    longest shard's."""
     if parts < 1:
         raise ValueError(f"cannot split shards into {parts} parts")
-    position = {s.name: i for i, s in enumerate(shards)}
     totals = [0.0] * parts
     groups: list[list[ShardInfo]] = [[] for _ in range(parts)]
-    for shard in sorted(shards, key=lambda s: -s.seconds):  # stable: ties keep epoch order
+    for shard in shards:
         part = min(range(parts), key=lambda p: (totals[p], p))
         groups[part].append(shard)
         totals[part] += shard.seconds
-    return [sorted(g, key=lambda s: position[s.name]) for g in groups]
+    return groups
 
 
 def process_shards(
