@@ -2,7 +2,8 @@
 float32 waveform at the model's sample rate; and the transcription command's inputs.
 
 * :func:`load_audio` reads a file (WAV, FLAC, OGG Vorbis/Opus, MP3, AIFF, ...; any rate,
-  any channel count, 8 to 32-bit integer or 32/64-bit float samples) into a (samples,) tensor.
+  any channel count, 8 to 32-bit integer or 32/64-bit float samples) into a (samples,) tensor;
+  also a file's bytes already in memory (:class:`AudioBytes`, e.g. read from a shard).
 * :func:`prepare_waveform` does the same for a tensor or array already in memory.
 * :func:`audio_duration` reads a file's length from its header, without decoding.
 * :func:`expand_inputs` turns command-line arguments (files, folders, ``-`` for paths on
@@ -17,11 +18,14 @@ without a Xing header, whose length libsndfile only estimates.
 
 from __future__ import annotations
 
+import io
 import os
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
 from speechbrain.dataio.preprocess import AudioNormalizer
 
@@ -42,8 +46,21 @@ _INT_SCALES = {  # dtype: (offset, scale) mapping integer PCM samples to [-1, 1)
 }
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int) -> torch.Tensor:
-    """The audio of ``path`` as a mono float32 tensor of shape (samples,) at ``sample_rate``.
+@dataclass(frozen=True)
+class AudioBytes:
+    """An audio file's bytes as stored (FLAC, WAV, ...) and where they come from (``source``,
+    e.g. ``<shard>:<utterance ID>``), which ``str()`` and errors name."""
+
+    data: bytes = field(repr=False)
+    source: str
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def load_audio(path: str | os.PathLike | AudioBytes, sample_rate: int) -> torch.Tensor:
+    """The audio of ``path`` (or of :class:`AudioBytes`) as a mono float32 tensor of shape
+    (samples,) at ``sample_rate``.
 
     Integer PCM is scaled to [-1, 1) by libsndfile, float samples are kept as stored;
     channels are averaged block by block while decoding (an hour of 6-channel audio never
@@ -52,8 +69,24 @@ def load_audio(path: str | os.PathLike, sample_rate: int) -> torch.Tensor:
     unreadable, empty, not audio, in a container libsndfile does not read, truncated or
     damaged, holds no samples, or holds NaN/infinite samples.
     """
-    mono, rate = decode_mono(Path(path))
+    if isinstance(path, AudioBytes):
+        mono, rate = _decode_bytes(path)
+    else:
+        mono, rate = decode_mono(Path(path))
     return _finish(str(path), mono, rate, sample_rate)
+
+
+def _decode_bytes(audio: AudioBytes) -> tuple[np.ndarray, int]:
+    """The mono mix of in-memory audio file bytes ((frames,) float32) and their rate;
+    AudioError naming ``audio.source`` when libsndfile cannot decode them."""
+    if not audio.data:
+        raise AudioError(audio.source, "empty file (0 bytes)")
+    try:
+        samples, rate = soundfile.read(io.BytesIO(audio.data), dtype="float32", always_2d=True)
+    except Exception as exc:  # LibsndfileError, or TypeError for headerless RAW
+        reason = getattr(exc, "error_string", "") or str(exc)
+        raise AudioError(audio.source, f"not audio libsndfile can decode ({reason})") from exc
+    return samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0], rate
 
 
 def prepare_waveform(

@@ -27,7 +27,8 @@
   writes ``wer_<test-set>.txt`` / ``.json`` plus a one-line summary in the train log. Its
   loaders drop utterances whose audio cannot be decoded (:mod:`mamba_asr.unreadable_audio`):
   counted as ``skipped_utterances`` per stage, more than ``max_skipped_fraction`` of a
-  stage's utterances stop the run.
+  stage's utterances stop the run. It trains from shards (``train_shards``) through
+  :class:`~mamba_asr.shards.training.ShardTraining`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from mamba_asr.atomic import atomic_open
 from mamba_asr.command_line import ConfigError, raise_if_interrupted
 from mamba_asr.reports.scores import scores_path, write_scores
 from mamba_asr.resume import checkpoint_from_dir, pending_resume, resume_marker
+from mamba_asr.shards.training import ShardTraining
 from mamba_asr.training_monitor import MonitorSettings, TrainingMonitor, gather
 from mamba_asr.unreadable_audio import (
     SkippedUtterances,
@@ -364,7 +366,7 @@ class TrainingBrain(sb.Brain):
             raise self.monitor.nonfinite_stop(self._consecutive_skips, limit, newest)
 
 
-class RecipeBrain(TrainingBrain):
+class RecipeBrain(ShardTraining, TrainingBrain):
     """The ``TrainingBrain`` of the ASR recipes: WER/CER (see the module docstring).
 
     Subclasses fill ``wer_metric``/``cer_metric`` in ``compute_objectives`` outside training;

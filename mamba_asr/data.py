@@ -7,7 +7,8 @@ pipelines; everything here is driven by the keys of their YAML files:
   (``data_folder``, ``prep_folder``, ``train_splits``, ``dev_splits``, ``test_splits``,
   ``select_n_sentences``, ``skip_prep``); manifests hold ``$data_root`` paths.
 * :func:`load_manifest` reads a manifest with ``$data_root`` replaced by the LibriSpeech folder.
-* :func:`training_set` filters (``avoid_if_longer_than``) and sorts (``sorting``) the training set.
+* :func:`training_set` filters (``avoid_if_longer_than``) and sorts (``sorting``) the training set;
+  :func:`shard_training_set` is the training set read from ``train_shards`` instead.
 * :func:`dataio_prepare` gives a recipe its train/valid/test sets with its pipelines.
 * :func:`loader_options` builds the train/valid loader arguments, with SpeechBrain's
   ``DynamicBatchSampler`` when ``dynamic_batching`` is on.
@@ -34,8 +35,10 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from mamba_asr.atomic import atomic_path
 from mamba_asr.audio_info import AudioHeaderError, format_summary, read_audio_info
-from mamba_asr.audio_io import AudioError, load_audio
+from mamba_asr.audio_io import AudioBytes, AudioError, load_audio
 from mamba_asr.librispeech import librispeech_root, prepare_librispeech
+from mamba_asr.shards.dataset import ShardDataset
+from mamba_asr.shards.fetch import read_index
 from mamba_asr.unreadable_audio import UnreadableAudio
 
 logger = logging.getLogger(__name__)
@@ -48,7 +51,8 @@ PREP_KEYS = (
     "select_n_sentences", "skip_prep",
 )
 DATA_KEYS = (
-    *PREP_KEYS, "train_csv", "train_shards", "valid_csv", "test_csv",
+    *PREP_KEYS, "train_csv", "train_shards", "shard_cache", "shard_retries", "seed", "valid_csv",
+    "test_csv",
     "avoid_if_longer_than", "sorting", "dynamic_batching", "dynamic_batch_sampler_train",
     "dynamic_batch_sampler_val", "num_workers", "train_dataloader_opts", "valid_dataloader_opts",
     "speed_perturb", "sample_rate",
@@ -127,6 +131,28 @@ def training_set(hparams: dict[str, Any]) -> DynamicItemDataset:
     return data
 
 
+def shard_training_set(hparams: dict[str, Any]) -> ShardDataset:
+    """The training set read from the shards of ``train_shards`` (a ``shards.json`` path or
+    URL), downloaded shards cached in ``shard_cache`` with ``shard_retries``; batched as
+    ``dynamic_batch_sampler_train`` says (``train_dataloader_opts``' ``batch_size`` without
+    ``dynamic_batching``), utterances longer than ``avoid_if_longer_than`` left out."""
+    retries = hparams["shard_retries"]
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"shard_retries must be a count >= 0, not {retries!r}")
+    index = read_index(hparams["train_shards"], retries)
+    if hparams["dynamic_batching"]:
+        opts = hparams["dynamic_batch_sampler_train"]
+        batching = {"max_batch_length": opts["max_batch_length"],
+                    "max_batch_ex": opts.get("max_batch_ex")}
+    else:
+        batching = {"batch_size": hparams["train_dataloader_opts"]["batch_size"]}
+    longest = hparams["avoid_if_longer_than"]
+    logger.info("training from %d shards (%d utterances, %.2f h) of %s", len(index.shards),
+                index.utterances, index.seconds / 3600, hparams["train_shards"])
+    return ShardDataset(index, hparams["shard_cache"], retries, hparams["seed"],
+                        float(longest) if longest else None, **batching)
+
+
 def evaluation_set(csv_path: str | os.PathLike, data_folder: str | None) -> DynamicItemDataset:
     """A validation/test manifest, shortest utterances first (less padding); nothing dropped."""
     return load_manifest(csv_path, data_folder).filtered_sorted(sort_key="duration")
@@ -143,10 +169,11 @@ def dataio_prepare(
     tokenizer: Any,
     add_pipelines: Callable[[dict[str, Any], Any, Any, list[Any]], None],
 ) -> tuple[DynamicItemDataset, DynamicItemDataset, dict[str, DynamicItemDataset]]:
-    """``(train, valid, {test name: test set})`` of an ASR recipe: :func:`training_set`, the
-    ``valid_csv`` and :func:`test_sets` manifests, given their items (audio, tokens) by the
-    recipe's ``add_pipelines(hparams, tokenizer, train, evaluation_sets)``."""
-    train = training_set(hparams)
+    """``(train, valid, {test name: test set})`` of an ASR recipe: :func:`training_set` (or
+    :func:`shard_training_set` with ``train_shards``), the ``valid_csv`` and :func:`test_sets`
+    manifests, given their items (audio, tokens) by the recipe's ``add_pipelines(hparams,
+    tokenizer, train, evaluation_sets)``."""
+    train = shard_training_set(hparams) if hparams["train_shards"] else training_set(hparams)
     valid = evaluation_set(hparams["valid_csv"], hparams["data_folder"])
     tests = test_sets(hparams)
     add_pipelines(hparams, tokenizer, train, [valid, *tests.values()])
@@ -168,8 +195,15 @@ def loader_options(
     With ``dynamic_batching`` they carry a ``DynamicBatchSampler`` each; the train sampler is
     re-shuffled every epoch by ``RecipeBrain`` (``set_epoch``). Otherwise the YAML's
     ``train_dataloader_opts`` (shuffling only with ``sorting: random``) and
-    ``valid_dataloader_opts``.
+    ``valid_dataloader_opts``. A ``ShardDataset`` batches itself: its loader takes
+    ``num_workers`` only.
     """
+    if isinstance(train_data, ShardDataset):
+        valid = {"batch_sampler": dynamic_batch_sampler(valid_data,
+                                                         hparams["dynamic_batch_sampler_val"])}
+        if not hparams["dynamic_batching"]:
+            valid = dict(hparams["valid_dataloader_opts"])
+        return {"num_workers": hparams["num_workers"]}, valid
     if hparams["dynamic_batching"]:
         train_sampler = dynamic_batch_sampler(train_data, hparams["dynamic_batch_sampler_train"])
         valid_sampler = dynamic_batch_sampler(valid_data, hparams["dynamic_batch_sampler_val"])
@@ -198,7 +232,7 @@ def audio_format_warning(datasets: Sequence[Any], sample_rate: int) -> str | Non
     return format_summary(infos, sample_rate)
 
 
-def load_or_mark(wav: str, sample_rate: int) -> torch.Tensor | UnreadableAudio:
+def load_or_mark(wav: str | AudioBytes, sample_rate: int) -> torch.Tensor | UnreadableAudio:
     """``load_audio(wav, sample_rate)``, or an ``UnreadableAudio`` marker naming the file and
     the reason when it cannot be decoded (AudioError)."""
     try:
@@ -220,8 +254,10 @@ def add_audio_pipelines(hparams: dict[str, Any], train: Any, evaluation: Sequenc
     ``UnreadableAudio`` marker, which the loaders' collate function drops.
     """
     rate = hparams["sample_rate"]
-    if if_main_process():
-        warning = audio_format_warning([d for d in [train, *evaluation] if d is not None], rate)
+    if if_main_process():  # (shards hold no file names to scan: read when training)
+        scanned = [d for d in [train, *evaluation] if d is not None
+                   and not isinstance(d, ShardDataset)]
+        warning = audio_format_warning(scanned, rate)
         if warning is not None:
             logger.warning(warning)
 
