@@ -279,8 +279,8 @@ def compare_checkpointing(args: argparse.Namespace) -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   env={**os.environ, **CHILD_ENV})
             if proc.returncode != 0:
-                print(f"| {recipe} | {'yes' if enabled else 'no'} | failed: "
-                      f"{proc.stderr.strip().splitlines()[-1:]} |", flush=True)
+                why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+                print(f"| {recipe} | {'yes' if enabled else 'no'} | failed: {why} |", flush=True)
                 break
             r = results[enabled] = json.loads(proc.stdout.strip().splitlines()[-1])
             activation = r["peak_mb"] - r["before_mb"]
