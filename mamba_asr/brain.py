@@ -62,6 +62,7 @@ from mamba_asr.unreadable_audio import (
     collate_readable,
     unreadable_batch_error,
 )
+from modules.activation_checkpointing import enable_activation_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -508,10 +509,27 @@ class RecipeBrain(ShardTraining, TrainingBrain):
 
     def on_fit_start(self) -> None:
         """Before the optimizer and DDP wrappers exist: the ``init_from`` weights unless the
-        run resumes (:meth:`init_from_source`), then ``freeze`` (:meth:`freeze_parameters`)."""
+        run resumes (:meth:`init_from_source`), then ``freeze`` (:meth:`freeze_parameters`),
+        then ``activation_checkpointing`` (:meth:`checkpoint_activations`)."""
         self.init_from_source()
         self.freeze_parameters()
+        self.checkpoint_activations()
         super().on_fit_start()
+
+    def checkpoint_activations(self) -> None:
+        """``activation_checkpointing: True``: the model's encoder and decoder layers recompute
+        their activations in the backward pass (:mod:`modules.activation_checkpointing`)."""
+        enabled = self.hparams.activation_checkpointing
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"activation_checkpointing: expected True or False, got {enabled!r}")
+        if not enabled:
+            return
+        layers = enable_activation_checkpointing(self.hparams.model)
+        if layers == 0:
+            raise ConfigError("activation_checkpointing: True, but the model has no encoder or "
+                              "decoder layer to recompute")
+        logger.info("activation_checkpointing: %d encoder/decoder layers recompute their "
+                    "activations in the backward pass", layers)
 
     def init_from_source(self) -> None:
         """Loads ``init_from`` (:func:`finetune.initialise`) when this run has no checkpoint
