@@ -517,14 +517,18 @@ class RecipeBrain(ShardTraining, TrainingBrain):
         super().on_fit_start()
 
     def checkpoint_activations(self) -> None:
-        """``activation_checkpointing: True``: the model's encoder and decoder layers recompute
-        their activations in the backward pass (:mod:`modules.activation_checkpointing`)."""
-        enabled = self.hparams.activation_checkpointing
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"activation_checkpointing: expected True or False, got {enabled!r}")
-        if not enabled:
+        """``activation_checkpointing``: True, the model's encoder and decoder layers
+        recompute their activations in the backward pass; a number N, the first N layers of
+        each encoder/decoder stack do (:mod:`modules.activation_checkpointing`)."""
+        setting = self.hparams.activation_checkpointing
+        if setting is False or setting == 0:
             return
-        layers = enable_activation_checkpointing(self.hparams.model)
+        if not isinstance(setting, int) or setting < 0:  # (True is an int: all layers)
+            raise ConfigError(f"activation_checkpointing: expected True, False or a number of "
+                              f"layers per encoder/decoder stack, got {setting!r}")
+        layers = enable_activation_checkpointing(
+            self.hparams.model, None if setting is True else setting
+        )
         if layers == 0:
             raise ConfigError("activation_checkpointing: True, but the model has no encoder or "
                               "decoder layer to recompute")

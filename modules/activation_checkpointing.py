@@ -42,6 +42,7 @@ __all__ = [
     "checkpointed_layers",
     "disable_activation_checkpointing",
     "enable_activation_checkpointing",
+    "layer_stacks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,15 +87,31 @@ def _is_checkpointed(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("forward"), CheckpointedForward)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Every encoder/decoder layer of ``model`` (:data:`LAYER_TYPES`) recomputes its
-    activations in the backward pass while training; returns how many layers do (layers
-    already set count once)."""
-    layers = [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
-    for layer in layers:
+def layer_stacks(model: nn.Module) -> list[list[nn.Module]]:
+    """The encoder and decoder layer stacks of ``model``: the :data:`LAYER_TYPES` layers of
+    each module list that holds some, in order."""
+    stacks = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            layers = [m for m in module if isinstance(m, LAYER_TYPES)]
+            if layers:
+                stacks.append(layers)
+    return stacks
+
+
+def enable_activation_checkpointing(model: nn.Module, layers: int | None = None) -> int:
+    """The encoder/decoder layers of ``model`` (:data:`LAYER_TYPES`) recompute their
+    activations in the backward pass while training: every layer, or with ``layers`` the
+    first ``layers`` of each stack (:func:`layer_stacks`; Megatron-LM's "block" recompute:
+    memory and extra time in proportion). Returns how many layers recompute (layers already
+    set count once)."""
+    if layers is not None and layers < 0:
+        raise ValueError(f"layers must be >= 0 or None (all); got {layers}")
+    chosen = [m for stack in layer_stacks(model) for m in stack[:layers]]
+    for layer in chosen:
         if not _is_checkpointed(layer):
             layer.forward = CheckpointedForward(layer)
-    return len(layers)
+    return len(chosen)
 
 
 def disable_activation_checkpointing(model: nn.Module) -> int:

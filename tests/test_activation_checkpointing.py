@@ -25,6 +25,7 @@ from conftest import REPO
 from speechbrain.utils.checkpoints import Checkpointer
 
 import train_CTC
+from mamba_asr.command_line import ConfigError
 from mamba_asr.config import load_config
 from modules import activation_checkpointing as ac
 from modules.mamba import selective_scan_interface as ssi
@@ -117,6 +118,23 @@ def test_layers_recompute_in_the_backward_pass(pair) -> None:
     assert linear_calls(model) == plain_calls and not ac.checkpointed_layers(model)
 
 
+def test_first_layers_of_each_stack_recompute_with_a_layer_count() -> None:
+    """``layers=1``: the first layer of the encoder and of the decoder recompute, the others
+    not; the gradients still agree, with half the recomputation."""
+    model = tiny_model("conmamba-mamba")
+    plain_calls, (loss, grads) = linear_calls(model), step(model)
+    stacks = ac.layer_stacks(model)
+    assert [len(s) for s in stacks] == [2, 2]
+    assert ac.enable_activation_checkpointing(model, layers=1) == 2
+    assert ac.checkpointed_layers(model) == [stacks[0][0], stacks[1][0]]
+    assert linear_calls(model) == plain_calls * 3 // 2  # one of two layers per stack twice
+    loss_ckpt, grads_ckpt = step(model)
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6)
+    assert max_rel_err(grads_ckpt, grads) <= 1e-6
+    with pytest.raises(ValueError, match="layers must be >= 0"):
+        ac.enable_activation_checkpointing(model, layers=-1)
+
+
 def test_checkpointing_only_in_training_with_gradients(monkeypatch) -> None:
     """Validation, test and inference (eval mode, or no_grad) run the layers plainly."""
     calls = []
@@ -166,21 +184,31 @@ def test_names_state_dict_and_checkpoints_unchanged(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- recipe, DDP
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_recipe_brain_applies_the_key_before_training(enabled, tmp_path, caplog) -> None:
+@pytest.mark.parametrize(("setting", "layers"), [("True", 2), ("False", 0), ("1", 1)])
+def test_recipe_brain_applies_the_key_before_training(setting, layers, tmp_path, caplog) -> None:
+    """True: the demo's 2 ConMamba encoder layers recompute; 1: the first of the stack."""
     argv = ["hparams/CTC/demo.yaml", "--data_folder", str(REPO / "data" / "demo"),
-            "--output_folder", str(tmp_path / "run"), "--activation_checkpointing", str(enabled)]
+            "--output_folder", str(tmp_path / "run"), "--activation_checkpointing", setting]
     _, hparams, run_opts, _ = load_config(argv, train_CTC.KEYS, write_output=False)
     brain = train_CTC.build_brain(hparams, run_opts, hparams["checkpointer"])
     with caplog.at_level(logging.INFO, logger="mamba_asr.brain"):
         brain.on_fit_start()
-    layers = ac.checkpointed_layers(brain.hparams.model)
-    assert len(layers) == (2 if enabled else 0)  # the demo's 2 ConMamba encoder layers
-    assert all(type(m).__name__ == "ConmambaEncoderLayer" for m in layers)
+    checkpointed = ac.checkpointed_layers(brain.hparams.model)
+    assert checkpointed == list(brain.hparams.Transformer.encoder.layers[:layers])
     lines = [r.getMessage() for r in caplog.records if "activation_checkpointing" in
              r.getMessage()]
-    assert lines == (["activation_checkpointing: 2 encoder/decoder layers recompute their "
-                      "activations in the backward pass"] if enabled else [])
+    assert lines == ([f"activation_checkpointing: {layers} encoder/decoder layers recompute "
+                      "their activations in the backward pass"] if layers else [])
+
+
+def test_recipe_brain_refuses_a_bad_setting(tmp_path) -> None:
+    argv = ["hparams/CTC/demo.yaml", "--data_folder", str(REPO / "data" / "demo"),
+            "--output_folder", str(tmp_path / "run"), "--activation_checkpointing", "0.5"]
+    _, hparams, run_opts, _ = load_config(argv, train_CTC.KEYS, write_output=False)
+    brain = train_CTC.build_brain(hparams, run_opts, hparams["checkpointer"])
+    with pytest.raises(ConfigError, match=r"activation_checkpointing: expected True, False or "
+                                          r"a number of layers .*got 0\.5"):
+        brain.on_fit_start()
 
 
 def test_ddp_step_with_checkpointing_matches_one_process(tmp_path: Path) -> None:
