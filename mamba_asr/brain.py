@@ -141,7 +141,6 @@ class TrainingBrain(sb.Brain):
         counters. Every stage: raises a Ctrl-C that a finaliser swallowed (the previous
         stage's loader iterator shuts its workers down in ``__del__``)."""
         raise_if_interrupted()
-        self._nonfinite_valid = 0
         if stage != sb.Stage.TRAIN:
             return
         self.skipped_steps = 0
@@ -162,6 +161,7 @@ class TrainingBrain(sb.Brain):
             if stage == sb.Stage.VALID:
                 # A NaN batch loss is left out of SpeechBrain's mean: it makes the loss NaN here.
                 loss = math.nan if self._nonfinite_valid else float(stats["loss"])
+                self._nonfinite_valid = 0  # counted afresh by the next validation
                 loss = gather(loss)[0]  # every process decides as the first
                 self.monitor.end_epoch(epoch, self.hparams.epoch_counter.limit - epoch, loss)
                 self.log_epoch(epoch, stats)

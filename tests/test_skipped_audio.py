@@ -140,7 +140,8 @@ class _Brain(RecipeBrain):
 def _brain() -> _Brain:
     return _Brain(
         modules={"lin": torch.nn.Linear(4, 1)}, opt_class=lambda p: torch.optim.SGD(p, lr=0.1),
-        hparams={"max_skipped_fraction": 1.0, "unfreeze_after_epochs": None},
+        hparams={"max_skipped_fraction": 1.0, "unfreeze_after_epochs": None,
+                 "sample_rate": 16000},
         run_opts={"device": "cpu"},
     )
 
