@@ -17,6 +17,7 @@ from typing import IO
 from urllib.parse import urlparse
 
 from mamba_asr.atomic import atomic_path
+from mamba_asr.model_card import sha256_file
 from mamba_asr.shards.index import ShardIndex, ShardInfo, is_local, local_path, parse_index
 
 logger = logging.getLogger(__name__)
@@ -81,15 +82,6 @@ def read_index(location: str | os.PathLike, retries: int = 3) -> ShardIndex:
     except ShardUnavailable as exc:
         raise FileNotFoundError(f"train_shards: {exc}") from exc
     return parse_index(text, location)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The sha256 of a file, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardFetcher:
