@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -394,7 +395,9 @@ def test_a_ctrl_c_swallowed_by_a_finaliser_stops_the_run_at_the_next_boundary(
 
     class Finalised:
         def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGINT)
+            # to the main thread: a process-directed signal may be delivered to another thread
+            # (one a test left running) and reach the main thread only after this loop
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             for _ in range(10_000):  # the handler runs in here, inside the finaliser
                 pass
 
