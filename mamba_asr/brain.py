@@ -51,11 +51,12 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 
 from mamba_asr import finetune
 from mamba_asr.atomic import atomic_open
+from mamba_asr.collectives import gather
 from mamba_asr.command_line import ConfigError, raise_if_interrupted
 from mamba_asr.reports.scores import scores_path, write_scores
 from mamba_asr.resume import checkpoint_from_dir, pending_resume, resume_marker
 from mamba_asr.shards.training import ShardTraining
-from mamba_asr.training_monitor import MonitorSettings, TrainingMonitor, gather
+from mamba_asr.training_monitor import MonitorSettings, TrainingMonitor
 from mamba_asr.unreadable_audio import (
     SkippedUtterances,
     UnreadableBatch,
@@ -171,11 +172,7 @@ class TrainingBrain(sb.Brain):
                 self.log_test(stats)
             return
         self.train_stats = {"loss": stage_loss}
-        batches = [self.step]
-        if is_distributed_initialized():
-            batches = [0] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(batches, self.step)
-        self.process_batches = batches
+        self.process_batches = gather(self.step)
         self.monitor.end_train()
 
     def evaluate_batch(self, batch, stage):
@@ -446,11 +443,7 @@ class RecipeBrain(ShardTraining, TrainingBrain):
 
     def _skipped_in_training(self) -> int:
         """The training utterances every process skipped this epoch, together."""
-        counts = [self.unreadable.count(sb.Stage.TRAIN)]
-        if is_distributed_initialized():
-            counts = [0] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(counts, self.unreadable.count(sb.Stage.TRAIN))
-        return sum(counts)
+        return sum(gather(self.unreadable.count(sb.Stage.TRAIN)))
 
     # ------------------------------------------------------------------ stages
 

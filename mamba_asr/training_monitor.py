@@ -48,8 +48,9 @@ from speechbrain.utils.checkpoints import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
-from speechbrain.utils.distributed import if_main_process, is_distributed_initialized
+from speechbrain.utils.distributed import if_main_process
 
+from mamba_asr.collectives import gather
 from mamba_asr.command_line import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -129,15 +130,6 @@ def reset_peak_memory(device: str | torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-
-
-def gather(value: Any) -> list[Any]:
-    """``value`` of every DDP process (call on all of them at the same point); ``[value]``."""
-    if not is_distributed_initialized():
-        return [value]
-    values: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(values, value)
-    return values
 
 
 # --------------------------------------------------------------------------- statistics

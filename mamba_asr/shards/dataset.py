@@ -34,6 +34,7 @@ from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mamba_asr.audio_io import AudioBytes
+from mamba_asr.collectives import gather
 from mamba_asr.shards.fetch import ShardFetcher, ShardUnavailable
 from mamba_asr.shards.index import ShardIndex, ShardInfo
 from mamba_asr.shards.plan import process_shards, worker_shards
@@ -317,11 +318,6 @@ class ShardLoader:
         summed over the processes (every process calls this)."""
         mine = (self.stats.utterances, len(self.stats.skipped_shards),
                 self.stats.dropped_batches, self.stats.dropped_utterances)
-        rank, world = dist_info()
-        every = [mine]
-        if world > 1:
-            every = [None] * world
-            torch.distributed.all_gather_object(every, mine)
-        total = [sum(x) for x in zip(*every, strict=True)]
+        total = [sum(x) for x in zip(*gather(mine), strict=True)]
         names = ("shard_utterances", "skipped_shards", "dropped_batches", "dropped_utterances")
         return dict(zip(names, total, strict=True))

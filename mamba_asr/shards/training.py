@@ -12,14 +12,14 @@ from collections import Counter
 from typing import Any
 
 import speechbrain as sb
-import torch
 from speechbrain.utils.checkpoints import (
     mark_as_loader,
     mark_as_saver,
     register_checkpoint_hooks,
 )
 
-from mamba_asr.shards.dataset import ShardDataset, ShardLoader, dist_info
+from mamba_asr.collectives import gather
+from mamba_asr.shards.dataset import ShardDataset, ShardLoader
 from mamba_asr.shards.index import ShardIndex
 
 logger = logging.getLogger(__name__)
@@ -60,12 +60,7 @@ class ShardProgress:
 
     def gather(self) -> None:
         """Every process's done shards into ``gathered`` (every process calls this)."""
-        _, world = dist_info()
-        every = [sorted(self.done)]
-        if world > 1:
-            every = [None] * world
-            torch.distributed.all_gather_object(every, sorted(self.done))
-        self.gathered = set().union(*map(set, every))
+        self.gathered = set().union(*map(set, gather(sorted(self.done))))
 
     @mark_as_saver
     def save_progress(self, path: str) -> None:
